@@ -1,0 +1,121 @@
+"""The "kvzip" attention implementation: registration, mask function and the entry point.
+
+`import kvzip_cache` calls `register()`, after which ``from_pretrained(..., attn_implementation="kvzip")`` routes
+every attention call of Llama, Qwen2, Qwen3, Gemma3, Mistral, Phi3 (and any model that calls its attention through
+`AttentionInterface` right after `cache.update()`) here. Nothing in transformers or in the model is patched.
+
+The mask function hands the attention function the plain 2D padding mask (or None): causal structure, sliding
+windows and the compressed layout are all resolved here, from what the cache layer returned.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .backends import select_backend
+from .states import RaggedKV, ScoringKV
+
+ATTN_IMPLEMENTATION = "kvzip"
+
+
+def kvzip_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask builder registered for "kvzip": the 2D padding mask ``[B, kv_length]`` (True = real token), or None.
+
+    ``kv_length`` is the cache's logical length plus the new tokens (sliding layers: their window plus the new
+    tokens), so the mask's last column is the last new token, as in transformers' flash-attention mask.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            "the kvzip attention takes a 2D padding mask [batch, seq]; got a mask of shape "
+            f"{tuple(attention_mask.shape)}. Pass the 2D attention_mask your tokenizer returns."
+        )
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def kvzip_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | RaggedKV | ScoringKV,
+    value: torch.Tensor | RaggedKV | ScoringKV,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention entry point registered as "kvzip".
+
+    Args:
+        module: the model's attention module (gives ``is_causal``).
+        query: ``[B, Hq, q, D]`` post-RoPE queries.
+        key, value: what the cache layer's ``update()`` returned: dense ``[B, H, k, D]`` tensors, a `RaggedKV`
+            (compressed layer) or a `ScoringKV` (reconstruction pass).
+        attention_mask: ``[B, k]`` bool padding mask from `kvzip_mask`, or None.
+        scaling: the model's softmax scale (Gemma3 uses ``query_pre_attn_scalar ** -0.5``).
+        sliding_window: set by transformers on sliding-window layers.
+
+    Returns:
+        ``(out [B, q, Hq, D], None)``: attention weights are never materialised.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if dropout and module.training:
+        raise ValueError("the kvzip attention is for inference: call model.eval() (attention dropout is not supported)")
+    backend = select_backend(query.device)
+
+    if isinstance(key, torch.Tensor):
+        _check_mask_width(attention_mask, key.shape[-2])
+        out = backend.dense(query, key, value, scaling, attention_mask, sliding_window, getattr(module, "is_causal", True))
+    elif isinstance(key, RaggedKV):
+        tail_len = key.tail_keys.shape[-2]
+        tail_valid = None
+        if attention_mask is not None:
+            _check_mask_width(attention_mask, key.length)
+            tail_valid = attention_mask[:, -tail_len:]
+        out = backend.ragged(query, key, scaling, tail_valid)
+    elif isinstance(key, ScoringKV):
+        total = key.keys.shape[-2] + key.new_keys.shape[-2]
+        _check_mask_width(attention_mask, total)
+        out = backend.scoring(query, key, scaling, attention_mask)
+    else:
+        raise TypeError(
+            f"the kvzip attention got keys of type {type(key).__name__}; it only works with a KVzipCache. "
+            "Pass past_key_values=KVzipCache(model) (or load the model with another attn_implementation)."
+        )
+    return out, None
+
+
+def _check_mask_width(mask: torch.Tensor | None, width: int) -> None:
+    if mask is not None and mask.shape[-1] != width:
+        raise ValueError(
+            f"attention_mask covers {mask.shape[-1]} positions but the cache holds {width}: the mask must cover the "
+            "whole sequence [context; new tokens], as for DynamicCache (pass the full input_ids and attention_mask)."
+        )
+
+
+def register() -> None:
+    """Register the "kvzip" attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvzip_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvzip_mask)
+
+
+def uses_kvzip_attention(config) -> bool:
+    """Whether a model config (or its text config) is set to the "kvzip" attention implementation."""
+    text_config = config.get_text_config(decoder=True)
+    return getattr(text_config, "_attn_implementation", None) == ATTN_IMPLEMENTATION

@@ -1,0 +1,212 @@
+"""Plain-PyTorch attention backend: the reference every faster backend is tested against.
+
+It runs on any device. Dense attention goes through `torch.nn.functional.scaled_dot_product_attention` (so a
+16K-token prefill chunk never materialises its score matrix); the ragged and scoring paths use explicit math,
+because they need log-sum-exps and restricted softmaxes that SDPA does not return.
+
+Shapes: B batch, Hq query heads, H KV heads, g = Hq // H (GQA group), q queries, k keys, D head_dim.
+Query head ``h * g + j`` reads KV head ``h`` (the order of transformers' ``repeat_kv``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..states import RaggedKV, ScoringKV
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp, for merging partial results.
+
+    Args:
+        query: ``[..., q, D]``.
+        key, value: ``[..., k, D]``, broadcastable against the query's leading dims.
+        scaling: multiplier of ``query @ key^T``.
+        allowed: bool ``[..., q, k]`` (broadcastable), True where a query may attend.
+
+    Returns:
+        ``(out [..., q, D] in float32, lse [..., q] float32)``; a row with nothing allowed has out 0 and lse -inf.
+    """
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num_(0.0)  # rows with lse = -inf give NaN: they have no keys
+    return torch.matmul(probs, value.float()), lse
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Combine two attention results over disjoint key sets into the result over their union.
+
+    ``out_*``: ``[..., q, D]``, ``lse_*``: ``[..., q]``. At least one of the two must have attended to a key.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return out_a * weight_a + out_b * weight_b
+
+
+def causal_allowed(
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+    key_valid: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Bool mask ``[B or 1, 1, q, k]`` for queries that are the LAST ``q_len`` of the ``k_len`` keys.
+
+    ``key_valid``: ``[B, k]`` bool (False = padding). Sliding windows follow transformers: a query at position p sees
+    keys at positions ``> p - sliding_window``. A query that may see no key at all (a padding query) is allowed its
+    own position, so that softmaxes stay finite (padding outputs are never used).
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(-1)
+    k_pos = torch.arange(k_len, device=device).unsqueeze(0)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].to(device)
+        empty_rows = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | (empty_rows & (k_pos == q_pos))
+    return allowed
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention of the last ``q`` positions over ``k`` contiguous cached+new positions.
+
+    Args:
+        query: ``[B, Hq, q, D]``; key, value: ``[B, H, k, D]`` with ``k >= q``.
+        key_valid: ``[B, k]`` bool padding mask (True = real token) or None.
+        sliding_window: transformers' window size for sliding layers, None for full layers.
+
+    Returns:
+        ``[B, q, Hq, D]`` in the query dtype.
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    padded = key_valid is not None and not bool(key_valid.all())
+    windowed = sliding_window is not None and k_len > sliding_window
+    plain = not padded and not windowed and (not causal or q_len == 1 or q_len == k_len)
+    # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right, so only use it when q == k.
+    allowed = None if plain else causal_allowed(q_len, k_len, query.device, key_valid if padded else None,
+                                                sliding_window if windowed else None, causal)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=allowed,
+        is_causal=plain and causal and q_len > 1,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2)
+
+
+def ragged_attention(
+    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention over a compressed context (ragged per KV head) followed by a dense, causal tail.
+
+    Args:
+        query: ``[B, Hq, q, D]``, the last ``q`` tokens of the tail.
+        kv: the layer's view; ``kv.tail_keys`` is ``[B, H, t, D]`` with ``t >= q``.
+        tail_valid: ``[B, t]`` bool padding mask of the tail, or None.
+
+    Returns:
+        ``[B, q, Hq, D]`` in the query dtype.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    num_heads = kv.context.num_heads
+    group = num_q_heads // num_heads
+    tail_len = kv.tail_keys.shape[-2]
+    grouped = query.view(batch, num_heads, group, q_len, head_dim)
+
+    allowed = causal_allowed(q_len, tail_len, query.device, tail_valid).unsqueeze(1)  # [B|1, 1, 1, q, t]
+    out, lse = attend(grouped, kv.tail_keys.unsqueeze(2), kv.tail_values.unsqueeze(2), scaling, allowed)
+
+    ctx, offsets = kv.context, kv.context.offsets
+    for b, src in enumerate(kv.src_rows):
+        for h in range(num_heads):
+            start, end = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
+            if end == start:
+                continue  # this head kept no context pair
+            seg_out, seg_lse = attend(grouped[b, h], ctx.keys[start:end], ctx.values[start:end], scaling)
+            out[b, h] = merge_attention(seg_out, seg_lse, out[b, h], lse[b, h])
+    return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
+
+
+def restricted_max_scores(
+    query: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    new_keys: torch.Tensor,
+    scaling: float,
+    block_size: int = 256,
+) -> torch.Tensor:
+    """KVzip importance of each chunk key: max over queries and the GQA group of the restricted softmax.
+
+    The softmax of each query runs over ``[prefix_keys | chunk_keys | new_keys (causal)]`` only; the new tokens are
+    the queries' own keys, query ``i`` seeing new keys ``0..i``. Computed in float32, ``block_size`` queries at a
+    time, so memory stays at ``[H, g, block_size, P + C + n]``.
+
+    Args:
+        query: ``[H * g, n, D]`` (query heads of one row, post-RoPE).
+        prefix_keys: ``[H, P, D]``; chunk_keys: ``[H, C, D]``; new_keys: ``[H, n, D]``.
+
+    Returns:
+        ``[H, C]`` float32.
+    """
+    num_heads, chunk_len, head_dim = chunk_keys.shape
+    num_q_heads, n_new, _ = query.shape
+    grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
+    keys = torch.cat([prefix_keys, chunk_keys, new_keys], dim=1).float().unsqueeze(1)  # [H, 1, P+C+n, D]
+    n_fixed = prefix_keys.shape[1] + chunk_keys.shape[1]
+    chunk_lo = prefix_keys.shape[1]
+    best = torch.zeros(num_heads, chunk_len, dtype=torch.float32, device=query.device)
+    new_pos = torch.arange(n_new, device=query.device)
+    for lo in range(0, n_new, block_size):
+        hi = min(lo + block_size, n_new)
+        logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)) * scaling  # [H, g, b, P+C+n]
+        future = new_pos.unsqueeze(0) > torch.arange(lo, hi, device=query.device).unsqueeze(-1)  # [b, n]
+        logits[..., n_fixed:].masked_fill_(future, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        probs = torch.exp(logits[..., chunk_lo:n_fixed] - lse)  # [H, g, b, C]
+        best = torch.maximum(best, probs.amax(dim=(1, 2)))
+    return best
+
+
+def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """One reconstruction pass through a full layer: the usual output, plus the chunk's scores into ``kv.scores_out``.
+
+    Args:
+        query: ``[1, Hq, n, D]``.
+        key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
+
+    Returns:
+        ``[1, n, Hq, D]``.
+    """
+    keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
+    values = torch.cat([kv.values, kv.new_values], dim=-2)
+    out = dense_attention(query, keys, values, scaling, key_valid)
+    start, end = kv.chunk
+    prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
+    kv.scores_out.copy_(
+        restricted_max_scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling)
+    )
+    return out

@@ -1,0 +1,442 @@
+"""`KVzipCache`: a transformers `Cache` that compresses its context once and serves many questions.
+
+Life cycle::
+
+    cache = KVzipCache(model)
+    cache.prefill(model, input_ids, context_start=prefix_len)   # dense, chunked
+    cache.compress(model, ratio=0.3, tokenizer=tok)              # score by reconstruction, evict for real
+    model.generate(full_ids, past_key_values=cache, ...)          # appends question + answer to a dense tail
+    cache.rollback()                                              # drop them; the next question starts clean
+
+Sequences are in padded coordinates (left padding when batch > 1). Positions before ``context_start`` are the
+protected prefix: never scored, never evicted. Padding is never kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
+from .compat import cache_kwarg
+from .layers import KVzipLayer, KVzipSlidingLayer
+from .scoring import score_by_reconstruction
+from .selection import LEVELS, select_heads, select_pairs
+
+logger = logging.getLogger("kvzip_cache")
+
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class CompressReport:
+    """What `KVzipCache.compress` did.
+
+    Attributes:
+        level, ratio: as requested.
+        achieved_ratio: kept context pairs / selectable context pairs, over all rows and compressible layers.
+        kept_per_layer: ``[L]`` context pairs kept per layer (summed over rows and heads; sliding layers: 0).
+        bytes_before, bytes_after: `KVzipCache.kv_bytes` before and after eviction.
+        metadata_bytes: bytes of per-pair positions and per-head offsets after eviction.
+        seconds: wall time of scoring plus eviction.
+    """
+
+    level: str
+    ratio: float
+    achieved_ratio: float
+    kept_per_layer: list[int]
+    bytes_before: int
+    bytes_after: int
+    metadata_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"KVzip {self.level} ratio={self.ratio:g}: kept {self.achieved_ratio:.3f} of context pairs, "
+            f"KV {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB in {self.seconds:.2f}s"
+        )
+
+
+def _config_of(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    if not hasattr(config, "get_text_config"):
+        raise TypeError(f"KVzipCache needs a transformers model or config, got {type(model_or_config).__name__}")
+    return config.get_text_config(decoder=True)
+
+
+def _layer_types(config) -> list[str]:
+    """Per-layer attention type; reject what the ragged cache cannot represent."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError("KVzipCache supports decoder-only models; encoder-decoder models are not supported")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{config.model_type}: attention logit soft-capping is not supported by the kvzip attention "
+            "(supported: Llama 3, Qwen2/2.5, Qwen3, Gemma3, Mistral, Phi3 and similar)"
+        )
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "use_mla", False):
+        raise ValueError(f"{config.model_type}: multi-head latent attention (MLA) is not supported")
+    num_layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+        types = [_SLIDING if sliding else _FULL] * num_layers
+    unsupported = sorted(set(types) - {_FULL, _SLIDING})
+    if unsupported:
+        raise ValueError(
+            f"{config.model_type}: layer types {unsupported} are not supported by KVzipCache "
+            "(supported: full_attention and sliding_attention layers)"
+        )
+    return list(types)
+
+
+class KVzipCache(Cache):
+    """A transformers `Cache` with KVzip compression. See the module docstring for the life cycle.
+
+    Args:
+        model_or_config: the model (loaded with ``attn_implementation="kvzip"``) or its config.
+
+    Attributes (after `prefill`):
+        input_ids: ``[B, S]`` the prefilled ids (padded coordinates).
+        attention_mask: ``[B, S]`` bool, False on left padding.
+        context_start: ``[B]`` int64, first context position of each row.
+        scores: ``[L, B, H, S - min(context_start)]`` float32 KVzip scores after `compress` (NaN = not scored).
+        keep_mask: same shape, bool, the context pairs kept by the last `compress`/`evict`.
+    """
+
+    def __init__(self, model_or_config) -> None:
+        config = _config_of(model_or_config)
+        self.layer_types = _layer_types(config)
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        layers = [
+            KVzipLayer() if kind == _FULL else KVzipSlidingLayer(sliding_window=config.sliding_window)
+            for kind in self.layer_types
+        ]
+        super().__init__(layers=layers)
+        self._clear_context()
+
+    def _clear_context(self) -> None:
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.context_start: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.keep_mask: torch.Tensor | None = None
+        self.compressed_with: tuple[str, float] | None = None
+        self._scoring: dict | None = None
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def compressible_layers(self) -> list[int]:
+        """Indices of the full-attention layers (the only ones scored and evicted)."""
+        return [i for i, kind in enumerate(self.layer_types) if kind == _FULL]
+
+    @property
+    def context_offset(self) -> int:
+        """First position of the score / keep-mask tensors: ``min(context_start)``."""
+        return int(self.context_start.min())
+
+    @property
+    def context_length(self) -> int:
+        """Logical length of the prefilled sequence (padded coordinates)."""
+        return 0 if self.input_ids is None else self.input_ids.shape[1]
+
+    @property
+    def is_compressed(self) -> bool:
+        return self.compressed_with is not None
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values over all layers (spare tail capacity counts)."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the ragged layout's bookkeeping (per-pair positions, per-head offsets)."""
+        return sum(layer.metadata_bytes() for layer in self.layers)
+
+    # ---------------------------------------------------------------------------------------- transformers API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self._scoring is not None:
+            spec = self._scoring
+            return self.layers[layer_idx].peek(
+                key_states, value_states, spec["row"], spec["chunk"], spec["prefix_positions"],
+                spec["buffers"].get(layer_idx),
+            )
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear_context()
+
+    # ------------------------------------------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def prefill(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        context_start: int | torch.Tensor = 0,
+        chunk_size: int = 16384,
+    ) -> None:
+        """Fill the cache with ``[protected prefix | context]``, ``chunk_size`` tokens per forward pass.
+
+        Args:
+            model: the causal LM, loaded with ``attn_implementation="kvzip"``.
+            input_ids: ``[B, S]``; left-padded when B > 1.
+            attention_mask: ``[B, S]`` (1 = token, 0 = left padding), or None for no padding.
+            context_start: first context position (an int, or ``[B]`` in padded coordinates); earlier positions
+                are the protected prefix.
+            chunk_size: tokens per forward pass (bounds activation memory).
+        """
+        check_model(model)
+        if self.get_seq_length() > 0 or self.input_ids is not None:
+            raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got shape {tuple(input_ids.shape)}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
+            raise ValueError("only left padding is supported: set tokenizer.padding_side = 'left'")
+        starts = torch.as_tensor(context_start, dtype=torch.long, device=device).flatten()
+        starts = starts.expand(batch).clone() if starts.numel() == 1 else starts
+        if starts.numel() != batch:
+            raise ValueError(f"context_start has {starts.numel()} entries for a batch of {batch}")
+        if bool((starts < 0).any()) or bool((starts >= seq).any()):
+            raise ValueError(f"context_start must lie in [0, {seq}) so that every row has a context; got {starts.tolist()}")
+        if bool((~mask.gather(1, starts[:, None])).any()):
+            raise ValueError("context_start points at padding in some row: the context must come after the left padding")
+
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
+        kwarg = cache_kwarg(model)
+        try:
+            for lo in range(0, seq, chunk_size):
+                hi = min(lo + chunk_size, seq)
+                model(
+                    input_ids=input_ids[:, lo:hi],
+                    attention_mask=mask[:, :hi].long(),
+                    position_ids=positions[:, lo:hi],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{kwarg: self},
+                )
+        except BaseException:
+            self.reset()  # never leave a half-filled cache behind
+            raise
+        self.input_ids, self.attention_mask, self.context_start = input_ids, mask, starts
+        for layer in self.layers:
+            if isinstance(layer, KVzipSlidingLayer):
+                layer.take_snapshot()
+
+    # ------------------------------------------------------------------------------------------------ compress
+    def compress(
+        self,
+        model,
+        ratio: float,
+        *,
+        tokenizer=None,
+        level: str = "pair",
+        chunk_size: int = 2048,
+        head_scores: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> CompressReport:
+        """Score the context by reconstruction and evict all but ``ratio`` of its pairs, for real.
+
+        Args:
+            model: the model the cache was prefilled with.
+            ratio: fraction of context pairs KEPT, in (0, 1].
+            tokenizer: the model's tokenizer (builds the reconstruction prompts); loaded from
+                ``model.config.name_or_path`` when None. Not needed for ``level="head"``.
+            level: ``"pair"`` (one top-k per row over layers x heads x positions), ``"pair-uniform"`` (same
+                fraction in every layer and head) or ``"head"`` (whole heads by ``head_scores``, no scoring pass).
+            chunk_size: context tokens per reconstruction pass.
+            head_scores: ``[num_layers, num_kv_heads]`` importance per KV head, for ``level="head"``.
+            progress: show a progress bar over the reconstruction passes.
+
+        A second `compress` on a compressed cache re-selects among the kept pairs with the stored scores (same
+        level, a ratio no larger than before; ratios stay relative to the original context).
+
+        Returns:
+            a `CompressReport`.
+        """
+        started = time.perf_counter()
+        ratio = self._check_compress_args(model, ratio, level, head_scores)
+        bytes_before = self.kv_bytes()
+        if level == "head":
+            keep = select_heads(self._selectable(), torch.as_tensor(head_scores), ratio)
+            scores = torch.as_tensor(head_scores, dtype=torch.float32).to(keep.device)[:, None, :, None]
+            scores = scores.expand_as(keep).masked_fill(~self._selectable(), float("nan"))
+        else:
+            if self.scores is None:
+                tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
+                self.scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress)
+            scores = self.scores
+            keep = select_pairs(scores, ratio, level)
+        self.evict(keep)
+        self.scores = scores
+        self.compressed_with = (level, ratio)
+        selectable = int(self._selectable().sum())
+        report = CompressReport(
+            level=level,
+            ratio=ratio,
+            achieved_ratio=int(keep.sum()) / max(selectable, 1),
+            kept_per_layer=keep.flatten(1).sum(dim=1).tolist(),
+            bytes_before=bytes_before,
+            bytes_after=self.kv_bytes(),
+            metadata_bytes=self.metadata_bytes(),
+            seconds=time.perf_counter() - started,
+        )
+        logger.info("%s", report)
+        return report
+
+    def _check_compress_args(self, model, ratio, level, head_scores) -> float:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio is the fraction of context pairs KEPT and must be in (0, 1]; got {ratio!r}")
+        ratio = float(ratio)
+        if level not in LEVELS:
+            raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+        if self.input_ids is None:
+            raise RuntimeError("compress() needs a prefilled cache: call cache.prefill(model, input_ids) first")
+        check_model(model)
+        if not self.compressible_layers:
+            raise ValueError(
+                "every layer of this model uses sliding-window attention, so there is nothing KVzip can evict "
+                "(transformers treats a config with sliding_window set and no layer_types as all-sliding)"
+            )
+        if self.get_seq_length() != self.context_length:
+            raise RuntimeError(
+                f"{self.get_seq_length() - self.context_length} tokens were appended after the context; "
+                "call cache.rollback() before compress()"
+            )
+        if level == "head" and head_scores is None:
+            raise ValueError("level='head' needs head_scores: a [num_layers, num_kv_heads] tensor")
+        if self.is_compressed:
+            prev_level, prev_ratio = self.compressed_with
+            if level != prev_level or ratio > prev_ratio:
+                raise ValueError(
+                    f"this cache is already compressed ({prev_level}, ratio {prev_ratio:g}); a second compress can "
+                    f"only keep fewer pairs at the same level (level={prev_level!r}, ratio <= {prev_ratio:g}). "
+                    "Evicted pairs cannot be restored: prefill a new cache to change level or grow the ratio."
+                )
+        return ratio
+
+    def _selectable(self) -> torch.Tensor:
+        """``[L, B, H, C]`` bool: context pairs of full-attention layers that are real tokens."""
+        base = self.context_offset
+        positions = torch.arange(base, self.context_length, device=self.attention_mask.device)
+        in_context = positions[None, :] >= self.context_start[:, None]  # [B, C]
+        valid = in_context & self.attention_mask[:, base:]
+        full = torch.tensor([kind == _FULL for kind in self.layer_types], device=valid.device)
+        return full[:, None, None, None] & valid[None, :, None, :].expand(-1, -1, self.num_kv_heads, -1)
+
+    # --------------------------------------------------------------------------------------------------- evict
+    @torch.no_grad()
+    def evict(self, keep_mask: torch.Tensor) -> None:
+        """Keep exactly the context pairs where ``keep_mask`` is True (plus the protected prefix), free the rest.
+
+        Args:
+            keep_mask: ``[num_layers, batch, num_kv_heads, context_len]`` bool, the layout of `scores`. Entries of
+                sliding layers, padding and the protected prefix are ignored. On a compressed cache it may only
+                drop more pairs (an evicted pair cannot come back).
+        """
+        if self.input_ids is None:
+            raise RuntimeError("evict() needs a prefilled cache: call cache.prefill(model, input_ids) first")
+        if self.get_seq_length() != self.context_length:
+            raise RuntimeError("tokens were appended after the context; call cache.rollback() before evict()")
+        selectable = self._selectable()
+        keep_mask = torch.as_tensor(keep_mask, device=selectable.device)
+        if keep_mask.shape != selectable.shape or keep_mask.dtype != torch.bool:
+            raise ValueError(
+                f"keep_mask must be a bool tensor of shape {list(selectable.shape)} "
+                f"([num_layers, batch, num_kv_heads, context_len]); got {keep_mask.dtype} {list(keep_mask.shape)}"
+            )
+        keep_mask = keep_mask & selectable
+        if self.keep_mask is not None and bool((keep_mask & ~self.keep_mask).any()):
+            raise ValueError("keep_mask re-admits pairs that were already evicted; they cannot be restored")
+        base = self.context_offset
+        prefix = self.attention_mask.clone()
+        prefix[torch.arange(self.context_length, device=prefix.device)[None, :] >= self.context_start[:, None]] = False
+        for idx in self.compressible_layers:
+            full_keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
+            full_keep[:, :, base:] |= keep_mask[idx]
+            self.layers[idx].evict(full_keep)
+        self.keep_mask = keep_mask
+        if self.compressed_with is None:
+            self.compressed_with = ("custom", float(keep_mask.sum()) / max(int(selectable.sum()), 1))
+
+    # ------------------------------------------------------------------------------------------------ queries
+    def rollback(self) -> None:
+        """Drop every token appended after the context (question and answer) so the next question starts clean.
+
+        Without it, turns accumulate (multi-turn chat). The batch rows return to those of the prefill.
+        """
+        if self.input_ids is None:
+            raise RuntimeError("rollback() needs a prefilled cache")
+        for layer in self.layers:
+            layer.rollback(self.context_length, self.input_ids.shape[0])
+
+    def inputs_for(self, query_ids: torch.Tensor, query_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``generate`` inputs for a question after the context: ``{"input_ids", "attention_mask"}``.
+
+        ``query_ids``: ``[B, n]`` (or ``[1, n]`` broadcast to every row); ``query_mask`` is its padding mask.
+        """
+        if self.input_ids is None:
+            raise RuntimeError("inputs_for() needs a prefilled cache")
+        batch = self.input_ids.shape[0]
+        query_ids = query_ids.to(self.input_ids.device)
+        if query_ids.shape[0] == 1 and batch > 1:
+            query_ids = query_ids.expand(batch, -1)
+        if query_ids.shape[0] != batch:
+            raise ValueError(f"query_ids has {query_ids.shape[0]} rows but the cache holds {batch}")
+        if query_mask is None:
+            query_mask = torch.ones_like(query_ids)
+        mask = torch.cat([self.attention_mask.long(), query_mask.to(self.input_ids.device).long().expand_as(query_ids)], 1)
+        return {"input_ids": torch.cat([self.input_ids, query_ids], dim=1), "attention_mask": mask}
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    @contextmanager
+    def scoring_pass(self, row: int, chunk: tuple[int, int], prefix_positions: torch.Tensor, buffers: dict):
+        """Within this block, forward passes store nothing and full layers write scores into ``buffers``."""
+        self._scoring = {"row": row, "chunk": chunk, "prefix_positions": prefix_positions, "buffers": buffers}
+        try:
+            yield
+        finally:
+            self._scoring = None
+
+
+def check_model(model) -> None:
+    """Raise a clear error unless ``model`` runs its attention through "kvzip"."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(model):
+        raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+    if not uses_kvzip_attention(config):
+        current = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
+        raise ValueError(
+            f"the model uses attn_implementation={current!r}; KVzipCache needs the kvzip attention: `import "
+            f"kvzip_cache`, then load with from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}) or call "
+            f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})"
+        )
+
+
+def _load_tokenizer(model):
+    from transformers import AutoTokenizer
+
+    name = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ValueError(
+            f"compress() needs the model's tokenizer to build the reconstruction prompts and could not load it from "
+            f"model.config.name_or_path={name!r} ({error}); pass tokenizer=..."
+        ) from error

@@ -1,0 +1,284 @@
+"""Cache layers of a `KVzipCache`.
+
+`KVzipLayer` (full attention) has three modes:
+
+1. **dense** - exactly transformers' `DynamicLayer`: used for the prefill and for a cache never compressed.
+2. **scoring** - `peek()` returns a `ScoringKV` view of one cached row plus the new tokens; nothing is stored.
+3. **compressed** - after `evict()`: an immutable `CompressedContext` (ragged per KV head) plus a dense tail that
+   grows in place (amortised doubling, so appending costs O(new tokens)). `update()` returns a `RaggedKV`.
+
+`KVzipSlidingLayer` is transformers' `DynamicSlidingWindowLayer` (never scored, never evicted) with a side-effect
+free `peek()` for the scoring passes and a snapshot so `rollback()` can restore its window.
+
+Every layer tracks ``cumulative_length``: the LOGICAL number of tokens seen, which `generate` uses for positions,
+not the number of pairs kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from .states import CompressedContext, RaggedKV, ScoringKV
+
+# Smallest tail allocation: a question plus a short answer fits without regrowing.
+_MIN_TAIL_CAPACITY = 64
+
+
+class KVzipLayer(DynamicLayer):
+    """A full-attention layer that can be compressed into a ragged per-head layout."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.cumulative_length = 0
+        self.context: CompressedContext | None = None
+        self.context_length = 0  # logical length covered by `context`
+        self.src_rows: tuple[int, ...] = ()
+        self.tail_keys: torch.Tensor | None = None  # [B, H, capacity, D]
+        self.tail_values: torch.Tensor | None = None
+        self.tail_length = 0
+
+    @property
+    def is_compressed(self) -> bool:
+        return self.context is not None
+
+    # ----------------------------------------------------------------------------------------------- transformers API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, H, q, D]`` states; return dense keys/values, or a `RaggedKV` view once compressed."""
+        if not self.is_compressed:
+            keys, values = super().update(key_states, value_states)
+            self.cumulative_length = keys.shape[-2]
+            return keys, values
+        if key_states.shape[0] != len(self.src_rows):
+            raise ValueError(
+                f"batch size {key_states.shape[0]} does not match the cache's {len(self.src_rows)} rows; use "
+                "cache.batch_repeat_interleave(n) before generate(num_beams=n or num_return_sequences=n)"
+            )
+        self._append_tail(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        view = RaggedKV(
+            context=self.context,
+            src_rows=self.src_rows,
+            tail_keys=self.tail_keys[:, :, : self.tail_length],
+            tail_values=self.tail_values[:, :, : self.tail_length],
+            length=self.cumulative_length,
+        )
+        return view, view
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.context, self.context_length, self.src_rows = None, 0, ()
+        self.tail_keys = self.tail_values = None
+        self.tail_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end: ``-n`` removes n tokens; a positive n is the length to keep (legacy)."""
+        keep = self.cumulative_length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        if keep >= self.cumulative_length:
+            return
+        if not self.is_compressed:
+            super().crop(keep - self.cumulative_length)
+            self.cumulative_length = keep
+            return
+        if keep < self.context_length:
+            raise ValueError(
+                f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
+                "can only be dropped as a whole (cache.reset())"
+            )
+        self.tail_length = keep - self.context_length
+        self.cumulative_length = keep
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_compressed:
+            return super().reorder_cache(beam_idx)
+        order = beam_idx.tolist()
+        self.src_rows = tuple(self.src_rows[i] for i in order)
+        if self.tail_keys is not None:
+            index = beam_idx.to(self.tail_keys.device)
+            self.tail_keys = self.tail_keys.index_select(0, index)
+            self.tail_values = self.tail_values.index_select(0, index)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_compressed:
+            return super().batch_repeat_interleave(repeats)
+        self.src_rows = tuple(row for row in self.src_rows for _ in range(repeats))
+        if self.tail_keys is not None:
+            self.tail_keys = self.tail_keys.repeat_interleave(repeats, dim=0)
+            self.tail_values = self.tail_values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_compressed:
+            return super().batch_select_indices(indices)
+        self.reorder_cache(torch.as_tensor(indices).flatten())
+
+    def offload(self) -> None:
+        self._move("cpu")
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._move(self.device)
+
+    # ------------------------------------------------------------------------------------------------- kvzip API
+    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, chunk: tuple[int, int],
+             prefix_positions: torch.Tensor, scores_out: torch.Tensor) -> tuple[ScoringKV, ScoringKV]:
+        """Scoring-pass view of cached row ``row`` plus ``[1, H, n, D]`` new states; stores nothing."""
+        if self.is_compressed:
+            raise RuntimeError("a compressed layer cannot be re-scored; its scores are kept from the first compress")
+        view = ScoringKV(
+            keys=self.keys[row : row + 1],
+            values=self.values[row : row + 1],
+            new_keys=key_states,
+            new_values=value_states,
+            prefix_positions=prefix_positions,
+            chunk=chunk,
+            scores_out=scores_out,
+        )
+        return view, view
+
+    def evict(self, keep: torch.Tensor) -> None:
+        """Keep exactly the pairs where ``keep`` ([B, H, context_length] bool, padded coordinates) is True.
+
+        A dense layer becomes compressed; a compressed layer keeps the subset of its pairs selected by ``keep``
+        (which must not re-admit evicted pairs). The tail, if any, is untouched.
+        """
+        if not self.is_compressed:
+            batch, num_heads, length, head_dim = self.keys.shape
+            if keep.shape != (batch, num_heads, length):
+                raise ValueError(f"keep mask of shape {tuple(keep.shape)} for a layer of {(batch, num_heads, length)}")
+            flat_keep = keep.to(self.keys.device).reshape(batch * num_heads, length)
+            positions = torch.arange(length, device=self.keys.device, dtype=torch.int32).expand(batch * num_heads, -1)
+            keys = self.keys.reshape(batch * num_heads, length, head_dim)[flat_keep]
+            values = self.values.reshape(batch * num_heads, length, head_dim)[flat_keep]
+            positions = positions[flat_keep]
+            counts = flat_keep.sum(dim=1)
+            self.src_rows = tuple(range(batch))
+            self.context_length = self.cumulative_length
+            self.keys = self.values = None  # the dense copy is freed here
+        else:
+            ctx = self.context
+            if ctx.num_rows != len(self.src_rows) or self.src_rows != tuple(range(ctx.num_rows)):
+                raise RuntimeError("re-compressing after batch_repeat_interleave/reorder is not supported; rollback() first")
+            segments = torch.repeat_interleave(
+                torch.arange(len(ctx.offsets) - 1, device=ctx.keys.device), ctx.seqlens().flatten().to(ctx.keys.device)
+            )
+            selected = keep.to(ctx.keys.device).reshape(len(ctx.offsets) - 1, -1)[segments, ctx.positions.long()]
+            keys, values, positions = ctx.keys[selected], ctx.values[selected], ctx.positions[selected]
+            counts = torch.zeros(len(ctx.offsets) - 1, dtype=torch.long, device=ctx.keys.device)
+            counts.index_add_(0, segments[selected], torch.ones_like(segments[selected]))
+            batch, num_heads = ctx.num_rows, ctx.num_heads
+        cu_seqlens = torch.zeros(batch * num_heads + 1, dtype=torch.int32, device=keys.device)
+        cu_seqlens[1:] = counts.cumsum(0)
+        self.context = CompressedContext(
+            keys=keys.contiguous(),
+            values=values.contiguous(),
+            cu_seqlens=cu_seqlens,
+            offsets=tuple(cu_seqlens.tolist()),
+            positions=positions.contiguous(),
+            num_heads=num_heads,
+        )
+
+    def rollback(self, length: int, batch_size: int) -> None:
+        """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
+        if self.is_compressed:
+            self.tail_length = 0
+            self.src_rows = tuple(range(self.context.num_rows))
+            if self.tail_keys is not None and self.tail_keys.shape[0] != batch_size:
+                self.tail_keys = self.tail_values = None
+        elif self.is_initialized and self.keys.shape[0] != batch_size:
+            raise RuntimeError("rollback() after changing the batch size needs a compressed cache; call compress() first")
+        elif self.is_initialized:
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+        self.cumulative_length = length
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values (spare tail capacity counts)."""
+        total = 0
+        for tensor in (self.keys, self.values, self.tail_keys, self.tail_values):
+            if tensor is not None:
+                total += tensor.nbytes
+        if self.context is not None:
+            total += self.context.kv_bytes()
+        return total
+
+    def metadata_bytes(self) -> int:
+        return self.context.metadata_bytes() if self.context is not None else 0
+
+    # ------------------------------------------------------------------------------------------------- internals
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write new states after the tail, growing its buffer geometrically (never copying the context)."""
+        batch, num_heads, new, head_dim = key_states.shape
+        needed = self.tail_length + new
+        capacity = 0 if self.tail_keys is None else self.tail_keys.shape[2]
+        if needed > capacity:
+            capacity = max(needed, 2 * capacity, _MIN_TAIL_CAPACITY)
+            shape = (batch, num_heads, capacity, head_dim)
+            grown_k = key_states.new_empty(shape)
+            grown_v = value_states.new_empty(shape)
+            if self.tail_length:
+                grown_k[:, :, : self.tail_length] = self.tail_keys[:, :, : self.tail_length]
+                grown_v[:, :, : self.tail_length] = self.tail_values[:, :, : self.tail_length]
+            self.tail_keys, self.tail_values = grown_k, grown_v
+        self.tail_keys[:, :, self.tail_length : needed] = key_states
+        self.tail_values[:, :, self.tail_length : needed] = value_states
+        self.tail_length = needed
+
+    def _move(self, device) -> None:
+        if self.keys is not None and self.keys.numel():
+            self.keys = self.keys.to(device, non_blocking=True)
+            self.values = self.values.to(device, non_blocking=True)
+        if self.context is not None:
+            self.context = self.context.to(device, non_blocking=True)
+        if self.tail_keys is not None:
+            self.tail_keys = self.tail_keys.to(device, non_blocking=True)
+            self.tail_values = self.tail_values.to(device, non_blocking=True)
+
+
+class KVzipSlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, plus a side-effect-free `peek` and a snapshot for `rollback`."""
+
+    is_compileable = False
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self._snapshot: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `update` would return for row ``row`` (cached window + new states), without storing anything."""
+        return (
+            torch.cat([self.keys[row : row + 1], key_states], dim=-2),
+            torch.cat([self.values[row : row + 1], value_states], dim=-2),
+        )
+
+    def take_snapshot(self) -> None:
+        """Remember the window (a small copy) so that `rollback` can come back to it."""
+        if self.is_initialized:
+            self._snapshot = (self.keys.clone(), self.values.clone(), self.cumulative_length)
+
+    def rollback(self, length: int, batch_size: int) -> None:
+        if self._snapshot is None:
+            raise RuntimeError("rollback() needs a prefilled cache")
+        keys, values, cumulative = self._snapshot
+        self.keys, self.values, self.cumulative_length = keys.clone(), values.clone(), cumulative
+
+    def reset(self) -> None:
+        super().reset()
+        self._snapshot = None
+
+    def kv_bytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def metadata_bytes(self) -> int:
+        return 0

@@ -1,0 +1,100 @@
+"""KVzip scoring by context reconstruction.
+
+For each chunk of the context the model is fed, teacher-forced at the positions right after the cached sequence,
+``[repeat prompt | assistant turn | chunk]`` (`reconstruction_inputs`). The cache is put in scoring mode, so the
+pass stores nothing, and every full-attention layer's backend writes the KVzip score of the chunk's cached pairs:
+the maximum over the pass's queries and the GQA group of the softmax restricted to
+``[protected prefix | chunk | repeat input (causal)]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from .compat import cache_kwarg
+from .templates import chat_pieces, encode_text
+
+if TYPE_CHECKING:
+    from .cache import KVzipCache
+
+FIRST_PROMPT = "\n\nRepeat the previous context exactly."
+LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
+OVERLAP_TOKENS = 8  # last tokens of the previous chunk quoted in the prompt of the next one
+
+
+def reconstruction_inputs(
+    tokenizer, context_ids: torch.Tensor | list[int], chunk_size: int = 2048
+) -> list[tuple[int, int, torch.Tensor]]:
+    """The reconstruction passes for a context.
+
+    Args:
+        tokenizer: the model's tokenizer (its chat template gives the assistant-turn tokens).
+        context_ids: the context's token ids, ``[seq]`` or ``[1, seq]``, without the protected prefix.
+        chunk_size: context tokens per pass.
+
+    Returns:
+        One ``(start, end, input_ids [n])`` per chunk: the chunk's span inside the context and the exact ids fed,
+        ``[repeat prompt | assistant turn | context[start:end]]``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    context_ids = torch.as_tensor(context_ids, dtype=torch.long).flatten().cpu()
+    assistant_turn = encode_text(tokenizer, chat_pieces(tokenizer).assistant_turn)
+    first_prompt = encode_text(tokenizer, FIRST_PROMPT)
+    later_prompt = encode_text(tokenizer, LATER_PROMPT)
+    passes = []
+    for start in range(0, len(context_ids), chunk_size):
+        end = min(start + chunk_size, len(context_ids))
+        if start == 0:
+            prompt = first_prompt
+        else:
+            prompt = later_prompt + context_ids[max(0, start - OVERLAP_TOKENS) : start].tolist()
+        ids = torch.tensor(prompt + assistant_turn, dtype=torch.long)
+        passes.append((start, end, torch.cat([ids, context_ids[start:end]])))
+    return passes
+
+
+@torch.no_grad()
+def score_by_reconstruction(
+    cache: KVzipCache, model, tokenizer, chunk_size: int = 2048, progress: bool = False
+) -> torch.Tensor:
+    """Run every reconstruction pass of every row and return the scores.
+
+    Rows are scored one at a time (each pass reads a view of its row, nothing is copied), so rows of different
+    context lengths need no padding of their reconstruction inputs.
+
+    Returns:
+        ``[num_layers, batch, num_kv_heads, context_len]`` float32, NaN where nothing is scored (sliding layers,
+        padding, protected prefix).
+    """
+    device = cache.attention_mask.device
+    batch, seq = cache.attention_mask.shape
+    base = cache.context_offset
+    scores = torch.full(
+        (len(cache.layers), batch, cache.num_kv_heads, seq - base), float("nan"), dtype=torch.float32, device=device
+    )
+    compressible = cache.compressible_layers
+    kwarg = cache_kwarg(model)
+    jobs = []
+    for row in range(batch):
+        start = int(cache.context_start[row])
+        passes = reconstruction_inputs(tokenizer, cache.input_ids[row, start:], chunk_size)
+        jobs.extend((row, start, p) for p in passes)
+    for row, ctx_start, (lo, hi, ids) in tqdm(jobs, desc="KVzip scoring", disable=not progress):
+        valid = cache.attention_mask[row]
+        prefix_positions = torch.nonzero(valid[:ctx_start]).flatten()
+        chunk = (ctx_start + lo, ctx_start + hi)
+        buffers = {
+            layer: scores[layer, row, :, chunk[0] - base : chunk[1] - base] for layer in compressible
+        }
+        n_new = ids.numel()
+        ids = ids.to(device).unsqueeze(0)
+        mask = torch.cat([valid, valid.new_ones(n_new)]).unsqueeze(0)
+        positions = (int(valid.sum()) + torch.arange(n_new, device=device)).unsqueeze(0)
+        with cache.scoring_pass(row, chunk, prefix_positions, buffers):
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                  **{kwarg: cache})
+    return scores

@@ -1,0 +1,86 @@
+"""Turning scores into a keep mask: which context pairs survive.
+
+``ratio`` is the fraction of context pairs KEPT (the paper's convention; kvpress's "compression_ratio" is the
+fraction removed). Scores are ``[layers, batch, kv_heads, context_len]`` with NaN where a pair is not selectable
+(sliding layers, padding, the protected prefix); each row of the batch gets its own selection. Ties are broken
+deterministically by a stable sort: the earlier (layer, head, position) wins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LEVELS = ("pair", "pair-uniform", "head")
+
+
+def kept_count(ratio: float, n: int) -> int:
+    """``round(ratio * n)`` with halves rounded up (Python's round would round half to even)."""
+    return min(n, int(math.floor(ratio * n + 0.5)))
+
+
+def _top_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries along the last dim (NaN never selected, stable ties)."""
+    order = torch.sort(values.nan_to_num(float("-inf")), dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    return mask.scatter_(-1, order[..., :k], True)
+
+
+def select_pairs(scores: torch.Tensor, ratio: float, level: str = "pair") -> torch.Tensor:
+    """Keep mask for pair-level selection.
+
+    Args:
+        scores: ``[L, B, H, C]`` float, NaN = not selectable.
+        ratio: fraction of selectable pairs kept, in (0, 1].
+        level: ``"pair"``: one top-k per row over all layers x heads x positions (non-uniform budgets);
+            ``"pair-uniform"``: the same number kept in every (layer, head) of a row.
+
+    Returns:
+        ``[L, B, H, C]`` bool: exactly ``round(ratio * n)`` True per row for "pair" (n = selectable pairs of the row),
+        ``round(ratio * c)`` per (layer, head) for "pair-uniform" (c = selectable positions of the row).
+    """
+    num_layers, batch, num_heads, length = scores.shape
+    valid = ~torch.isnan(scores)
+    keep = torch.zeros_like(valid)
+    for row in range(batch):
+        row_scores = scores[:, row]
+        if level == "pair":
+            k = kept_count(ratio, int(valid[:, row].sum()))
+            keep[:, row] = _top_mask(row_scores.flatten(), k).view(num_layers, num_heads, length)
+        elif level == "pair-uniform":
+            layer_valid = valid[:, row].any(dim=-1)  # [L, H]: heads that have anything to select
+            if not bool(layer_valid.any()):
+                continue
+            per_head = int(valid[:, row][layer_valid][0].sum())
+            k = kept_count(ratio, per_head)
+            keep[:, row] = _top_mask(row_scores, k) & valid[:, row]
+        else:
+            raise ValueError(f"unknown pair level {level!r}; choose one of {LEVELS}")
+    return keep & valid
+
+
+def select_heads(selectable: torch.Tensor, head_scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep mask for head-level (context-independent) selection.
+
+    Args:
+        selectable: ``[L, B, H, C]`` bool, the context pairs that may be kept.
+        head_scores: ``[L, H]``, one score per KV head (higher = more important); layers with no selectable pair
+            (sliding layers) are ignored.
+        ratio: fraction of the compressible heads that keep their whole context.
+
+    Returns:
+        ``[L, B, H, C]`` bool: the top ``round(ratio * heads)`` heads keep every selectable pair, the others none.
+    """
+    num_layers, batch, num_heads, _ = selectable.shape
+    if tuple(head_scores.shape) != (num_layers, num_heads):
+        raise ValueError(
+            f"head_scores has shape {tuple(head_scores.shape)} but this model needs [num_layers, num_kv_heads] = "
+            f"{[num_layers, num_heads]}"
+        )
+    compressible = selectable.flatten(1).any(dim=1)  # [L]
+    candidates = head_scores.float().to(selectable.device).clone()
+    candidates[~compressible] = float("nan")
+    k = kept_count(ratio, int(compressible.sum()) * num_heads)
+    kept_heads = _top_mask(candidates.flatten(), k).view(num_layers, 1, num_heads, 1)
+    return selectable & kept_heads

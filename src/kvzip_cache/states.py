@@ -1,0 +1,120 @@
+"""What a cache layer hands to the attention backend.
+
+`KVzipLayer.update()` returns plain tensors while the layer is dense (prefill, or a cache that was never
+compressed). Once the layer is compressed, or while it is being scored, `update()` returns one of the small
+objects below instead, and the "kvzip" attention function dispatches on its type. Data flows one way: the cache
+builds these views; the backends read them (the scoring view also carries the buffer the backend writes scores
+into).
+
+Shapes use: B = batch, H = KV heads, D = head_dim, S = segments (= B0 * H for the B0 rows that were compressed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CompressedContext:
+    """The kept context of one layer: every (sequence, KV head) keeps its own number of pairs.
+
+    Pairs are flattened segment after segment, segment ``s = b * num_heads + h`` (the layout flash-attn's varlen
+    kernels use, one "sequence" per KV head). Within a segment the pairs stay in position order; the keys are
+    post-RoPE, so their positions are only kept as metadata (for re-selection and inspection).
+
+    Attributes:
+        keys: ``[total_kept, D]``.
+        values: ``[total_kept, D]``.
+        cu_seqlens: ``[S + 1]`` int32 on the keys' device: segment ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s+1]``.
+        offsets: the same offsets as a tuple of host ints (the CPU backend loops over segments without syncing).
+        positions: ``[total_kept]`` int32, the position of each kept pair in padded coordinates.
+        num_heads: H, KV heads per row.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    cu_seqlens: torch.Tensor
+    offsets: tuple[int, ...]
+    positions: torch.Tensor
+    num_heads: int
+
+    @property
+    def num_rows(self) -> int:
+        """How many batch rows were compressed (B0)."""
+        return (len(self.offsets) - 1) // self.num_heads
+
+    @property
+    def max_seqlen(self) -> int:
+        return max((b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])), default=0)
+
+    def seqlens(self) -> torch.Tensor:
+        """``[B0, H]`` int64 number of kept pairs per (row, KV head)."""
+        lengths = torch.tensor(self.offsets, dtype=torch.long)
+        return (lengths[1:] - lengths[:-1]).view(self.num_rows, self.num_heads)
+
+    def kv_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def metadata_bytes(self) -> int:
+        return self.cu_seqlens.nbytes + self.positions.nbytes
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedContext:
+        return CompressedContext(
+            keys=self.keys.to(device, non_blocking=non_blocking),
+            values=self.values.to(device, non_blocking=non_blocking),
+            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
+            offsets=self.offsets,
+            positions=self.positions.to(device, non_blocking=non_blocking),
+            num_heads=self.num_heads,
+        )
+
+
+@dataclass(frozen=True)
+class RaggedKV:
+    """Keys/values of a compressed layer as seen by one forward step.
+
+    Row ``b`` of the batch attends to the compressed segments of row ``src_rows[b]`` (beams and repeated rows share
+    one compressed context without copying it), then to its own dense tail.
+
+    Attributes:
+        context: the compressed context.
+        src_rows: host tuple of length B: which compressed row each batch row reads.
+        tail_keys: ``[B, H, t, D]``, tokens appended after compression, including the ones of this step (last).
+        tail_values: ``[B, H, t, D]``.
+        length: the logical sequence length (context + tail), the width of the padding mask.
+    """
+
+    context: CompressedContext
+    src_rows: tuple[int, ...]
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+    length: int
+
+
+@dataclass(frozen=True)
+class ScoringKV:
+    """Keys/values of a full layer during one reconstruction pass (nothing is stored in the cache).
+
+    The queries of the pass attend to ``[cached row | new tokens]`` as usual; in addition the backend writes, for
+    every cached key of the scored chunk, the maximum over query positions and over the KV head's query group of
+    the softmax probability restricted to ``[protected prefix | chunk | new tokens (causal)]``.
+
+    Attributes:
+        keys: ``[1, H, T, D]`` cached keys of the scored row (a view, not a copy).
+        values: ``[1, H, T, D]``.
+        new_keys: ``[1, H, n, D]`` keys of the reconstruction input.
+        new_values: ``[1, H, n, D]``.
+        prefix_positions: ``[P]`` int64, the non-padding protected-prefix positions of the row.
+        chunk: ``(start, end)`` positions of the scored chunk inside the cached row.
+        scores_out: ``[H, end - start]`` float32 buffer the backend fills.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    new_keys: torch.Tensor
+    new_values: torch.Tensor
+    prefix_positions: torch.Tensor
+    chunk: tuple[int, int]
+    scores_out: torch.Tensor

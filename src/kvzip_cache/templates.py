@@ -1,0 +1,70 @@
+"""Chat-template pieces, derived from the tokenizer's own template (never from a per-model table).
+
+A KVzip prompt is ``[prefix | context | "\\n\\n" question | assistant turn]``, where ``prefix`` is the chat template up
+to the start of the user's message (the protected prefix) and ``assistant turn`` is everything the template puts
+between the end of the user's message and the start of the assistant's answer. Both are found by rendering the
+template around a sentinel message. A tokenizer without a chat template gets an empty prefix and a newline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_SENTINEL = "KVZIP_SENTINEL_7f3a"
+
+
+@dataclass(frozen=True)
+class ChatPieces:
+    """Text around a user message in the chat template.
+
+    Attributes:
+        prefix: template text before the user's message (system prompt, role headers, BOS written by the template).
+        assistant_turn: template text after the user's message up to the assistant's first token.
+    """
+
+    prefix: str
+    assistant_turn: str
+
+
+def chat_pieces(tokenizer, system_prompt: str | None = None) -> ChatPieces:
+    """Split the tokenizer's chat template around the user's message."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ChatPieces(prefix="", assistant_turn="\n")
+    messages = [{"role": "user", "content": _SENTINEL}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("could not locate the user message in the tokenizer's chat template")
+    prefix, assistant_turn = text.split(_SENTINEL)
+    return ChatPieces(prefix=prefix, assistant_turn=assistant_turn)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens added by the tokenizer (templates write their own)."""
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def encode_context(tokenizer, text: str, system_prompt: str | None = None) -> tuple[torch.Tensor, int]:
+    """Encode a context as ``[chat-template prefix | context]``, the user turn left open.
+
+    Returns:
+        ``(input_ids [1, seq], context_start)``: positions before ``context_start`` are the protected prefix.
+    """
+    prefix = encode_text(tokenizer, chat_pieces(tokenizer, system_prompt).prefix)
+    if not prefix and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        prefix = [tokenizer.bos_token_id]  # no chat template: still start like the tokenizer would
+    context = encode_text(tokenizer, text)
+    return torch.tensor([prefix + context], dtype=torch.long), len(prefix)
+
+
+def encode_query(tokenizer, question: str) -> torch.Tensor:
+    """Encode a question that follows an `encode_context` context: ``"\\n\\n" question`` then the assistant turn.
+
+    Returns:
+        ``input_ids [1, n]``; ``cat([context_ids, query_ids], dim=1)`` is a well-formed chat prompt.
+    """
+    ids = encode_text(tokenizer, f"\n\n{question.strip()}") + encode_text(tokenizer, chat_pieces(tokenizer).assistant_turn)
+    return torch.tensor([ids], dtype=torch.long)

@@ -1,0 +1,106 @@
+"""Reference backend vs naive float64 attention on random inputs of awkward shapes."""
+
+import pytest
+import torch
+
+from kvzip_cache.backends import reference as ref
+from kvzip_cache.states import CompressedContext, RaggedKV
+
+
+def naive(query, keys, values, allowed, scaling):
+    """query [q, D], keys/values [k, D], allowed [q, k] -> [q, D] in float64."""
+    logits = (query.double() @ keys.double().T) * scaling
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, -1) @ values.double()
+
+
+def make_context(lengths, num_heads, head_dim, gen):
+    """A CompressedContext with the given [rows][heads] segment lengths."""
+    flat = [n for row in lengths for n in row]
+    offsets = [0]
+    for n in flat:
+        offsets.append(offsets[-1] + n)
+    keys = torch.randn(offsets[-1], head_dim, generator=gen)
+    values = torch.randn(offsets[-1], head_dim, generator=gen)
+    return CompressedContext(keys=keys, values=values, cu_seqlens=torch.tensor(offsets, dtype=torch.int32),
+                             offsets=tuple(offsets), positions=torch.zeros(offsets[-1], dtype=torch.int32),
+                             num_heads=num_heads)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("group", [1, 3])
+def test_ragged_attention_matches_naive(q_len, group):
+    gen = torch.Generator().manual_seed(q_len * 10 + group)
+    num_heads, head_dim, tail = 3, 8, 7
+    lengths = [[0, 1, 37], [129, 2, 0]]
+    ctx = make_context(lengths, num_heads, head_dim, gen)
+    src_rows = (1, 0, 0)  # row 0 reads compressed row 1; rows 1 and 2 share compressed row 0 (beams)
+    batch = len(src_rows)
+    tail_k = torch.randn(batch, num_heads, tail, head_dim, generator=gen)
+    tail_v = torch.randn(batch, num_heads, tail, head_dim, generator=gen)
+    tail_valid = torch.ones(batch, tail, dtype=torch.bool)
+    tail_valid[2, :2] = False  # padding inside the tail of row 2
+    query = torch.randn(batch, num_heads * group, q_len, head_dim, generator=gen)
+    out = ref.ragged_attention(query, RaggedKV(ctx, src_rows, tail_k, tail_v, length=200), 0.3, tail_valid)
+    assert out.shape == (batch, q_len, num_heads * group, head_dim)
+    for b, src in enumerate(src_rows):
+        for qh in range(num_heads * group):
+            h = qh // group
+            lo, hi = ctx.offsets[src * num_heads + h], ctx.offsets[src * num_heads + h + 1]
+            keys = torch.cat([ctx.keys[lo:hi], tail_k[b, h]])
+            values = torch.cat([ctx.values[lo:hi], tail_v[b, h]])
+            causal = torch.arange(tail)[None, :] <= torch.arange(tail - q_len, tail)[:, None]
+            allowed = torch.cat([torch.ones(q_len, hi - lo, dtype=torch.bool), causal & tail_valid[b]], 1)
+            expected = naive(query[b, qh], keys, values, allowed, 0.3)
+            torch.testing.assert_close(out[b, :, qh].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("q_len,k_len", [(1, 9), (5, 13), (11, 11)])
+def test_dense_attention_matches_naive(window, q_len, k_len):
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    query = torch.randn(2, 4, q_len, 8, generator=gen)
+    keys, values = torch.randn(2, 2, k_len, 8, generator=gen), torch.randn(2, 2, k_len, 8, generator=gen)
+    valid = torch.ones(2, k_len, dtype=torch.bool)
+    valid[1, :3] = False  # left padding of row 1
+    out = ref.dense_attention(query, keys, values, 0.25, valid, window)
+    q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+    k_pos = torch.arange(k_len)[None, :]
+    for b in range(2):
+        allowed = (k_pos <= q_pos) & valid[b]
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        rows = allowed.any(-1)  # padding queries see nothing: their output is unspecified
+        for qh in range(4):
+            expected = naive(query[b, qh], keys[b, qh // 2], values[b, qh // 2], allowed, 0.25)
+            torch.testing.assert_close(out[b, rows, qh].double(), expected[rows], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_restricted_max_scores_matches_naive():
+    gen = torch.Generator().manual_seed(7)
+    num_heads, group, head_dim, n, prefix, chunk = 2, 3, 8, 300, 3, 17  # n > block size: several blocks
+    query = torch.randn(num_heads * group, n, head_dim, generator=gen)
+    pk, ck, nk = (torch.randn(num_heads, m, head_dim, generator=gen) for m in (prefix, chunk, n))
+    scores = ref.restricted_max_scores(query, pk, ck, nk, 0.4, block_size=128)
+    for h in range(num_heads):
+        keys = torch.cat([pk[h], ck[h], nk[h]])
+        allowed = torch.ones(n, prefix + chunk + n, dtype=torch.bool)
+        allowed[:, prefix + chunk:] = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        best = torch.zeros(chunk, dtype=torch.float64)
+        for j in range(group):
+            logits = (query[h * group + j].double() @ keys.double().T * 0.4).masked_fill(~allowed, float("-inf"))
+            best = torch.maximum(best, torch.softmax(logits, -1)[:, prefix : prefix + chunk].amax(0))
+        torch.testing.assert_close(scores[h].double(), best, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_attention_of_two_halves_equals_whole():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 8, generator=gen), torch.randn(10, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    out_a, lse_a = ref.attend(q, k[:6], v[:6], 0.5)
+    out_b, lse_b = ref.attend(q, k[6:], v[6:], 0.5)
+    whole, _ = ref.attend(q, k, v, 0.5)
+    torch.testing.assert_close(ref.merge_attention(out_a, lse_a, out_b, lse_b), whole)
+    empty_out, empty_lse = ref.attend(q, k[:0], v[:0], 0.5)
+    assert torch.isneginf(empty_lse).all()
+    torch.testing.assert_close(ref.merge_attention(empty_out, empty_lse, out_b, lse_b), out_b)
