@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvzip_cache.backends import reference as ref
-from kvzip_cache.states import CompressedContext, RaggedKV
+from kvzip_cache.states import CompressedContext, RaggedKV, ScoringKV
 
 
 def naive(query, keys, values, allowed, scaling):
@@ -77,20 +77,31 @@ def test_dense_attention_matches_naive(window, q_len, k_len):
     assert torch.isfinite(out).all()
 
 
-def test_restricted_max_scores_matches_naive():
+@pytest.mark.parametrize("block_elements", [1 << 26, 2000])  # one block / many blocks of queries
+def test_scoring_attention_matches_naive(block_elements):
     gen = torch.Generator().manual_seed(7)
-    num_heads, group, head_dim, n, prefix, chunk = 2, 3, 8, 300, 3, 17  # n > block size: several blocks
-    query = torch.randn(num_heads * group, n, head_dim, generator=gen)
-    pk, ck, nk = (torch.randn(num_heads, m, head_dim, generator=gen) for m in (prefix, chunk, n))
-    scores = ref.restricted_max_scores(query, pk, ck, nk, 0.4, block_size=128)
+    num_heads, group, head_dim, cached, n, chunk = 2, 3, 8, 40, 23, (17, 33)
+    keys, values = torch.randn(1, num_heads, cached, head_dim, generator=gen), torch.randn(1, num_heads, cached, head_dim, generator=gen)
+    new_k, new_v = torch.randn(1, num_heads, n, head_dim, generator=gen), torch.randn(1, num_heads, n, head_dim, generator=gen)
+    query = torch.randn(1, num_heads * group, n, head_dim, generator=gen)
+    valid = torch.ones(1, cached + n, dtype=torch.bool)
+    valid[0, :4] = False  # left padding
+    prefix = torch.arange(4, 9)
+    scores = torch.full((num_heads, chunk[1] - chunk[0]), float("nan"))
+    kv = ScoringKV(keys, values, new_k, new_v, prefix, chunk, scores)
+    out = ref.scoring_attention(query, kv, 0.4, valid, block_elements=block_elements)
+    all_k, all_v = torch.cat([keys, new_k], 2)[0], torch.cat([values, new_v], 2)[0]
+    causal = torch.arange(cached + n)[None, :] <= torch.arange(cached, cached + n)[:, None]
+    restricted = torch.cat([prefix, torch.arange(*chunk), torch.arange(cached, cached + n)])
     for h in range(num_heads):
-        keys = torch.cat([pk[h], ck[h], nk[h]])
-        allowed = torch.ones(n, prefix + chunk + n, dtype=torch.bool)
-        allowed[:, prefix + chunk:] = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
-        best = torch.zeros(chunk, dtype=torch.float64)
+        best = torch.zeros(chunk[1] - chunk[0], dtype=torch.float64)
         for j in range(group):
-            logits = (query[h * group + j].double() @ keys.double().T * 0.4).masked_fill(~allowed, float("-inf"))
-            best = torch.maximum(best, torch.softmax(logits, -1)[:, prefix : prefix + chunk].amax(0))
+            qh = h * group + j
+            expected = naive(query[0, qh], all_k[h], all_v[h], causal & valid[0], 0.4)
+            torch.testing.assert_close(out[0, :, qh].double(), expected, atol=1e-5, rtol=1e-5)
+            logits = (query[0, qh].double() @ all_k[h].double().T * 0.4).masked_fill(~causal, float("-inf"))
+            probs = torch.softmax(logits[:, restricted], -1)[:, len(prefix) : len(prefix) + chunk[1] - chunk[0]]
+            best = torch.maximum(best, probs.amax(0))
         torch.testing.assert_close(scores[h].double(), best, atol=1e-6, rtol=1e-5)
 
 

