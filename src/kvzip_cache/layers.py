@@ -37,6 +37,7 @@ class KVzipLayer(DynamicLayer):
         self.context: CompressedContext | None = None
         self.context_length = 0  # logical length covered by `context`
         self.src_rows: tuple[int, ...] = ()
+        self.src_index: torch.Tensor | None = None  # src_rows on the device
         self.tail_keys: torch.Tensor | None = None  # [B, H, capacity, D]
         self.tail_values: torch.Tensor | None = None
         self.tail_length = 0
@@ -62,6 +63,7 @@ class KVzipLayer(DynamicLayer):
         view = RaggedKV(
             context=self.context,
             src_rows=self.src_rows,
+            src_index=self.src_index,
             tail_keys=self.tail_keys[:, :, : self.tail_length],
             tail_values=self.tail_values[:, :, : self.tail_length],
             length=self.cumulative_length,
@@ -80,7 +82,7 @@ class KVzipLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.cumulative_length = 0
-        self.context, self.context_length, self.src_rows = None, 0, ()
+        self.context, self.context_length, self.src_rows, self.src_index = None, 0, (), None
         self.tail_keys = self.tail_values = None
         self.tail_length = 0
 
@@ -105,7 +107,7 @@ class KVzipLayer(DynamicLayer):
         if not self.is_compressed:
             return super().reorder_cache(beam_idx)
         order = beam_idx.tolist()
-        self.src_rows = tuple(self.src_rows[i] for i in order)
+        self._set_src_rows(tuple(self.src_rows[i] for i in order))
         if self.tail_keys is not None:
             index = beam_idx.to(self.tail_keys.device)
             self.tail_keys = self.tail_keys.index_select(0, index)
@@ -114,7 +116,7 @@ class KVzipLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_compressed:
             return super().batch_repeat_interleave(repeats)
-        self.src_rows = tuple(row for row in self.src_rows for _ in range(repeats))
+        self._set_src_rows(tuple(row for row in self.src_rows for _ in range(repeats)))
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys.repeat_interleave(repeats, dim=0)
             self.tail_values = self.tail_values.repeat_interleave(repeats, dim=0)
@@ -178,17 +180,9 @@ class KVzipLayer(DynamicLayer):
             keys, values, positions = ctx.keys[selected], ctx.values[selected], ctx.positions[selected]
             counts = torch.zeros(len(ctx.offsets) - 1, dtype=torch.long, device=ctx.keys.device)
             counts.index_add_(0, segments[selected], torch.ones_like(segments[selected]))
-            batch, num_heads = ctx.num_rows, ctx.num_heads
-        cu_seqlens = torch.zeros(batch * num_heads + 1, dtype=torch.int32, device=keys.device)
-        cu_seqlens[1:] = counts.cumsum(0)
-        self.context = CompressedContext(
-            keys=keys.contiguous(),
-            values=values.contiguous(),
-            cu_seqlens=cu_seqlens,
-            offsets=tuple(cu_seqlens.tolist()),
-            positions=positions.contiguous(),
-            num_heads=num_heads,
-        )
+            num_heads = ctx.num_heads
+        self.context = CompressedContext.from_counts(keys, values, positions, counts, num_heads)
+        self._set_src_rows(self.src_rows)
 
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
@@ -196,7 +190,7 @@ class KVzipLayer(DynamicLayer):
             # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
             self.tail_keys = self.tail_values = None
             self.tail_length = 0
-            self.src_rows = tuple(range(self.context.num_rows))
+            self._set_src_rows(tuple(range(self.context.num_rows)))
         elif self.is_initialized and self.keys.shape[0] != batch_size:
             raise RuntimeError("rollback() after changing the batch size needs a compressed cache; call compress() first")
         elif self.is_initialized:
@@ -217,6 +211,10 @@ class KVzipLayer(DynamicLayer):
         return self.context.metadata_bytes() if self.context is not None else 0
 
     # ------------------------------------------------------------------------------------------------- internals
+    def _set_src_rows(self, rows: tuple[int, ...]) -> None:
+        self.src_rows = rows
+        self.src_index = torch.tensor(rows, dtype=torch.int32).to(self.context.keys.device, non_blocking=True)
+
     def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write new states after the tail, growing its buffer geometrically (never copying the context)."""
         batch, num_heads, new, head_dim = key_states.shape
@@ -241,6 +239,7 @@ class KVzipLayer(DynamicLayer):
             self.values = self.values.to(device, non_blocking=True)
         if self.context is not None:
             self.context = self.context.to(device, non_blocking=True)
+            self.src_index = self.src_index.to(device, non_blocking=True)
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys.to(device, non_blocking=True)
             self.tail_values = self.tail_values.to(device, non_blocking=True)

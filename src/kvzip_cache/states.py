@@ -31,6 +31,7 @@ class CompressedContext:
         offsets: the same offsets as a tuple of host ints (the CPU backend loops over segments without syncing).
         positions: ``[total_kept]`` int32, the position of each kept pair in padded coordinates.
         num_heads: H, KV heads per row.
+        max_seqlen: the longest segment (sizes kernel grids without a device sync).
     """
 
     keys: torch.Tensor
@@ -39,15 +40,22 @@ class CompressedContext:
     offsets: tuple[int, ...]
     positions: torch.Tensor
     num_heads: int
+    max_seqlen: int
+
+    @classmethod
+    def from_counts(cls, keys, values, positions, counts: torch.Tensor, num_heads: int) -> CompressedContext:
+        """Build from flat kept pairs and the ``[S]`` number of pairs of each segment."""
+        cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=keys.device)
+        cu_seqlens[1:] = counts.cumsum(0)
+        offsets = tuple(cu_seqlens.tolist())
+        max_seqlen = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
+        return cls(keys.contiguous(), values.contiguous(), cu_seqlens, offsets, positions.contiguous(), num_heads,
+                   max_seqlen)
 
     @property
     def num_rows(self) -> int:
         """How many batch rows were compressed (B0)."""
         return (len(self.offsets) - 1) // self.num_heads
-
-    @property
-    def max_seqlen(self) -> int:
-        return max((b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])), default=0)
 
     def seqlens(self) -> torch.Tensor:
         """``[B0, H]`` int64 number of kept pairs per (row, KV head)."""
@@ -68,6 +76,7 @@ class CompressedContext:
             offsets=self.offsets,
             positions=self.positions.to(device, non_blocking=non_blocking),
             num_heads=self.num_heads,
+            max_seqlen=self.max_seqlen,
         )
 
 
@@ -81,6 +90,7 @@ class RaggedKV:
     Attributes:
         context: the compressed context.
         src_rows: host tuple of length B: which compressed row each batch row reads.
+        src_index: the same as an int32 ``[B]`` tensor on the device (for kernels; no host-device copy per step).
         tail_keys: ``[B, H, t, D]``, tokens appended after compression, including the ones of this step (last).
         tail_values: ``[B, H, t, D]``.
         length: the logical sequence length (context + tail), the width of the padding mask.
@@ -88,6 +98,7 @@ class RaggedKV:
 
     context: CompressedContext
     src_rows: tuple[int, ...]
+    src_index: torch.Tensor
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
     length: int

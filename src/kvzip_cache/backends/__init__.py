@@ -8,6 +8,7 @@ themselves here and are picked per device.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,24 @@ REFERENCE = AttentionBackend(
 _BACKENDS: list[AttentionBackend] = [REFERENCE]
 
 
+def _register_triton() -> None:
+    """Prefer the Triton backend on CUDA devices when Triton is installed."""
+    try:
+        from . import triton_backend
+    except ImportError:
+        return
+    from kvzip_cache.kernels import TRITON_AVAILABLE
+
+    if TRITON_AVAILABLE:
+        register_backend(AttentionBackend(
+            name="triton",
+            dense=triton_backend.dense_attention,
+            ragged=triton_backend.ragged_attention,
+            scoring=triton_backend.scoring_attention,
+            supports=lambda device: device.type == "cuda",
+        ))
+
+
 def register_backend(backend: AttentionBackend, *, first: bool = True) -> None:
     """Add a backend; ``first=True`` makes it preferred over the ones already registered."""
     _BACKENDS.insert(0 if first else len(_BACKENDS), backend)
@@ -46,9 +65,28 @@ def available_backends() -> list[str]:
     return [backend.name for backend in _BACKENDS]
 
 
+_preferred: list[str] = []  # stack of names set by `use_backend`
+
+
+@contextmanager
+def use_backend(name: str):
+    """Within this block, run the kvzip attention with the named backend (e.g. "reference" to compare on a GPU)."""
+    if name not in available_backends():
+        raise ValueError(f"unknown backend {name!r}; available: {available_backends()}")
+    _preferred.append(name)
+    try:
+        yield
+    finally:
+        _preferred.pop()
+
+
 def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """The backend to use on ``device``: the named one, or the first registered one that supports the device."""
+    """The backend to use on ``device``: the named (or preferred) one, else the first that supports the device."""
+    name = name or (_preferred[-1] if _preferred else None)
     for backend in _BACKENDS:
         if (name is None or backend.name == name) and backend.supports(device):
             return backend
     raise ValueError(f"no attention backend named {name!r} supports {device}; available: {available_backends()}")
+
+
+_register_triton()

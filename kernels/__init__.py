@@ -1,0 +1,23 @@
+"""Triton kernels of kvzip-cache (shipped in the wheel as ``kvzip_cache.kernels``).
+
+Each kernel has a plain-PyTorch reference with the same contract; `tests/test_kernels.py` compares them on random
+inputs of awkward shapes (on a GPU, or on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``).
+"""
+
+from .ragged_attention import (
+    merge_splits,
+    ragged_context_attention,
+    ragged_context_attention_reference,
+    triton,
+)
+from .restricted_scores import restricted_max_scores_triton
+
+TRITON_AVAILABLE = triton is not None
+
+__all__ = [
+    "TRITON_AVAILABLE",
+    "merge_splits",
+    "ragged_context_attention",
+    "ragged_context_attention_reference",
+    "restricted_max_scores_triton",
+]

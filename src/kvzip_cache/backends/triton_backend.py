@@ -1,0 +1,77 @@
+"""CUDA backend: Triton kernels for the compressed context and for scoring; SDPA for dense attention.
+
+- ragged: `ragged_context_attention` (split-K over each (row, KV head)'s kept pairs, GQA group folded into the
+  query rows) merged by log-sum-exp with the dense tail (small; plain PyTorch).
+- scoring: the output through SDPA; the scores through `restricted_max_scores_triton` (two tiled passes, no
+  ``[q, keys]`` matrix in memory).
+- dense: SDPA, with a lower-right causal bias instead of a materialised mask when there is no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from kvzip_cache.kernels import ragged_context_attention, restricted_max_scores_triton
+
+from ..states import RaggedKV, ScoringKV
+from . import reference
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """`reference.dense_attention`, without a ``[q, k]`` mask for the common unpadded causal chunk."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    padded = key_valid is not None and not bool(key_valid.all())
+    windowed = sliding_window is not None and k_len > sliding_window
+    if causal and not padded and not windowed and 1 < q_len < k_len:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(q_len, k_len), scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2)
+    return reference.dense_attention(query, key, value, scaling, key_valid, sliding_window, causal)
+
+
+def ragged_attention(
+    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Same contract as `reference.ragged_attention`."""
+    batch, num_q_heads, q_len, head_dim = query.shape
+    ctx = kv.context
+    num_heads = ctx.num_heads
+    group = num_q_heads // num_heads
+    grouped = query.reshape(batch, num_heads, group * q_len, head_dim)
+    out_ctx, lse_ctx = ragged_context_attention(
+        grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen, scaling
+    )
+    tail_len = kv.tail_keys.shape[-2]
+    allowed = reference.causal_allowed(q_len, tail_len, query.device, tail_valid).unsqueeze(1)
+    out_tail, lse_tail = reference.attend(
+        grouped.view(batch, num_heads, group, q_len, head_dim), kv.tail_keys.unsqueeze(2), kv.tail_values.unsqueeze(2),
+        scaling, allowed,
+    )
+    out = reference.merge_attention(
+        out_ctx.view(batch, num_heads, group, q_len, head_dim), lse_ctx.view(batch, num_heads, group, q_len),
+        out_tail, lse_tail,
+    )
+    return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
+
+
+def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as `reference.scoring_attention`."""
+    keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
+    values = torch.cat([kv.values, kv.new_values], dim=-2)
+    out = dense_attention(query, keys, values, scaling, key_valid)
+    start, end = kv.chunk
+    prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
+    kv.scores_out.copy_(restricted_max_scores_triton(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling))
+    return out
