@@ -16,15 +16,10 @@ def naive(query, keys, values, allowed, scaling):
 
 def make_context(lengths, num_heads, head_dim, gen):
     """A CompressedContext with the given [rows][heads] segment lengths."""
-    flat = [n for row in lengths for n in row]
-    offsets = [0]
-    for n in flat:
-        offsets.append(offsets[-1] + n)
-    keys = torch.randn(offsets[-1], head_dim, generator=gen)
-    values = torch.randn(offsets[-1], head_dim, generator=gen)
-    return CompressedContext(keys=keys, values=values, cu_seqlens=torch.tensor(offsets, dtype=torch.int32),
-                             offsets=tuple(offsets), positions=torch.zeros(offsets[-1], dtype=torch.int32),
-                             num_heads=num_heads)
+    counts = torch.tensor([n for row in lengths for n in row])
+    total = int(counts.sum())
+    keys, values = torch.randn(total, head_dim, generator=gen), torch.randn(total, head_dim, generator=gen)
+    return CompressedContext.from_counts(keys, values, torch.zeros(total, dtype=torch.int32), counts, num_heads)
 
 
 @pytest.mark.parametrize("q_len", [1, 5])
@@ -41,7 +36,7 @@ def test_ragged_attention_matches_naive(q_len, group):
     tail_valid = torch.ones(batch, tail, dtype=torch.bool)
     tail_valid[2, :2] = False  # padding inside the tail of row 2
     query = torch.randn(batch, num_heads * group, q_len, head_dim, generator=gen)
-    out = ref.ragged_attention(query, RaggedKV(ctx, src_rows, tail_k, tail_v, length=200), 0.3, tail_valid)
+    out = ref.ragged_attention(query, RaggedKV(ctx, src_rows, torch.tensor(src_rows), tail_k, tail_v, length=200), 0.3, tail_valid)
     assert out.shape == (batch, q_len, num_heads * group, head_dim)
     for b, src in enumerate(src_rows):
         for qh in range(num_heads * group):
