@@ -6,7 +6,9 @@ inputs of awkward shapes (on a GPU, or on the CPU through Triton's interpreter w
 
 from .ragged_attention import (
     merge_splits,
+    ragged_attention_with_tail,
     ragged_context_attention,
+    ragged_context_partials,
     ragged_context_attention_reference,
     triton,
 )
@@ -17,7 +19,9 @@ TRITON_AVAILABLE = triton is not None
 __all__ = [
     "TRITON_AVAILABLE",
     "merge_splits",
+    "ragged_attention_with_tail",
     "ragged_context_attention",
+    "ragged_context_partials",
     "ragged_context_attention_reference",
     "restricted_max_scores_triton",
 ]

@@ -115,13 +115,99 @@ if triton is not None:
         tl.store(LSE + b * stride_lb + h * stride_lh + split * stride_ls + offs_m, lse, mask=row_mask)
 
 
-def choose_splits(batch_heads: int, max_seqlen: int, num_sms: int, block_n: int) -> int:
-    """Enough splits that (rows x heads x splits) fills the GPU about twice, none shorter than one key block."""
-    wanted = max(1, (2 * num_sms + batch_heads - 1) // batch_heads)
+    @triton.jit
+    def _tail_merge_kernel(
+        Q, TK, TV, VALID, PO, PL, OUT,
+        scaling,
+        stride_qb, stride_qh, stride_qm,
+        stride_tb, stride_th, stride_tn,
+        stride_vb,
+        stride_pb, stride_ph, stride_ps, stride_pm,
+        stride_lb, stride_lh, stride_ls,
+        stride_ob, stride_oq, stride_oh,
+        num_heads, rows, q_len, group, tail_len, num_splits,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        m_block = tl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        row_ok = offs_m < rows
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        pos = tail_len - q_len + offs_m % q_len  # each row's own position in the tail
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        # 1. the dense tail, causal, with padding; a query always sees itself, so m_i becomes finite
+        for start in range(0, tail_len, BLOCK_N):
+            n_idx = start + offs_n
+            in_tail = n_idx < tail_len
+            k = tl.load(TK + b * stride_tb + h * stride_th + n_idx[:, None] * stride_tn + offs_d[None, :],
+                        mask=in_tail[:, None], other=0.0)
+            v = tl.load(TV + b * stride_tb + h * stride_th + n_idx[:, None] * stride_tn + offs_d[None, :],
+                        mask=in_tail[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            allowed = (n_idx[None, :] <= pos[:, None]) & in_tail[None, :]
+            if HAS_VALID:
+                valid = tl.load(VALID + b * stride_vb + n_idx, mask=in_tail, other=0) != 0
+                allowed = (allowed & valid[None, :]) | (n_idx[None, :] == pos[:, None])
+            s = tl.where(allowed, s * scaling, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        # 2. the context splits: each is a normalised output with its log-sum-exp
+        for split in range(0, num_splits):
+            lse_s = tl.load(PL + b * stride_lb + h * stride_lh + split * stride_ls + offs_m, mask=row_ok,
+                            other=float("-inf"))
+            o_s = tl.load(PO + b * stride_pb + h * stride_ph + split * stride_ps + offs_m[:, None] * stride_pm
+                          + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            m_new = tl.maximum(m_i, lse_s)
+            alpha = tl.exp(m_i - m_new)
+            beta = tl.exp(lse_s - m_new)
+            acc = acc * alpha[:, None] + o_s * beta[:, None]
+            l_i = l_i * alpha + beta
+            m_i = m_new
+        out = acc / l_i[:, None]
+        # row m = j * q_len + i is query head h * group + j at position i: write [B, q, Hq, D] directly
+        q_idx = offs_m % q_len
+        head = h * group + offs_m // q_len
+        tl.store(OUT + b * stride_ob + q_idx[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def choose_splits(batch_heads: int, max_seqlen: int, num_sms: int, block_n: int, factor: int = 4) -> int:
+    """Enough splits for ``factor`` programs per SM over (rows x heads x splits), none shorter than one key block."""
+    wanted = max(1, (factor * num_sms + batch_heads - 1) // batch_heads)
     return max(1, min(wanted, (max_seqlen + block_n - 1) // block_n))
 
 
-def ragged_context_attention(
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter (tests on the CPU)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def ragged_context_partials(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -132,39 +218,41 @@ def ragged_context_attention(
     num_splits: int | None = None,
     block_m: int = 16,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    split_factor: int = 4,
     poison: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton split-K attention over the compressed context, merged over splits.
+    """Per-split attention over the compressed context (not yet merged).
 
     Args:
-        query: ``[B, H, M, D]`` contiguous in the last dim (M = GQA group x query positions).
+        query: ``[B, H, M, D]`` (M = GQA group x query positions); last dim contiguous.
         keys, values: ``[N, D]`` contiguous, bf16/fp16/fp32.
         cu_seqlens: ``[S + 1]`` int32 on the device.
         src_rows: ``[B]`` int32 on the device.
         max_seqlen: the longest segment (host int; sizes the grid without a device sync).
-        poison: fill the split buffers with NaN first (tests: every element must be written).
+        num_splits: splits per segment; default: enough for ``split_factor`` programs per SM.
+        poison: fill the buffers with NaN first (tests: every element must be written).
 
     Returns:
-        ``(out [B, H, M, D] float32, lse [B, H, M] float32)``, as `ragged_context_attention_reference`.
+        ``(out [B, H, splits, M, D] float32, lse [B, H, splits, M] float32)``: normalised per-split outputs and
+        their log-sum-exps (an empty split has out 0, lse -inf).
     """
     batch, num_heads, rows, head_dim = query.shape
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install triton (or use the reference backend)")
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {head_dim} is not supported by the Triton kernel (16/32/64/128/256)")
+    if head_dim >= 256:
+        block_n = min(block_n, 32)
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
-        num_splits = choose_splits(batch * num_heads, max_seqlen, sms, block_n)
+        num_splits = choose_splits(batch * num_heads, max_seqlen, _sm_count(query.device), block_n, split_factor)
     split_len = max(block_n, -(-max(max_seqlen, 1) // num_splits))
     split_len = -(-split_len // block_n) * block_n
     num_splits = max(1, -(-max(max_seqlen, 1) // split_len))
-    query = query.contiguous()
-    alloc = (lambda *shape: torch.full(shape, float("nan"), device=query.device)) if poison else (
-        lambda *shape: torch.empty(shape, dtype=torch.float32, device=query.device))
-    out = alloc(batch, num_heads, num_splits, rows, head_dim)
-    lse = alloc(batch, num_heads, num_splits, rows)
-    if head_dim >= 256:
-        block_n = min(block_n, 32)
+    fill = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
+    out = fill((batch, num_heads, num_splits, rows, head_dim), float("nan"), dtype=torch.float32, device=query.device)
+    lse = fill((batch, num_heads, num_splits, rows), float("nan"), dtype=torch.float32, device=query.device)
     grid = (batch * num_heads, num_splits, triton.cdiv(rows, block_m))
     _ragged_split_kernel[grid](
         query, keys, values, cu_seqlens, src_rows, out, lse,
@@ -174,9 +262,68 @@ def ragged_context_attention(
         lse.stride(0), lse.stride(1), lse.stride(2),
         num_heads, rows, split_len,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=keys.dtype == torch.float32,
-        num_warps=4 if head_dim <= 128 else 8, num_stages=3,
+        num_warps=num_warps if head_dim <= 128 else 8, num_stages=num_stages,
     )
-    return merge_splits(out, lse)
+    return out, lse
+
+
+def ragged_context_attention(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, **kwargs):
+    """Triton split-K attention over the compressed context, merged over splits.
+
+    Same arguments as `ragged_context_partials`; returns ``(out [B, H, M, D] float32, lse [B, H, M] float32)``,
+    as `ragged_context_attention_reference`.
+    """
+    return merge_splits(*ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
+                                                 **kwargs))
+
+
+def ragged_attention_with_tail(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    src_rows: torch.Tensor,
+    max_seqlen: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_valid: torch.Tensor | None,
+    scaling: float,
+    q_len: int,
+    block_m: int = 16,
+    **kwargs,
+) -> torch.Tensor:
+    """Full decode/question attention: compressed context (split-K) + causal dense tail, merged in one kernel.
+
+    Args:
+        query: ``[B, H, M, D]`` with ``M = g * q_len``, row ``j * q_len + i`` = query head ``h * g + j``, position i.
+        tail_keys, tail_values: ``[B, H, t, D]`` (the last ``q_len`` are the queries' own tokens), last dim contiguous.
+        tail_valid: ``[B, t]`` bool padding mask or None.
+
+    Returns:
+        ``[B, q_len, H * g, D]`` in the query dtype (the layout transformers expects from an attention function).
+    """
+    batch, num_heads, rows, head_dim = query.shape
+    group = rows // q_len
+    out_part, lse_part = ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
+                                                 block_m=block_m, **kwargs)
+    out = torch.empty(batch, q_len, num_heads * group, head_dim, dtype=query.dtype, device=query.device)
+    valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
+    tail_len = tail_keys.shape[2]
+    grid = (batch * num_heads, triton.cdiv(rows, block_m))
+    _tail_merge_kernel[grid](
+        query, tail_keys, tail_values, valid, out_part, lse_part, out,
+        scaling,
+        query.stride(0), query.stride(1), query.stride(2),
+        tail_keys.stride(0), tail_keys.stride(1), tail_keys.stride(2),
+        valid.stride(0) if tail_valid is not None else 0,
+        out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
+        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_heads, rows, q_len, group, tail_len, out_part.shape[2],
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32, HAS_VALID=tail_valid is not None,
+        IEEE=keys.dtype == torch.float32, num_warps=4,
+    )
+    return out
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,3 +69,30 @@ def test_merge_splits_ignores_empty_splits():
     merged, total = kernels.merge_splits(out, lse)
     torch.testing.assert_close(total[0, 0], torch.tensor([torch.logaddexp(torch.tensor(0.5), torch.tensor(1.0)), 2.0]))
     torch.testing.assert_close(merged[0, 0, 1], out[0, 0, 2, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len,group", [(1, 4), (3, 2), (17, 1)])
+def test_ragged_attention_with_tail_matches_reference_backend(dtype, q_len, group):
+    from kvzip_cache.backends import triton_backend
+    from kvzip_cache.states import CompressedContext, RaggedKV
+
+    gen = torch.Generator().manual_seed(q_len * 7 + group)
+    num_heads, head_dim, tail = 2, 64, q_len + 40
+    keys, values, offsets = _flat_context([0, 70, 1, 129], head_dim, dtype, gen)
+    counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
+                                        counts.to(DEVICE), num_heads)
+    src_rows = (1, 0, 1)
+    buffer_k = torch.randn(3, num_heads, tail + 5, head_dim, generator=gen).to(DEVICE, dtype)  # spare capacity
+    buffer_v = torch.randn(3, num_heads, tail + 5, head_dim, generator=gen).to(DEVICE, dtype)
+    kv = RaggedKV(ctx, src_rows, torch.tensor(src_rows, dtype=torch.int32, device=DEVICE),
+                  buffer_k[:, :, :tail], buffer_v[:, :, :tail], length=500)
+    query = torch.randn(3, num_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
+    valid = torch.ones(3, tail, dtype=torch.bool, device=DEVICE)
+    valid[2, :9] = False  # padding inside row 2's tail
+    for tail_valid in (None, valid):
+        out = triton_backend.ragged_attention(query, kv, 0.125, tail_valid)
+        expected = reference.ragged_attention(query, kv, 0.125, tail_valid)
+        assert out.shape == expected.shape and not out.isnan().any()
+        torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kvzip_cache.kernels import ragged_context_attention, restricted_max_scores_triton
+from kvzip_cache.kernels import ragged_attention_with_tail, restricted_max_scores_triton
 
 from ..states import RaggedKV, ScoringKV
 from . import reference
@@ -44,26 +44,14 @@ def dense_attention(
 def ragged_attention(
     query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Same contract as `reference.ragged_attention`."""
+    """Same contract as `reference.ragged_attention`: two kernel launches (context splits, then tail + merge)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     ctx = kv.context
-    num_heads = ctx.num_heads
-    group = num_q_heads // num_heads
-    grouped = query.reshape(batch, num_heads, group * q_len, head_dim)
-    out_ctx, lse_ctx = ragged_context_attention(
-        grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen, scaling
+    grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
+    return ragged_attention_with_tail(
+        grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
+        kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len,
     )
-    tail_len = kv.tail_keys.shape[-2]
-    allowed = reference.causal_allowed(q_len, tail_len, query.device, tail_valid).unsqueeze(1)
-    out_tail, lse_tail = reference.attend(
-        grouped.view(batch, num_heads, group, q_len, head_dim), kv.tail_keys.unsqueeze(2), kv.tail_values.unsqueeze(2),
-        scaling, allowed,
-    )
-    out = reference.merge_attention(
-        out_ctx.view(batch, num_heads, group, q_len, head_dim), lse_ctx.view(batch, num_heads, group, q_len),
-        out_tail, lse_tail,
-    )
-    return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
 
 
 def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
