@@ -169,18 +169,20 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        # 2. the context splits: each is a normalised output with its log-sum-exp
+        # 2. the context splits (each a normalised output with its log-sum-exp). First the overall maximum, so that
+        # the accumulation below has no loop-carried rescaling and its loads can be pipelined.
+        lse_ptr = PL + b * stride_lb + h * stride_lh + offs_m
+        m_all = m_i
         for split in range(0, num_splits):
-            lse_s = tl.load(PL + b * stride_lb + h * stride_lh + split * stride_ls + offs_m, mask=row_ok,
-                            other=float("-inf"))
-            o_s = tl.load(PO + b * stride_pb + h * stride_ph + split * stride_ps + offs_m[:, None] * stride_pm
-                          + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            m_new = tl.maximum(m_i, lse_s)
-            alpha = tl.exp(m_i - m_new)
-            beta = tl.exp(lse_s - m_new)
-            acc = acc * alpha[:, None] + o_s * beta[:, None]
-            l_i = l_i * alpha + beta
-            m_i = m_new
+            m_all = tl.maximum(m_all, tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")))
+        scale = tl.exp(m_i - m_all)
+        acc = acc * scale[:, None]
+        l_i = l_i * scale
+        o_ptr = PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
+        for split in tl.range(0, num_splits, num_stages=3):
+            weight = tl.exp(tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")) - m_all)
+            acc += tl.load(o_ptr + split * stride_ps, mask=row_ok[:, None], other=0.0) * weight[:, None]
+            l_i += weight
         out = acc / l_i[:, None]
         # row m = j * q_len + i is query head h * group + j at position i: write [B, q, Hq, D] directly
         q_idx = offs_m % q_len
@@ -217,7 +219,7 @@ def ragged_context_partials(
     scaling: float,
     num_splits: int | None = None,
     block_m: int = 16,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
     split_factor: int = 4,
@@ -243,8 +245,8 @@ def ragged_context_partials(
         raise RuntimeError("Triton is not installed: pip install triton (or use the reference backend)")
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {head_dim} is not supported by the Triton kernel (16/32/64/128/256)")
-    if head_dim >= 256:
-        block_n = min(block_n, 32)
+    # At most 64 KB of K+V tile per pipeline stage, so that two stages fit in shared memory with room to spare.
+    block_n = min(block_n, 32768 // (head_dim * keys.element_size()))
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads, max_seqlen, _sm_count(query.device), block_n, split_factor)
     split_len = max(block_n, -(-max(max_seqlen, 1) // num_splits))
