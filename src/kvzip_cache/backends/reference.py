@@ -75,8 +75,8 @@ def causal_allowed(
     allowed = allowed[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :].to(device)
-        empty_rows = ~allowed.any(dim=-1, keepdim=True)
-        allowed = allowed | (empty_rows & (k_pos == q_pos))
+        # In place on the diagonal: a long padded prefill chunk's mask is large, so avoid another full-size temporary.
+        allowed.diagonal(offset=k_len - q_len, dim1=-2, dim2=-1).logical_or_(~allowed.any(dim=-1))
     return allowed
 
 
