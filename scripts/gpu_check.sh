@@ -5,6 +5,8 @@ set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The device copy has no .git: `git rev-parse --short HEAD > .commit` here, and send .commit along (it is ignored).
+export KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"

@@ -1,6 +1,6 @@
 """Speed and memory benchmark: HF DynamicCache + SDPA against KVzipCache on a GPU.
 
-    python -m kvzip_cache.bench --model llama3.1-8b --contexts 8192 32768 131072 --batches 1 8 \\
+    python -m kvzip_cache.bench --model llama3.1-8b    # or: kvzip-bench ... --contexts 8192 32768 131072 --batches 1 8 \\
         --out docs/benchmarks/h200
 
 ``--model`` is a path or hub name of a causal LM, or a built-in shape with random weights (``llama3.1-8b``,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -339,7 +340,8 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "commit": git("rev-parse", "--short", "HEAD"),
+        # The device copy of a checkout has no .git: scripts/gpu_check.sh passes the commit in KVZIP_COMMIT.
+        "commit": os.environ.get("KVZIP_COMMIT") or git("rev-parse", "--short", "HEAD"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
