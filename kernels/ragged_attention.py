@@ -57,6 +57,28 @@ def ragged_context_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE: tl.constexpr):
+        """One key block of an online softmax: returns the updated (running max, running sum, accumulator).
+
+        A row whose keys are all masked so far keeps max -inf, sum 0 and accumulator 0 (no NaN).
+        """
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(allowed, s * scaling, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _ragged_split_kernel(
         Q, K, V, CU, SRC, O, LSE,
         scaling,
@@ -91,20 +113,7 @@ if triton is not None:
             valid = n_idx < hi
             k = tl.load(K + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(V + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * scaling, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_block(q, k, v, valid[None, :], scaling, m_i, l_i, acc, IEEE)
 
         has_keys = l_i > 0
         out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -143,7 +152,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        # 1. the dense tail, causal, with padding; a query always sees itself, so m_i becomes finite
+        # 1. the dense tail, causal, with padding; a query always sees itself, so m_i is finite after the loop
         for start in range(0, tail_len, BLOCK_N):
             n_idx = start + offs_n
             in_tail = n_idx < tail_len
@@ -151,24 +160,11 @@ if triton is not None:
                         mask=in_tail[:, None], other=0.0)
             v = tl.load(TV + b * stride_tb + h * stride_th + n_idx[:, None] * stride_tn + offs_d[None, :],
                         mask=in_tail[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
             allowed = (n_idx[None, :] <= pos[:, None]) & in_tail[None, :]
             if HAS_VALID:
                 valid = tl.load(VALID + b * stride_vb + n_idx, mask=in_tail, other=0) != 0
                 allowed = (allowed & valid[None, :]) | (n_idx[None, :] == pos[:, None])
-            s = tl.where(allowed, s * scaling, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE)
         # 2. the context splits (each a normalised output with its log-sum-exp). First the overall maximum, so that
         # the accumulation below has no loop-carried rescaling and its loads can be pipelined.
         lse_ptr = PL + b * stride_lb + h * stride_lh + offs_m

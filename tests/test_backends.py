@@ -1,5 +1,7 @@
 """Reference backend vs naive float64 attention on random inputs of awkward shapes."""
 
+import functools
+
 import pytest
 import torch
 
@@ -84,7 +86,8 @@ def test_scoring_attention_matches_naive(block_elements):
     prefix = torch.arange(4, 9)
     scores = torch.full((num_heads, chunk[1] - chunk[0]), float("nan"))
     kv = ScoringKV(keys, values, new_k, new_v, prefix, chunk, scores)
-    out = ref.scoring_attention(query, kv, 0.4, valid, block_elements=block_elements)
+    scores_fn = functools.partial(ref.restricted_max_scores, block_elements=block_elements)
+    out = ref.scoring_attention(query, kv, 0.4, valid, scores=scores_fn)
     all_k, all_v = torch.cat([keys, new_k], 2)[0], torch.cat([values, new_v], 2)[0]
     causal = torch.arange(cached + n)[None, :] <= torch.arange(cached, cached + n)[:, None]
     restricted = torch.cat([prefix, torch.arange(*chunk), torch.arange(cached, cached + n)])

@@ -91,6 +91,7 @@ def test_ragged_attention_with_tail_matches_reference_backend(dtype, q_len, grou
     query = torch.randn(3, num_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
     valid = torch.ones(3, tail, dtype=torch.bool, device=DEVICE)
     valid[2, :9] = False  # padding inside row 2's tail
+    valid[1, :38] = False  # more padding than one key block: a row's first blocks are fully masked
     for tail_valid in (None, valid):
         out = triton_backend.ragged_attention(query, kv, 0.125, tail_valid)
         expected = reference.ragged_attention(query, kv, 0.125, tail_valid)

@@ -192,7 +192,12 @@ def restricted_max_scores(
 
 
 def scoring_attention(
-    query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None, block_elements: int = 1 << 25
+    query: torch.Tensor,
+    kv: ScoringKV,
+    scaling: float,
+    key_valid: torch.Tensor | None,
+    dense=None,
+    scores=None,
 ) -> torch.Tensor:
     """One reconstruction pass through a full layer: the usual output, plus the chunk's scores into ``kv.scores_out``.
 
@@ -203,15 +208,18 @@ def scoring_attention(
         query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
         kv: the layer's scoring view (cached row ``[1, H, T, D]`` and new keys ``[1, H, n, D]``).
         key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
+        dense, scores: the dense-attention and score functions (other backends pass their own); default: this
+            module's `dense_attention` and `restricted_max_scores`.
 
     Returns:
         ``[1, n, Hq, D]`` in the query dtype.
     """
+    dense = dense or dense_attention
+    scores = scores or restricted_max_scores
     keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
     values = torch.cat([kv.values, kv.new_values], dim=-2)
-    out = dense_attention(query, keys, values, scaling, key_valid)
+    out = dense(query, keys, values, scaling, key_valid)
     start, end = kv.chunk
     prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
-    scores = restricted_max_scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling, block_elements)
-    kv.scores_out.copy_(scores)
+    kv.scores_out.copy_(scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling))
     return out

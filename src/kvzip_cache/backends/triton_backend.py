@@ -55,11 +55,6 @@ def ragged_attention(
 
 
 def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as `reference.scoring_attention`."""
-    keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
-    values = torch.cat([kv.values, kv.new_values], dim=-2)
-    out = dense_attention(query, keys, values, scaling, key_valid)
-    start, end = kv.chunk
-    prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
-    kv.scores_out.copy_(restricted_max_scores_triton(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling))
-    return out
+    """Same contract as `reference.scoring_attention`, with this module's dense attention and the Triton scores."""
+    return reference.scoring_attention(query, kv, scaling, key_valid, dense=dense_attention,
+                                       scores=restricted_max_scores_triton)
