@@ -21,20 +21,24 @@ from kvzip_cache.data import essay_excerpt
 from kvzip_cache.models import load_pypi_model
 
 FACTS = [
-    ("The secret code of the blue vault is 4721.", "What is the secret code of the blue vault?", "4721"),
+    ("The special magic number for the blue vault is 4721.", "What is the special magic number for the blue vault?",
+     "4721"),
     (
         "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
         "What is the best thing to do in San Francisco?",
         "sandwich",
     ),
-    ("Ada's favourite fruit is the mango.", "What is Ada's favourite fruit?", "mango"),
+    ("Ada's favourite fruit is the mango, which she eats every morning.", "Which fruit does Ada eat every morning?",
+     "mango"),
+    ("The password of the lab's wifi network is 'purple-otter'.", "What is the password of the lab's wifi network?",
+     "otter"),
 ]
 
 
 def build_context(tokenizer, num_tokens: int) -> str:
-    """An essay excerpt with the facts planted at 20%, 50% and 80% of its sentences."""
+    """An essay excerpt with the facts planted at 20%, 40%, 60% and 80% of its sentences."""
     sentences = essay_excerpt(tokenizer, num_tokens).split(". ")
-    for fraction, (fact, _, _) in zip((0.2, 0.5, 0.8), FACTS):
+    for fraction, (fact, _, _) in zip((0.2, 0.4, 0.6, 0.8), FACTS):
         sentences.insert(int(len(sentences) * fraction), fact.rstrip("."))
     return ". ".join(sentences)
 
@@ -43,7 +47,7 @@ def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: i
     inputs = cache.inputs_for(encode_query(tokenizer, question))
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
     cache.rollback()
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return " ".join(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split())
 
 
 def main() -> None:
@@ -52,7 +56,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
     parser.add_argument("--level", default="pair", choices=["pair", "pair-uniform"])
     parser.add_argument("--context-tokens", type=int, default=1500)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -70,10 +74,11 @@ def main() -> None:
     print(report)
     compressed_answers = [answer(model, tokenizer, cache, q, args.max_new_tokens) for _, q, _ in FACTS]
 
-    print(f"\n{'question':<48} {'full cache':<34} ratio {args.ratio:g}")
     for (_, question, expected), full, compressed in zip(FACTS, full_answers, compressed_answers):
-        marks = ["ok" if expected.lower() in a.lower() else "--" for a in (full, compressed)]
-        print(f"{question:<48} [{marks[0]}] {full[:29]:<29} [{marks[1]}] {compressed[:40]}")
+        print(f"\nQ: {question}  (expected: {expected})")
+        for label, reply in (("full cache", full), (f"ratio {args.ratio:g}", compressed)):
+            mark = "ok" if expected.lower() in reply.lower() else "--"
+            print(f"  [{mark}] {label:<11} {reply}")
     kept = cache.kv_bytes() / report.bytes_before
     print(f"\nKV cache: {report.bytes_before / 2**20:.2f} MiB -> {cache.kv_bytes() / 2**20:.2f} MiB ({kept:.0%})")
 
