@@ -273,10 +273,11 @@ class KVzipCache(Cache):
         started = time.perf_counter()
         ratio = self._check_compress_args(model, ratio, level, head_scores)
         bytes_before = self.kv_bytes()
+        selectable = self._selectable()
         if level == "head":
-            keep = select_heads(self._selectable(), torch.as_tensor(head_scores), ratio)
+            keep = select_heads(selectable, torch.as_tensor(head_scores), ratio)
             scores = torch.as_tensor(head_scores, dtype=torch.float32).to(keep.device)[:, None, :, None]
-            scores = scores.expand_as(keep).masked_fill(~self._selectable(), float("nan"))
+            scores = scores.expand_as(keep).masked_fill(~selectable, float("nan"))
         else:
             if self.scores is None:
                 tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
@@ -286,11 +287,10 @@ class KVzipCache(Cache):
         self.evict(keep)
         self.scores = scores
         self.compressed_with = (level, ratio)
-        selectable = int(self._selectable().sum())
         report = CompressReport(
             level=level,
             ratio=ratio,
-            achieved_ratio=int(keep.sum()) / max(selectable, 1),
+            achieved_ratio=int(keep.sum()) / max(int(selectable.sum()), 1),
             kept_per_layer=keep.flatten(1).sum(dim=1).tolist(),
             bytes_before=bytes_before,
             bytes_after=self.kv_bytes(),
