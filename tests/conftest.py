@@ -55,6 +55,10 @@ def _configs():
     return {
         "llama": (LlamaConfig(**COMMON, head_dim=16), LlamaForCausalLM),
         "qwen2": (Qwen2Config(**COMMON), Qwen2ForCausalLM),
+        "qwen2-sliding": (  # Qwen's own sliding layers: layers >= max_window_layers use a window
+            Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+            Qwen2ForCausalLM,
+        ),
         "qwen3": (Qwen3Config(**COMMON, head_dim=16), Qwen3ForCausalLM),
         "gemma3": (
             Gemma3TextConfig(
