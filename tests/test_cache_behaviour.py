@@ -242,3 +242,14 @@ def test_custom_evict_keeps_exactly_the_given_pairs():
     question = _ids(4, 112)
     expected = reference_logits(reference, context, question, hidden=_hidden(cache, 25))
     torch.testing.assert_close(_forward(model, cache, question), expected, atol=1e-4, rtol=0)
+
+
+def test_generate_accepts_the_cache_under_either_keyword():
+    from kvzip_cache.compat import cache_kwarg
+
+    model, _, cache, context = _compressed()
+    full = torch.cat([context, _ids(4, 121)], 1)
+    expected = model.generate(full, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    cache.rollback()
+    out = model.generate(full, max_new_tokens=4, do_sample=False, **{cache_kwarg(model): cache})
+    assert torch.equal(out, expected) and cache.get_seq_length() == full.shape[1] + 3
