@@ -49,7 +49,7 @@ def _register_triton() -> None:
     if TRITON_AVAILABLE:
         register_backend(AttentionBackend(
             name="triton",
-            dense=triton_backend.dense_attention,
+            dense=reference.dense_attention,
             ragged=triton_backend.ragged_attention,
             scoring=triton_backend.scoring_attention,
             supports=lambda device: device.type == "cuda",

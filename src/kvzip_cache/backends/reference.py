@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..states import RaggedKV, ScoringKV
 
@@ -103,9 +104,13 @@ def dense_attention(
     padded = key_valid is not None and not bool(key_valid.all())
     windowed = sliding_window is not None and k_len > sliding_window
     plain = not padded and not windowed and (not causal or q_len == 1 or q_len == k_len)
-    # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right, so only use it when q == k.
-    allowed = None if plain else causal_allowed(q_len, k_len, query.device, key_valid if padded else None,
-                                                sliding_window if windowed else None, causal)
+    if plain:
+        allowed = None  # SDPA's is_causal aligns the diagonal top-left: right only when q == k
+    elif causal and not padded and not windowed:
+        allowed = causal_lower_right(q_len, k_len)  # a later prefill chunk: no [q, k] mask is built on GPU
+    else:
+        allowed = causal_allowed(q_len, k_len, query.device, key_valid if padded else None,
+                                 sliding_window if windowed else None, causal)
     out = F.scaled_dot_product_attention(
         query,
         key,
