@@ -85,7 +85,7 @@ def test_scoring_attention_matches_naive(block_elements):
     valid[0, :4] = False  # left padding
     prefix = torch.arange(4, 9)
     scores = torch.full((num_heads, chunk[1] - chunk[0]), float("nan"))
-    kv = ScoringKV(keys, values, new_k, new_v, prefix, chunk, scores)
+    kv = ScoringKV(torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2), cached, prefix, chunk, scores)
     scores_fn = functools.partial(ref.restricted_max_scores, block_elements=block_elements)
     out = ref.scoring_attention(query, kv, 0.4, valid, scores=scores_fn)
     all_k, all_v = torch.cat([keys, new_k], 2)[0], torch.cat([values, new_v], 2)[0]

@@ -76,6 +76,31 @@ def test_appending_never_copies_the_context():
     assert layer.tail_length == 100 and cache.get_seq_length() == context.shape[1] + 100
 
 
+def test_scoring_passes_write_into_reserved_room_without_touching_the_cache():
+    from kvzip_cache.layers import KVzipLayer
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 10, 4, generator=gen), torch.randn(2, 3, 10, 4, generator=gen)
+    new_k, new_v = torch.randn(1, 3, 5, 4, generator=gen), torch.randn(1, 3, 5, 4, generator=gen)
+    plain, roomy = KVzipLayer(), KVzipLayer()
+    for layer in (plain, roomy):
+        layer.update(keys.clone(), values.clone())
+    roomy.reserve(6)
+    assert roomy.kv_bytes() == 2 * 2 * 3 * 16 * 4 * 4  # the room counts as allocated memory
+    storage = roomy.keys.data_ptr()
+    for row in (1, 0):
+        expected, _ = plain.peek(new_k, new_v, row, (0, 10), torch.arange(0), None)
+        view, _ = roomy.peek(new_k, new_v, row, (0, 10), torch.arange(0), None)
+        assert view.keys.data_ptr() == storage + row * roomy._spare_keys.stride(0) * 4  # a view, not a copy
+        torch.testing.assert_close(view.keys, expected.keys, rtol=0, atol=0)
+        torch.testing.assert_close(view.values, expected.values, rtol=0, atol=0)
+        torch.testing.assert_close(view.new_keys, new_k, rtol=0, atol=0)
+    torch.testing.assert_close(roomy.keys, keys, rtol=0, atol=0)  # the cached part is untouched
+    torch.testing.assert_close(roomy.values, values, rtol=0, atol=0)
+    roomy.update(new_k.expand(2, -1, -1, -1), new_v.expand(2, -1, -1, -1))  # a dense append drops the room
+    assert roomy._spare_keys is None and roomy.keys.shape[-2] == 15
+
+
 def test_rollback_serves_the_next_question_as_a_fresh_cache():
     model, _, cache, context = _compressed("gemma3", n=30)  # sliding layers must roll back too
     q1, q2 = _ids(5, 11), _ids(6, 12)

@@ -90,8 +90,7 @@ def kvzip_attention(
             tail_valid = attention_mask[:, -tail_len:]
         out = backend.ragged(query, key, scaling, tail_valid)
     elif isinstance(key, ScoringKV):
-        total = key.keys.shape[-2] + key.new_keys.shape[-2]
-        _check_mask_width(attention_mask, total)
+        _check_mask_width(attention_mask, key.keys.shape[-2])
         out = backend.scoring(query, key, scaling, attention_mask)
     else:
         raise TypeError(

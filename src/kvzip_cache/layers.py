@@ -3,7 +3,9 @@
 `KVzipLayer` (full attention) has three modes:
 
 1. **dense** - exactly transformers' `DynamicLayer`: used for the prefill and for a cache never compressed.
-2. **scoring** - `peek()` returns a `ScoringKV` view of one cached row plus the new tokens; nothing is stored.
+2. **scoring** - `peek()` returns a `ScoringKV` view of one cached row plus the new tokens; nothing is kept.
+   `reserve()` first gives the dense keys spare room after the cached positions, where each pass writes its
+   tokens, so no pass copies the cache.
 3. **compressed** - after `evict()`: an immutable `CompressedContext` (ragged per KV head) plus a dense tail that
    grows in place (amortised doubling, so appending costs O(new tokens)). `update()` returns a `RaggedKV`.
 
@@ -41,6 +43,8 @@ class KVzipLayer(DynamicLayer):
         self.tail_keys: torch.Tensor | None = None  # [B, H, capacity, D]
         self.tail_values: torch.Tensor | None = None
         self.tail_length = 0
+        self._spare_keys: torch.Tensor | None = None  # [B, H, cached + spare, D] backing self.keys, see reserve()
+        self._spare_values: torch.Tensor | None = None
 
     @property
     def is_compressed(self) -> bool:
@@ -52,6 +56,8 @@ class KVzipLayer(DynamicLayer):
         if not self.is_compressed:
             keys, values = super().update(key_states, value_states)
             self.cumulative_length = keys.shape[-2]
+            if self._spare_keys is not None and not self._has_room(0):
+                self._spare_keys = self._spare_values = None  # the concatenation above left the reserved room
             return keys, values
         if key_states.shape[0] != len(self.src_rows):
             raise ValueError(
@@ -81,6 +87,7 @@ class KVzipLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._spare_keys = self._spare_values = None
         self.cumulative_length = 0
         self.context, self.context_length, self.src_rows, self.src_index = None, 0, (), None
         self.tail_keys = self.tail_values = None
@@ -134,21 +141,61 @@ class KVzipLayer(DynamicLayer):
             self._move(self.device)
 
     # ------------------------------------------------------------------------------------------------- kvzip API
+    def reserve(self, spare: int) -> None:
+        """Reallocate the dense keys/values with room for ``spare`` positions after the cached ones.
+
+        The scoring passes write their tokens there (`peek`) instead of concatenating them to the whole cached row
+        in every layer of every pass. The copy happens once, one layer at a time, so peak memory grows by one layer.
+        A no-op when the room exists already or the layer is not dense.
+        """
+        if self.is_compressed or not self.is_initialized or self._has_room(spare):
+            return
+        batch, num_heads, length, head_dim = self.keys.shape
+        grown_k = self.keys.new_empty((batch, num_heads, length + spare, head_dim))
+        grown_v = self.values.new_empty((batch, num_heads, length + spare, head_dim))
+        grown_k[:, :, :length] = self.keys
+        grown_v[:, :, :length] = self.values
+        self._spare_keys, self._spare_values = grown_k, grown_v
+        self.keys, self.values = grown_k[:, :, :length], grown_v[:, :, :length]
+
     def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, chunk: tuple[int, int],
              prefix_positions: torch.Tensor, scores_out: torch.Tensor) -> tuple[ScoringKV, ScoringKV]:
-        """Scoring-pass view of cached row ``row`` plus ``[1, H, n, D]`` new states; stores nothing."""
+        """Scoring-pass view of cached row ``row`` plus ``[1, H, n, D]`` new states; keeps nothing.
+
+        The new states go into the room made by `reserve` (a view, no copy of the row), else they are concatenated.
+        """
         if self.is_compressed:
             raise RuntimeError("a compressed layer cannot be re-scored; its scores are kept from the first compress")
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if self._has_room(new):
+            keys = self._spare_keys[row : row + 1, :, : length + new]
+            values = self._spare_values[row : row + 1, :, : length + new]
+            keys[:, :, length:] = key_states
+            values[:, :, length:] = value_states
+        else:
+            keys = torch.cat([self.keys[row : row + 1], key_states], dim=-2)
+            values = torch.cat([self.values[row : row + 1], value_states], dim=-2)
         view = ScoringKV(
-            keys=self.keys[row : row + 1],
-            values=self.values[row : row + 1],
-            new_keys=key_states,
-            new_values=value_states,
+            keys=keys,
+            values=values,
+            cached_length=length,
             prefix_positions=prefix_positions,
             chunk=chunk,
             scores_out=scores_out,
         )
         return view, view
+
+    def _has_room(self, new: int) -> bool:
+        """Whether ``self.keys`` is the start of the spare-room buffer with at least ``new`` free positions."""
+        spare = self._spare_keys
+        return (
+            spare is not None
+            and self.keys is not None
+            and self.keys.data_ptr() == spare.data_ptr()
+            and self.values.data_ptr() == self._spare_values.data_ptr()
+            and self.keys.shape[0] == spare.shape[0]
+            and self.keys.shape[-2] + new <= spare.shape[-2]
+        )
 
     def evict(self, keep: torch.Tensor) -> None:
         """Keep exactly the pairs where ``keep`` ([B, H, context_length] bool, padded coordinates) is True.
@@ -169,6 +216,7 @@ class KVzipLayer(DynamicLayer):
             self.src_rows = tuple(range(batch))
             self.context_length = self.cumulative_length
             self.keys = self.values = None  # the dense copy is freed here
+            self._spare_keys = self._spare_values = None
         else:
             ctx = self.context
             if ctx.num_rows != len(self.src_rows) or self.src_rows != tuple(range(ctx.num_rows)):
@@ -200,7 +248,8 @@ class KVzipLayer(DynamicLayer):
     def kv_bytes(self) -> int:
         """Bytes allocated for keys and values (spare tail capacity counts)."""
         total = 0
-        for tensor in (self.keys, self.values, self.tail_keys, self.tail_values):
+        dense = (self._spare_keys, self._spare_values) if self._has_room(0) else (self.keys, self.values)
+        for tensor in (*dense, self.tail_keys, self.tail_values):
             if tensor is not None:
                 total += tensor.nbytes
         if self.context is not None:

@@ -83,6 +83,9 @@ def score_by_reconstruction(
         start = int(cache.context_start[row])
         passes = reconstruction_inputs(tokenizer, cache.input_ids[row, start:], chunk_size)
         jobs.extend((row, start, p) for p in passes)
+    longest = max(ids.numel() for _, _, (_, _, ids) in jobs)
+    for layer in compressible:
+        cache.layers[layer].reserve(longest)  # each pass writes its tokens there instead of copying the row
     for row, ctx_start, (lo, hi, ids) in tqdm(jobs, desc="KVzip scoring", disable=not progress):
         valid = cache.attention_mask[row]
         prefix_positions = torch.nonzero(valid[:ctx_start]).flatten()

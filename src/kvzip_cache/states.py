@@ -106,17 +106,18 @@ class RaggedKV:
 
 @dataclass(frozen=True)
 class ScoringKV:
-    """Keys/values of a full layer during one reconstruction pass (nothing is stored in the cache).
+    """Keys/values of a full layer during one reconstruction pass (nothing is kept in the cache).
 
     The queries of the pass attend to ``[cached row | new tokens]`` as usual; in addition the backend writes, for
     every cached key of the scored chunk, the maximum over query positions and over the KV head's query group of
     the softmax probability restricted to ``[protected prefix | chunk | new tokens (causal)]``.
 
     Attributes:
-        keys: ``[1, H, T, D]`` cached keys of the scored row (a view, not a copy).
-        values: ``[1, H, T, D]``.
-        new_keys: ``[1, H, n, D]`` keys of the reconstruction input.
-        new_values: ``[1, H, n, D]``.
+        keys: ``[1, H, T + n, D]``: the scored row's ``T`` cached keys followed by the ``n`` keys of the
+            reconstruction input. The layer writes the new keys into spare room after its cached ones, so this is a
+            view and no pass copies the cache (see `KVzipLayer.reserve`).
+        values: ``[1, H, T + n, D]``, the same for values.
+        cached_length: ``T``.
         prefix_positions: ``[P]`` int64, the non-padding protected-prefix positions of the row.
         chunk: ``(start, end)`` positions of the scored chunk inside the cached row.
         scores_out: ``[H, end - start]`` float32 buffer the backend fills.
@@ -124,8 +125,12 @@ class ScoringKV:
 
     keys: torch.Tensor
     values: torch.Tensor
-    new_keys: torch.Tensor
-    new_values: torch.Tensor
+    cached_length: int
     prefix_positions: torch.Tensor
     chunk: tuple[int, int]
     scores_out: torch.Tensor
+
+    @property
+    def new_keys(self) -> torch.Tensor:
+        """``[1, H, n, D]`` keys of the reconstruction input."""
+        return self.keys[:, :, self.cached_length :]

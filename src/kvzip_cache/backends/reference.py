@@ -211,7 +211,7 @@ def scoring_attention(
 
     Args:
         query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
-        kv: the layer's scoring view (cached row ``[1, H, T, D]`` and new keys ``[1, H, n, D]``).
+        kv: the layer's scoring view (``[1, H, T + n, D]``: the cached row, then the reconstruction input).
         key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
         dense, scores: the dense-attention and score functions (other backends pass their own); default: this
             module's `dense_attention` and `restricted_max_scores`.
@@ -221,10 +221,9 @@ def scoring_attention(
     """
     dense = dense or dense_attention
     scores = scores or restricted_max_scores
-    keys = torch.cat([kv.keys, kv.new_keys], dim=-2)
-    values = torch.cat([kv.values, kv.new_values], dim=-2)
-    out = dense(query, keys, values, scaling, key_valid)
+    out = dense(query, kv.keys, kv.values, scaling, key_valid)
     start, end = kv.chunk
-    prefix = kv.keys[0].index_select(1, kv.prefix_positions.to(kv.keys.device))
-    kv.scores_out.copy_(scores(query[0], prefix, kv.keys[0, :, start:end], kv.new_keys[0], scaling))
+    cached = kv.keys[0]
+    prefix = cached.index_select(1, kv.prefix_positions.to(cached.device))
+    kv.scores_out.copy_(scores(query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling))
     return out
