@@ -7,6 +7,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # The device copy has no .git: `git rev-parse --short HEAD > .commit` here, and send .commit along (it is ignored).
 export KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+rm -rf /tmp/site  # a warm machine keeps the last install, and pip --target would not replace it
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
