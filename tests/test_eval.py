@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from kvzip_cache import KVzipCache, encode_context
+from transformers import DynamicCache
+
+from conftest import ByteTokenizer, make_pair
 from kvzip_cache.eval import EvalConfig, contains, nested_masks, run_eval, token_f1
-from kvzip_cache.eval.methods import random_scores, snapkv_scores, streaming_scores
+from kvzip_cache.eval.methods import (
+    h2o_scores, observed_attention, random_scores, snapkv_scores, streaming_scores, sweep,
+)
 from kvzip_cache.eval.runner import answer, read_rows
-from kvzip_cache.eval.tasks import needle_contexts, normalize_answer, squad_contexts
+from kvzip_cache.eval.tasks import (
+    final_number, gsm8k_contexts, hotpotqa_contexts, needle_contexts, normalize_answer, squad_contexts,
+)
 from kvzip_cache.models import load_pypi_model, pypi_model_available
 from kvzip_cache.selection import kept_count
 
@@ -31,6 +38,26 @@ def test_contains_is_case_insensitive_and_any_answer():
     assert contains("the ADA mango", ["x", "Mango"]) == 1.0
     assert contains("472", ["4721"]) == 0.0
     assert contains("anything", [""]) == 0.0
+
+
+def test_final_number_reads_the_stated_answer_else_the_last_number():
+    assert final_number("16 - 3 - 4 = 9 eggs, 9 * 2 = 18. The answer is $18.", ["18"]) == 1.0
+    assert final_number("The answer is 1,234.00 and then 7", ["1234"]) == 1.0  # the stated one, not the last
+    assert final_number("5 apples, then 12 pears", ["12"]) == 1.0
+    assert final_number("The answer is 17", ["18"]) == 0.0
+    assert final_number("no number at all", ["3"]) == 0.0
+    assert final_number("it is -4", ["-4"]) == 1.0
+
+
+def test_gsm8k_context_is_the_problem_without_its_final_question():
+    contexts = gsm8k_contexts(5)
+    assert len(contexts) == 5
+    first = contexts[0]
+    assert first.text.startswith("Janet") and "?" not in first.text
+    assert first.questions[0].question == "How much in dollars does she make every day at the farmers' market?"
+    assert first.questions[0].answers == ["18"]
+    for context in contexts:
+        assert context.questions[0].question not in context.text
 
 
 # ----------------------------------------------------------------------------------------------- baseline masks
@@ -129,25 +156,75 @@ def test_ratio_sweep_equals_fresh_compress(smollm):
     assert answer(model, tokenizer, swept, question, 16) == answer(model, tokenizer, fresh, question, 16)
 
 
-def test_snapkv_scores_layout_and_window(smollm):
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_attention_baselines_layout_and_kept_window(smollm, method):
     model, tokenizer = smollm
     ids, start = encode_context(tokenizer, needle_contexts(tokenizer, 1, 200)[0].text)
     cache = KVzipCache(model)
     cache.prefill(model, ids, context_start=start)
-    scores = snapkv_scores(model, cache, window=8)
+    scores = snapkv_scores(model, cache, window=8) if method == "snapkv" else h2o_scores(model, cache, recent=8)
     selectable = cache._selectable()
     assert scores.shape == selectable.shape
     assert torch.equal(~torch.isnan(scores), selectable)
     assert model.config._attn_implementation == "kvzip"  # restored after the eager pass
     kept = nested_masks(scores, [0.1])[0.1]
-    assert bool(kept[..., -8:][selectable[..., -8:]].all())  # the observation window is always kept
+    assert bool(kept[..., -8:][selectable[..., -8:]].all())  # the observation / recent window is always kept
 
 
-def test_squad_contexts_have_answerable_questions(smollm):
+@pytest.mark.parametrize("first_query", [0, 9])
+def test_observed_attention_equals_one_dense_eager_pass(first_query):
+    """Chunked, partly non-eager voting equals the column sums of one eager pass over the whole padded batch."""
+    model, _ = make_pair("llama")
+    ids = torch.randint(3, 120, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: padding queries must not vote
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=torch.tensor([1, 4]))
+    votes = observed_attention(model, cache, first_query, chunk=2)
+
+    model.set_attn_implementation("eager")
+    try:
+        full = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config),
+                     output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvzip")
+    heads = cache.num_kv_heads
+    for layer, attn in enumerate(full.attentions):  # [B, Hq, q, k]
+        probs = attn.double() * mask[:, None, :, None]
+        expected = probs[:, :, first_query:].sum(dim=2)
+        expected = expected.view(2, heads, -1, 14).mean(dim=2)
+        torch.testing.assert_close(votes[layer].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kvzip_head_sweep_keeps_whole_heads_ranked_by_their_best_pair():
+    model, _ = make_pair("qwen2")
+    tokenizer = ByteTokenizer()
+    ids = torch.randint(3, 120, (1, 40))
+    scored = KVzipCache(model)
+    scored.prefill(model, ids, context_start=2)
+    scored.compress(model, 1.0, tokenizer=tokenizer)
+    best = scored.scores.nan_to_num(-1.0).amax(dim=(1, 3))  # [L, H], independent of the code under test
+    layers = scored.compressible_layers
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=2)
+    total_heads = len(layers) * cache.num_kv_heads
+    for ratio in sweep("kvzip-head", model, tokenizer, cache, [1.0, 0.5, 0.25]):
+        kept_heads = cache.keep_mask[:, 0].any(dim=-1)  # [L, H]
+        k = int(kept_heads.sum())
+        assert k == round(ratio * total_heads)
+        ranking = best[layers].flatten().argsort(descending=True, stable=True)[:k]
+        assert kept_heads[layers].flatten().nonzero().flatten().sort().values.tolist() == ranking.sort().values.tolist()
+        whole = cache.keep_mask[:, 0][kept_heads]  # a kept head keeps its whole context
+        assert bool(whole[:, 2:].all())
+
+
+@pytest.mark.parametrize("make_contexts", [squad_contexts, hotpotqa_contexts])
+def test_joined_contexts_hold_the_answers_of_their_questions(smollm, make_contexts):
     _, tokenizer = smollm
-    contexts = squad_contexts(tokenizer, num_contexts=2, context_tokens=300, max_questions=4)
+    contexts = make_contexts(tokenizer, num_contexts=2, context_tokens=600, max_questions=3)
     assert len(contexts) == 2 and contexts[0].text != contexts[1].text
     for context in contexts:
-        assert 1 <= len(context.questions) <= 4
+        assert 1 <= len(context.questions) <= 3
         for question in context.questions:
-            assert question.question and any(answer in context.text for answer in question.answers)
+            spans = [a for a in question.answers if a not in ("yes", "no")]  # HotpotQA's comparison questions
+            assert question.question and (not spans or any(span in context.text for span in spans))

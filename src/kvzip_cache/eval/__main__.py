@@ -16,10 +16,11 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.2, 0.1],
                         help="fractions of context KV pairs kept")
-    parser.add_argument("--num-contexts", type=int, default=2)
+    parser.add_argument("--num-contexts", type=int, default=2, help="contexts per task (gsm8k: problems)")
     parser.add_argument("--context-tokens", type=int, default=1500)
-    parser.add_argument("--max-questions", type=int, default=8, help="questions per context (squad)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-questions", type=int, default=8, help="questions per context (squad, hotpotqa)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length; default per task (32, or 256 for gsm8k's step-by-step answers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     return EvalConfig(**vars(parser.parse_args(argv)))

