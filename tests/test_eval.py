@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from conftest import ByteTokenizer, make_pair
 from kvzip_cache.eval import EvalConfig, contains, nested_masks, run_eval, token_f1
+from kvzip_cache.eval import methods
 from kvzip_cache.eval.methods import (
     h2o_scores, observed_attention, random_scores, snapkv_scores, streaming_scores, sweep,
 )
@@ -196,7 +197,10 @@ def test_observed_attention_equals_one_dense_eager_pass(first_query):
         torch.testing.assert_close(votes[layer].double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_kvzip_head_sweep_keeps_whole_heads_ranked_by_their_best_pair():
+@pytest.mark.parametrize("method", ["kvzip-head", "kvzip-head-duo"])
+def test_head_sweeps_keep_whole_heads_ranked_by_their_best_pair(method, monkeypatch):
+    monkeypatch.setattr(methods, "DUO_SINK", 3)
+    monkeypatch.setattr(methods, "DUO_RECENT", 5)
     model, _ = make_pair("qwen2")
     tokenizer = ByteTokenizer()
     ids = torch.randint(3, 120, (1, 40))
@@ -208,14 +212,18 @@ def test_kvzip_head_sweep_keeps_whole_heads_ranked_by_their_best_pair():
     cache = KVzipCache(model)
     cache.prefill(model, ids, context_start=2)
     total_heads = len(layers) * cache.num_kv_heads
-    for ratio in sweep("kvzip-head", model, tokenizer, cache, [1.0, 0.5, 0.25]):
-        kept_heads = cache.keep_mask[:, 0].any(dim=-1)  # [L, H]
-        k = int(kept_heads.sum())
+    streaming = torch.zeros(38, dtype=torch.bool)
+    if method == "kvzip-head-duo":
+        streaming[:3] = streaming[-5:] = True  # the sinks and recent tokens of a dropped ("streaming") head
+    for ratio in sweep(method, model, tokenizer, cache, [1.0, 0.5, 0.25]):
+        keep = cache.keep_mask[:, 0]  # [L, H, 38]
+        full_heads = keep.all(dim=-1)
+        k = int(full_heads[layers].sum())
         assert k == round(ratio * total_heads)
         ranking = best[layers].flatten().argsort(descending=True, stable=True)[:k]
-        assert kept_heads[layers].flatten().nonzero().flatten().sort().values.tolist() == ranking.sort().values.tolist()
-        whole = cache.keep_mask[:, 0][kept_heads]  # a kept head keeps its whole context
-        assert bool(whole[:, 2:].all())
+        assert full_heads[layers].flatten().nonzero().flatten().sort().values.tolist() == ranking.sort().values.tolist()
+        for dropped in keep[layers][~full_heads[layers]]:
+            assert torch.equal(dropped, streaming)
 
 
 @pytest.mark.parametrize("make_contexts", [squad_contexts, hotpotqa_contexts])

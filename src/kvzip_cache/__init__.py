@@ -6,6 +6,7 @@ Importing the package registers the "kvzip" attention implementation (and its ma
 from ._version import __version__
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import CompressReport, KVzipCache
+from .head_scores import HeadScores
 from .scoring import reconstruction_inputs
 from .selection import select_heads, select_pairs
 from .templates import encode_context, encode_query
@@ -15,6 +16,7 @@ register()
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "CompressReport",
+    "HeadScores",
     "KVzipCache",
     "__version__",
     "encode_context",

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache
 
 from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
 from .compat import cache_kwarg
+from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
 from .scoring import score_by_reconstruction
 from .selection import LEVELS, select_heads, select_pairs
@@ -180,8 +181,16 @@ class KVzipCache(Cache):
         *,
         context_start: int | torch.Tensor = 0,
         chunk_size: int = 16384,
+        head_scores: HeadScores | torch.Tensor | None = None,
+        ratio: float | None = None,
     ) -> None:
         """Fill the cache with ``[protected prefix | context]``, ``chunk_size`` tokens per forward pass.
+
+        With ``head_scores`` and ``ratio``, the context KV of the heads that head-level compression would drop is
+        dropped after every chunk, so the full cache never exists (peak memory ~ ratio x full). The result is a
+        cache compressed at ``level="head"``. This is not identical to prefilling then compressing: in the later
+        chunks, the dropped heads already see only the protected prefix and their own chunk (as DuoAttention's
+        streaming heads see only their window), so later hidden states differ slightly.
 
         Args:
             model: the causal LM, loaded with ``attn_implementation="kvzip"``.
@@ -190,6 +199,8 @@ class KVzipCache(Cache):
             context_start: first context position (an int, or ``[B]`` in padded coordinates); earlier positions
                 are the protected prefix.
             chunk_size: tokens per forward pass (bounds activation memory).
+            head_scores: `HeadScores` (or ``[num_layers, num_kv_heads]``) to drop heads during the prefill.
+            ratio: fraction of compressible heads kept, with ``head_scores``.
         """
         check_model(model)
         if self.get_seq_length() > 0 or self.input_ids is not None:
@@ -218,6 +229,7 @@ class KVzipCache(Cache):
         if bool((~mask.gather(1, starts[:, None])).any()):
             raise ValueError("context_start points at padding in some row: the context must come after the left padding")
 
+        kept_heads = self._prefill_kept_heads(model, head_scores, ratio)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
         kwarg = cache_kwarg(model)
         try:
@@ -231,6 +243,8 @@ class KVzipCache(Cache):
                     logits_to_keep=1,
                     **{kwarg: self},
                 )
+                if kept_heads is not None:
+                    self._drop_heads(kept_heads, mask, starts, lo, hi)
         except BaseException:
             self.reset()  # never leave a half-filled cache behind
             raise
@@ -238,6 +252,38 @@ class KVzipCache(Cache):
         for layer in self.layers:
             if isinstance(layer, KVzipSlidingLayer):
                 layer.take_snapshot()
+        if kept_heads is not None:  # the same state as compress(level="head"); the layers already hold that subset
+            scores = head_scores.scores if isinstance(head_scores, HeadScores) else head_scores
+            self.compress(model, ratio, level="head", head_scores=scores)
+
+    def _prefill_kept_heads(self, model, head_scores, ratio) -> torch.Tensor | None:
+        """``[L, H]`` bool, the heads a head-dropping prefill keeps; None for a plain prefill."""
+        if head_scores is None and ratio is None:
+            return None
+        if head_scores is None or ratio is None:
+            raise ValueError("prefill() drops heads only when given both head_scores=... and ratio=...")
+        ratio = _check_ratio(ratio)
+        if isinstance(head_scores, HeadScores):
+            head_scores.check(model)
+            head_scores = head_scores.scores
+        full = torch.tensor([kind == _FULL for kind in self.layer_types])
+        selectable = full[:, None, None, None].expand(-1, 1, self.num_kv_heads, 1)
+        return select_heads(selectable, torch.as_tensor(head_scores), ratio)[:, 0, :, 0]
+
+    def _drop_heads(self, kept_heads: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, lo: int, hi: int) -> None:
+        """After the chunk ``[lo, hi)``: dropped heads keep only its protected-prefix tokens (padding never)."""
+        in_prefix = torch.arange(lo, hi, device=mask.device)[None, :] < starts[:, None]
+        real = mask[:, None, lo:hi]  # [B, 1, t]
+        for idx in self.compressible_layers:
+            heads = kept_heads[idx].to(mask.device)
+            if bool(heads.all()):
+                continue  # nothing to drop: stays dense until the final compress
+            keep = real & (heads[None, :, None] | in_prefix[:, None, :])  # [B, H, t]
+            layer = self.layers[idx]
+            if layer.is_compressed:
+                layer.absorb_tail(keep)
+            else:
+                layer.evict(keep)  # the first chunk (lo == 0) turns the layer ragged
 
     # ------------------------------------------------------------------------------------------------ compress
     def compress(
@@ -248,7 +294,7 @@ class KVzipCache(Cache):
         tokenizer=None,
         level: str = "pair",
         chunk_size: int = 2048,
-        head_scores: torch.Tensor | None = None,
+        head_scores: HeadScores | torch.Tensor | None = None,
         progress: bool = False,
     ) -> CompressReport:
         """Score the context by reconstruction and evict all but ``ratio`` of its pairs, for real.
@@ -261,7 +307,8 @@ class KVzipCache(Cache):
             level: ``"pair"`` (one top-k per row over layers x heads x positions), ``"pair-uniform"`` (same
                 fraction in every layer and head) or ``"head"`` (whole heads by ``head_scores``, no scoring pass).
             chunk_size: context tokens per reconstruction pass.
-            head_scores: ``[num_layers, num_kv_heads]`` importance per KV head, for ``level="head"``.
+            head_scores: for ``level="head"``: a `HeadScores` (checked against the model) or a
+                ``[num_layers, num_kv_heads]`` tensor, importance per KV head.
             progress: show a progress bar over the reconstruction passes.
 
         A second `compress` on a compressed cache re-selects among the kept pairs with the stored scores (same
@@ -272,6 +319,9 @@ class KVzipCache(Cache):
         """
         started = time.perf_counter()
         ratio = self._check_compress_args(model, ratio, level, head_scores)
+        if isinstance(head_scores, HeadScores):
+            head_scores.check(model)
+            head_scores = head_scores.scores
         bytes_before = self.kv_bytes()
         selectable = self._selectable()
         if level == "head":
@@ -301,9 +351,7 @@ class KVzipCache(Cache):
         return report
 
     def _check_compress_args(self, model, ratio, level, head_scores) -> float:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"ratio is the fraction of context pairs KEPT and must be in (0, 1]; got {ratio!r}")
-        ratio = float(ratio)
+        ratio = _check_ratio(ratio)
         if level not in LEVELS:
             raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
         if self.input_ids is None:
@@ -413,6 +461,12 @@ class KVzipCache(Cache):
             yield
         finally:
             self._scoring = None
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio is the fraction of context pairs KEPT and must be in (0, 1]; got {ratio!r}")
+    return float(ratio)
 
 
 def check_model(model) -> None:

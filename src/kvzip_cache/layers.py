@@ -232,6 +232,33 @@ class KVzipLayer(DynamicLayer):
         self.context = CompressedContext.from_counts(keys, values, positions, counts, num_heads)
         self._set_src_rows(self.src_rows)
 
+    def absorb_tail(self, keep: torch.Tensor) -> None:
+        """Move the tail into the compressed context, keeping the tail pairs where ``keep`` (``[B, H, t]``) is True.
+
+        Used by a prefill that drops heads chunk by chunk: each chunk arrives as the tail, attends to the kept
+        context like a question would, and then joins the context. Positions continue the context's.
+        """
+        ctx = self.context
+        if self.src_rows != tuple(range(ctx.num_rows)):
+            raise RuntimeError("absorb_tail() after batch_repeat_interleave/reorder is not supported")
+        segments, length, head_dim = len(ctx.offsets) - 1, self.tail_length, ctx.keys.shape[-1]
+        keep = keep.to(ctx.keys.device).reshape(segments, length)
+        tail_keys = self.tail_keys[:, :, :length].reshape(segments, length, head_dim)[keep]
+        tail_values = self.tail_values[:, :, :length].reshape(segments, length, head_dim)[keep]
+        tail_positions = torch.arange(self.context_length, self.context_length + length, dtype=torch.int32,
+                                      device=keep.device).expand(segments, -1)[keep]
+        old_counts, new_counts = ctx.seqlens().flatten().to(keep.device), keep.sum(dim=1)
+        segment_ids = torch.arange(segments, device=keep.device)
+        owner = torch.cat([segment_ids.repeat_interleave(old_counts), segment_ids.repeat_interleave(new_counts)])
+        order = torch.argsort(owner, stable=True)  # each segment: its old pairs, then its new ones (position order)
+        self.context = CompressedContext.from_counts(
+            torch.cat([ctx.keys, tail_keys])[order], torch.cat([ctx.values, tail_values])[order],
+            torch.cat([ctx.positions, tail_positions])[order], old_counts + new_counts, ctx.num_heads,
+        )
+        self.context_length += length
+        self.tail_keys = self.tail_values = None  # freed: the next chunk allocates its own
+        self.tail_length = 0
+
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
         if self.is_compressed:

@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                         help="answer length; default per task (32, or 256 for gsm8k's step-by-step answers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--head-scores", default=None,
+                        help="HeadScores file, folder or Hub repo for kvzip-head(-duo); default: from each context")
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 

@@ -2,8 +2,10 @@
 
 ``ratio`` is the fraction of selectable context pairs KEPT. ``kvzip`` / ``kvzip-uniform`` score the context once by
 reconstruction (`KVzipCache.compress` at 1.0) and re-select among the kept pairs for each smaller ratio.
-``kvzip-head`` keeps whole KV heads (``ratio`` = fraction of heads), ranked by the maximum of the same context's
-KVzip pair scores over positions (the reduction head scores use; see `head_scores_from_pairs`). The baselines
+``kvzip-head`` keeps whole KV heads (``ratio`` = fraction of heads), ranked by precomputed `HeadScores` when the run
+has them, else by the maximum of the same context's KVzip pair scores over positions (`head_scores_from_pairs`).
+``kvzip-head-duo`` is the DuoAttention-style variant: the dropped heads keep their first ``DUO_SINK`` and last
+``DUO_RECENT`` context tokens ("streaming heads") instead of nothing, so it keeps slightly more than ``ratio``. The baselines
 score every pair once, rank it within its (layer, row, KV head), and keep the top ``round(ratio * n)`` of each head
 (``n`` = selectable positions), so the masks of decreasing ratios are nested and `KVzipCache.evict` only drops pairs.
 """
@@ -18,16 +20,19 @@ from transformers import DynamicCache
 from ..cache import KVzipCache
 from ..compat import cache_kwarg
 from ..scoring import score_by_reconstruction
-from ..selection import head_scores_from_pairs, kept_count
+from ..selection import head_scores_from_pairs, kept_count, select_heads
 
 KVZIP_LEVELS = {"kvzip": "pair", "kvzip-uniform": "pair-uniform"}
 BASELINES = ("random", "streaming", "snapkv", "h2o")
-METHODS = ("full", *KVZIP_LEVELS, "kvzip-head", *BASELINES)
+HEAD_METHODS = ("kvzip-head", "kvzip-head-duo")
+METHODS = ("full", *KVZIP_LEVELS, *HEAD_METHODS, *BASELINES)
 
 SINK_TOKENS = 4
 SNAPKV_WINDOW = 32
 SNAPKV_KERNEL = 7
 H2O_RECENT = 32
+DUO_SINK = 16  # streaming heads of kvzip-head-duo: sink and recent tokens (scaled to the eval's short contexts)
+DUO_RECENT = 64
 
 
 # -------------------------------------------------------------------------------------------------- selection
@@ -164,6 +169,16 @@ def h2o_scores(model, cache: KVzipCache, recent: int = H2O_RECENT) -> torch.Tens
     return _finish(observed_attention(model, cache, 0), cache, recent)
 
 
+def _streaming_window(cache: KVzipCache, selectable: torch.Tensor) -> torch.Tensor:
+    """``[L, B, H, C]`` bool: the first ``DUO_SINK`` and last ``DUO_RECENT`` context tokens of every row."""
+    offset, length = cache.context_offset, selectable.shape[-1]
+    start = cache.context_start.to(selectable.device)[:, None]
+    index = torch.arange(offset, offset + length, device=selectable.device)[None, :] - start  # [B, C]
+    size = offset + length - start  # each row's context runs to the end (left padding)
+    window = (index >= 0) & ((index < DUO_SINK) | (index >= size - DUO_RECENT))
+    return selectable & window[None, :, None, :]
+
+
 def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> torch.Tensor:
     """``[L, B, H, C]`` query-agnostic scores of a baseline, from the prefilled dense ``cache``."""
     selectable = cache._selectable()
@@ -181,12 +196,13 @@ def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> tor
 # ------------------------------------------------------------------------------------------------------- sweeps
 def sweep(
     method: str, model, tokenizer, cache: KVzipCache, ratios: list[float], *, seed: int = 0,
-    kvzip_scores: torch.Tensor | None = None,
+    kvzip_scores: torch.Tensor | None = None, head_scores: torch.Tensor | None = None,
 ) -> Iterator[float]:
     """Compress ``cache`` in place to each ratio (largest first) and yield the ratio once it is applied.
 
     ``kvzip_scores``: reuse these ``[L, B, H, C]`` KVzip scores instead of a scoring pass (the other kvzip level
-    scores the same context identically).
+    scores the same context identically). ``head_scores``: ``[L, H]`` precomputed head scores for the head methods
+    (default: derived from this context's KVzip scores).
     """
     ratios = sorted(set(ratios), reverse=True)
     if method == "full":
@@ -202,12 +218,16 @@ def sweep(
                 cache.compress(model, ratio, level=level)  # re-selects among the kept pairs
             yield ratio
         return
-    if method == "kvzip-head":
-        if kvzip_scores is None:
-            kvzip_scores = score_by_reconstruction(cache, model, tokenizer)
-        head_scores = head_scores_from_pairs(kvzip_scores)
+    if method in HEAD_METHODS:
+        if head_scores is None:
+            if kvzip_scores is None:
+                kvzip_scores = score_by_reconstruction(cache, model, tokenizer)
+            head_scores = head_scores_from_pairs(kvzip_scores)
+        selectable = cache._selectable()
+        streaming = _streaming_window(cache, selectable) if method == "kvzip-head-duo" else None
         for ratio in ratios:
-            cache.compress(model, ratio, level="head", head_scores=head_scores)
+            keep = select_heads(selectable, torch.as_tensor(head_scores), ratio)
+            cache.evict(keep if streaming is None else keep | streaming)
             yield ratio
         return
     masks = nested_masks(baseline_scores(method, model, cache, seed), ratios)

