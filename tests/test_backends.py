@@ -24,9 +24,10 @@ def make_context(lengths, num_heads, head_dim, gen):
     return CompressedContext.from_counts(keys, values, torch.zeros(total, dtype=torch.int32), counts, num_heads)
 
 
+@pytest.mark.parametrize("ragged", [ref.ragged_attention, ref.segment_attention])  # few / many queries
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("group", [1, 3])
-def test_ragged_attention_matches_naive(q_len, group):
+def test_ragged_attention_matches_naive(q_len, group, ragged):
     gen = torch.Generator().manual_seed(q_len * 10 + group)
     num_heads, head_dim, tail = 3, 8, 7
     lengths = [[0, 1, 37], [129, 2, 0]]
@@ -38,7 +39,7 @@ def test_ragged_attention_matches_naive(q_len, group):
     tail_valid = torch.ones(batch, tail, dtype=torch.bool)
     tail_valid[2, :2] = False  # padding inside the tail of row 2
     query = torch.randn(batch, num_heads * group, q_len, head_dim, generator=gen)
-    out = ref.ragged_attention(query, RaggedKV(ctx, src_rows, torch.tensor(src_rows), tail_k, tail_v, length=200), 0.3, tail_valid)
+    out = ragged(query, RaggedKV(ctx, src_rows, torch.tensor(src_rows), tail_k, tail_v, length=200), 0.3, tail_valid)
     assert out.shape == (batch, q_len, num_heads * group, head_dim)
     for b, src in enumerate(src_rows):
         for qh in range(num_heads * group):

@@ -101,6 +101,20 @@ def test_scoring_passes_write_into_reserved_room_without_touching_the_cache():
     assert roomy._spare_keys is None and roomy.keys.shape[-2] == 15
 
 
+@pytest.mark.parametrize("compress_first", [False, True])
+def test_reset_then_prefill_equals_a_new_cache(compress_first):
+    model, reference, cache, _ = _compressed("gemma3", n=30)  # sliding layers must be emptied too
+    if not compress_first:
+        cache = KVzipCache(model)
+        cache.prefill(model, _ids(30, 5), context_start=4)  # a dense cache
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.kv_bytes() == 0
+    context, question = _ids(25, 7), _ids(5, 8)
+    cache.prefill(model, context, context_start=4)
+    torch.testing.assert_close(_forward(model, cache, question), reference_logits(reference, context, question),
+                               atol=1e-4, rtol=0)
+
+
 def test_rollback_serves_the_next_question_as_a_fresh_cache():
     model, _, cache, context = _compressed("gemma3", n=30)  # sliding layers must roll back too
     q1, q2 = _ids(5, 11), _ids(6, 12)

@@ -87,3 +87,27 @@ def test_left_padded_batch_on_cuda_matches_reference_backend():
     with use_backend("reference"):
         slow = run()
     assert torch.equal(fast, slow)
+
+
+def test_head_dropping_prefill_with_long_chunks_matches_the_cpu():
+    """Chunks above LARGE_QUERY take the per-segment SDPA path on CUDA; the question then takes the kernels."""
+    model, _ = make_pair("llama")
+    context, question = _ids(1500, 3).cpu(), _ids(9, 4).cpu()
+    head_scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+
+    def run(device):
+        cache = KVzipCache(model)
+        cache.prefill(model, context.to(device), context_start=7, chunk_size=600, head_scores=head_scores,
+                      ratio=0.5)
+        n = cache.get_seq_length()
+        with torch.no_grad():
+            out = model(question.to(device), past_key_values=cache,
+                        position_ids=torch.arange(n, n + 9, device=device)[None])
+        return out.logits.float().cpu()
+
+    on_cpu = run("cpu")
+    model.to("cuda")
+    try:
+        torch.testing.assert_close(run("cuda"), on_cpu, atol=1e-3, rtol=0)
+    finally:
+        model.to("cpu")

@@ -86,7 +86,9 @@ class KVzipLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        super().reset()
+        """Free everything: the next `update` starts an empty layer (transformers' reset only zeroes the tensors,
+        which a later concatenation would keep in front of the new tokens)."""
+        _release(self)
         self._spare_keys = self._spare_values = None
         self.cumulative_length = 0
         self.context, self.context_length, self.src_rows, self.src_index = None, 0, (), None
@@ -349,7 +351,8 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.keys, self.values, self.cumulative_length = keys.clone(), values.clone(), cumulative
 
     def reset(self) -> None:
-        super().reset()
+        _release(self)
+        self.cumulative_length = 0
         self._snapshot = None
 
     def kv_bytes(self) -> int:
@@ -357,3 +360,9 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def metadata_bytes(self) -> int:
         return 0
+
+
+def _release(layer) -> None:
+    """Return a dynamic layer to its never-initialised state (keys allocated again on the next update)."""
+    layer.keys = layer.values = None
+    layer.is_initialized = False

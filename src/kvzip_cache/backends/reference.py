@@ -123,10 +123,44 @@ def dense_attention(
     return out.transpose(1, 2)
 
 
+# Above this many queries per row (a prefill chunk arriving after heads were dropped, a very long question), ragged
+# attention runs segment by segment through SDPA instead of materialising [group, q, kept] logits per segment.
+LARGE_QUERY = 512
+
+
+def segment_attention(
+    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`ragged_attention` for many queries: per (row, KV head), SDPA over ``[kept context | tail]``.
+
+    The tail's causal structure is SDPA's lower-right bias, so no ``[q, k]`` mask exists unless the tail is padded.
+    Copies each segment's kept keys once per call (a prefill chunk is long, so that is small next to the attention).
+
+    Shapes as in `ragged_attention`; returns ``[B, q, Hq, D]`` in the query dtype.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    ctx, offsets = kv.context, kv.context.offsets
+    group = num_q_heads // ctx.num_heads
+    out = query.new_empty(batch, q_len, num_q_heads, head_dim)
+    for b, src in enumerate(kv.src_rows):
+        for h in range(ctx.num_heads):
+            start, end = offsets[src * ctx.num_heads + h], offsets[src * ctx.num_heads + h + 1]
+            keys = torch.cat([ctx.keys[start:end], kv.tail_keys[b, h]])[None, None]  # [1, 1, kept + t, D]
+            values = torch.cat([ctx.values[start:end], kv.tail_values[b, h]])[None, None]
+            valid = None
+            if tail_valid is not None:
+                valid = torch.cat([tail_valid.new_ones(end - start), tail_valid[b]])[None]
+            heads = slice(h * group, (h + 1) * group)
+            out[b, :, heads] = dense_attention(query[b : b + 1, heads], keys, values, scaling, valid)[0]
+    return out
+
+
 def ragged_attention(
     query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Attention over a compressed context (ragged per KV head) followed by a dense, causal tail.
+
+    More than `LARGE_QUERY` queries go to `segment_attention`; otherwise explicit float32 math (the reference).
 
     Args:
         query: ``[B, Hq, q, D]``, the last ``q`` tokens of the tail.
@@ -137,6 +171,8 @@ def ragged_attention(
         ``[B, q, Hq, D]`` in the query dtype.
     """
     batch, num_q_heads, q_len, head_dim = query.shape
+    if q_len > LARGE_QUERY:
+        return segment_attention(query, kv, scaling, tail_valid)
     num_heads = kv.context.num_heads
     group = num_q_heads // num_heads
     tail_len = kv.tail_keys.shape[-2]

@@ -20,8 +20,15 @@ from . import reference
 def ragged_attention(
     query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Same contract as `reference.ragged_attention`: two kernel launches (context splits, then tail + merge)."""
+    """Same contract as `reference.ragged_attention`: two kernel launches (context splits, then tail + merge).
+
+    The kernels serve decode steps and questions; more than `reference.LARGE_QUERY` queries (a head-dropping
+    prefill's chunks) go to `reference.segment_attention` (the tail kernel has no causal block skipping, and it
+    failed with an illegal memory access at 16K queries x GQA group 4 on the H200).
+    """
     batch, num_q_heads, q_len, head_dim = query.shape
+    if q_len > reference.LARGE_QUERY:
+        return reference.segment_attention(query, kv, scaling, tail_valid)
     ctx = kv.context
     grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
     return ragged_attention_with_tail(
