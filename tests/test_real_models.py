@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import reference_logits
-from kvzip_cache import KVzipCache, encode_context, encode_query
+from kvzip_cache import KVzipCache, encode_query
 from kvzip_cache.data import essay_excerpt
 from kvzip_cache.eval.runner import answer
 from kvzip_cache.models import load_pypi_model, pypi_model_available
