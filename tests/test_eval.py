@@ -172,10 +172,11 @@ def test_attention_baselines_layout_and_kept_window(smollm, method):
     assert bool(kept[..., -8:][selectable[..., -8:]].all())  # the observation / recent window is always kept
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding layers cache only their window
 @pytest.mark.parametrize("first_query", [0, 9])
-def test_observed_attention_equals_one_dense_eager_pass(first_query):
+def test_observed_attention_equals_one_dense_eager_pass(first_query, arch):
     """Chunked, partly non-eager voting equals the column sums of one eager pass over the whole padded batch."""
-    model, _ = make_pair("llama")
+    model, _ = make_pair(arch)
     ids = torch.randint(3, 120, (2, 14))
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, :3] = 0  # left padding: padding queries must not vote

@@ -114,9 +114,11 @@ def observed_attention(model, cache: KVzipCache, first_query: int, chunk: int = 
             out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True, output_attentions=True,
                         logits_to_keep=1, **{kwarg: dense})
             voters = mask[:, lo:hi].float()[:, None, :, None]  # [B, 1, q, 1]
-            votes = [  # [B, Hq, q, k] -> [B, H, seq]
-                torch.nn.functional.pad((attn.float() * voters).sum(dim=2), (0, seq - hi)).view(batch, heads, -1, seq)
-                .mean(dim=2)
+            # [B, Hq, q, k] -> [B, H, seq]; the k keys are the LAST k positions before hi (a sliding layer's
+            # cache holds only its window)
+            votes = [
+                torch.nn.functional.pad((attn.float() * voters).sum(dim=2), (hi - attn.shape[-1], seq - hi))
+                .view(batch, heads, -1, seq).mean(dim=2)
                 for attn in out.attentions
             ]
             totals = votes if totals is None else [t + v for t, v in zip(totals, votes)]
