@@ -242,7 +242,7 @@ def test_joined_contexts_hold_the_answers_of_their_questions(smollm, make_contex
 # ------------------------------------------------------------------------------------------- full runs (slow)
 @pytest.mark.slow
 def test_published_smollm2_needle_sweep_reproduces(smollm, tmp_path):
-    """The docs/results SmolLM2 needle sweep (about 10 minutes on 2 cores): KVzip at 0.3 keeps most of the full
+    """The docs/results SmolLM2 needle sweep at 0.3 (about 3 minutes on 2 cores): KVzip keeps most of the full
     score and beats every query-agnostic baseline."""
     model, tokenizer = smollm
     config = EvalConfig(tasks=["needle"], methods=["full", "kvzip", "random", "streaming", "snapkv", "h2o"],
