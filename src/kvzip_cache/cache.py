@@ -253,8 +253,7 @@ class KVzipCache(Cache):
             if isinstance(layer, KVzipSlidingLayer):
                 layer.take_snapshot()
         if kept_heads is not None:  # the same state as compress(level="head"); the layers already hold that subset
-            scores = head_scores.scores if isinstance(head_scores, HeadScores) else head_scores
-            self.compress(model, ratio, level="head", head_scores=scores)
+            self.compress(model, ratio, level="head", head_scores=_head_score_tensor(model, head_scores))
 
     def _prefill_kept_heads(self, model, head_scores, ratio) -> torch.Tensor | None:
         """``[L, H]`` bool, the heads a head-dropping prefill keeps; None for a plain prefill."""
@@ -263,9 +262,7 @@ class KVzipCache(Cache):
         if head_scores is None or ratio is None:
             raise ValueError("prefill() drops heads only when given both head_scores=... and ratio=...")
         ratio = _check_ratio(ratio)
-        if isinstance(head_scores, HeadScores):
-            head_scores.check(model)
-            head_scores = head_scores.scores
+        head_scores = _head_score_tensor(model, head_scores)
         full = torch.tensor([kind == _FULL for kind in self.layer_types])
         selectable = full[:, None, None, None].expand(-1, 1, self.num_kv_heads, 1)
         return select_heads(selectable, torch.as_tensor(head_scores), ratio)[:, 0, :, 0]
@@ -319,9 +316,7 @@ class KVzipCache(Cache):
         """
         started = time.perf_counter()
         ratio = self._check_compress_args(model, ratio, level, head_scores)
-        if isinstance(head_scores, HeadScores):
-            head_scores.check(model)
-            head_scores = head_scores.scores
+        head_scores = _head_score_tensor(model, head_scores)
         bytes_before = self.kv_bytes()
         selectable = self._selectable()
         if level == "head":
@@ -461,6 +456,14 @@ class KVzipCache(Cache):
             yield
         finally:
             self._scoring = None
+
+
+def _head_score_tensor(model, head_scores):
+    """The ``[num_layers, num_kv_heads]`` tensor of ``head_scores``; a `HeadScores` is checked against the model."""
+    if isinstance(head_scores, HeadScores):
+        head_scores.check(model)
+        return head_scores.scores
+    return head_scores
 
 
 def _check_ratio(ratio) -> float:

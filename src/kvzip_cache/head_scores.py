@@ -151,7 +151,6 @@ class HeadScores:
             del cache
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        config = model.config.get_text_config(decoder=True)
         return cls(
             scores=best.clamp(min=0.0),  # heads never scored (sliding layers) come back as -inf
             model_name=model_name or str(getattr(model.config, "name_or_path", "") or ""),

@@ -82,8 +82,7 @@ def evaluate_context(
     max_new_tokens = config.max_new_tokens or TASK_MAX_NEW_TOKENS[task]
     for method in methods:
         cache = copy.deepcopy(base)
-        ratios = [1.0] if method == "full" else config.ratios
-        for ratio in sweep(method, model, tokenizer, cache, ratios, seed=config.seed, kvzip_scores=kvzip_scores,
+        for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed, kvzip_scores=kvzip_scores,
                            head_scores=head_scores):
             for question in context.questions:
                 row = {"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
@@ -101,9 +100,14 @@ def evaluate_context(
         del cache
 
 
+def _ratios(method: str, config: EvalConfig) -> list[float]:
+    """The ratios a method is evaluated at (``full`` never evicts: 1.0 only)."""
+    return [1.0] if method == "full" else config.ratios
+
+
 def _pending(task: str, context: Context, method: str, config: EvalConfig, done: set) -> bool:
-    ratios = [1.0] if method == "full" else config.ratios
-    return any((task, context.cid, q.qid, method, float(r)) not in done for q in context.questions for r in ratios)
+    return any((task, context.cid, q.qid, method, float(r)) not in done
+               for q in context.questions for r in _ratios(method, config))
 
 
 def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
@@ -138,7 +142,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
     expected = {
         (task, c.cid, q.qid, m, float(r))
         for task, cs in contexts.items() for c in cs for q in c.questions for m in config.methods
-        for r in ([1.0] if m == "full" else config.ratios)
+        for r in _ratios(m, config)
     }
     bar = tqdm(total=len(expected), initial=len(expected & done), desc="eval", unit="q")
     with path.open("a") as handle, bar:
