@@ -6,7 +6,7 @@ Importing the package registers the "kvzip" attention implementation (and its ma
 from ._version import __version__
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import CompressReport, KVzipCache
-from .head_scores import HeadScores
+from .head_scores import HeadScores, shipped_head_scores
 from .scoring import reconstruction_inputs
 from .selection import select_heads, select_pairs
 from .templates import encode_context, encode_query
@@ -25,4 +25,5 @@ __all__ = [
     "register",
     "select_heads",
     "select_pairs",
+    "shipped_head_scores",
 ]

@@ -58,6 +58,25 @@ def _shape_of(model_or_config) -> tuple[int, int]:
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def shipped_head_scores() -> dict[str, dict]:
+    """The manifest of the head scores shipped with the library (``kvzip_cache.scores``), by short model name.
+
+    Each entry names its ``file`` and says how it was made (model, calibration, date, seconds, command).
+    """
+    from importlib.resources import files
+
+    return json.loads(files("kvzip_cache.scores").joinpath("manifest.json").read_text())
+
+
+def _shipped_file(name: str) -> Path | None:
+    """The shipped scores file for a short model name (``"smollm2-135m"``), or None."""
+    from importlib.resources import files
+
+    entry = shipped_head_scores().get(name)
+    # kvzip_cache is installed as plain files (not zip-safe), so the resource is a real path.
+    return None if entry is None else Path(str(files("kvzip_cache.scores").joinpath(entry["file"])))
+
+
 def calibration_texts(tokenizer, source: str = "essays", num_samples: int = 2, tokens: int = 2000) -> list[str]:
     """Offline calibration texts of about ``tokens`` tokens each.
 
@@ -86,7 +105,8 @@ class HeadScores:
         model_name: the model the scores were computed for (``config.name_or_path``).
         fingerprint: `config_fingerprint` of that model.
         calibration: what the scores were computed on.
-        library_version, created: provenance.
+        library_version: the kvzip-cache version that computed them.
+        created: the date they were computed (ISO format).
         seconds: how long `compute` took (None when unknown, e.g. imported from DuoAttention).
     """
 
@@ -197,6 +217,9 @@ class HeadScores:
             path = path / HEAD_SCORES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({_TENSOR_NAME: self.scores.contiguous()}, str(path), metadata=self.metadata())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; a shared scores file should be readable
         return path
 
     @classmethod
@@ -233,24 +256,35 @@ class HeadScores:
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
     ) -> HeadScores:
-        """Load head scores from a local file or directory, or download them from the Hugging Face Hub.
+        """Load head scores shipped with the library, from a local file or directory, or from the Hugging Face Hub.
 
         Downloads go through ``huggingface_hub`` (its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE=1`` for cache-only,
         ``revision`` for a branch, tag or commit).
 
         Args:
-            repo_id_or_path: a file, a directory holding ``filename``, or a Hub repo id (``"user/name"``).
+            repo_id_or_path: a short model name with scores shipped in ``kvzip_cache.scores``
+                (``"smollm2-135m"``; see `shipped_head_scores`), a file, a directory holding ``filename``, or a
+                Hub repo id (``"user/name"``).
             filename: file inside the directory or repo; default ``head_scores.safetensors``.
             model: when given, `check` the scores against it.
         """
         filename = filename or HEAD_SCORES_FILE
         local = Path(repo_id_or_path)
-        if local.is_file():
+        shipped = _shipped_file(str(repo_id_or_path)) if not local.exists() else None
+        if shipped is not None:
+            path = shipped
+        elif local.is_file():
             path = local
         elif local.is_dir():
             path = local / filename
             if not path.is_file():
                 raise FileNotFoundError(f"{local} has no {filename}")
+        elif "/" not in str(repo_id_or_path):
+            raise FileNotFoundError(
+                f"{str(repo_id_or_path)!r} is neither a file, nor a Hub repo id ('user/name'), nor a model with "
+                f"shipped head scores ({', '.join(sorted(shipped_head_scores()))}). Compute scores with "
+                "HeadScores.compute(model, tokenizer) or `python -m kvzip_cache.score_heads --model NAME`."
+            )
         else:
             from huggingface_hub import hf_hub_download
 
