@@ -7,6 +7,10 @@ The compressed context of a layer is flat: segment ``s = row * H + h`` holds its
 heads and query positions are the rows of one matrix, ``M = g * q`` rows per KV head. The partial results of the
 splits are merged by log-sum-exp (with the dense tail, by the caller).
 
+Any head_dim from 16 to 256: tiles are ``BLOCK_D = next_power_of_2(head_dim)`` wide (``tl.arange`` needs a power of
+two); when that pads (96 -> 128, 80 -> 128, 192 -> 256), loads are masked to the real ``HEAD_DIM`` with 0 (padded
+lanes add nothing to the dot products) and so are stores. A power-of-two head_dim compiles exactly as without padding.
+
 Reference: `ragged_context_attention_reference` (plain PyTorch); tests compare the two on awkward shapes.
 """
 
@@ -33,7 +37,8 @@ def ragged_context_attention_reference(
 
     Args:
         query: ``[B, H, M, D]`` (M = GQA group x query positions).
-        keys, values: ``[N, D]`` flat compressed context.
+        keys: ``[N, D]`` flat compressed context.
+        values: ``[N, D]``, like ``keys``.
         offsets: ``S + 1`` host ints, segment ``s`` is ``keys[offsets[s]:offsets[s+1]]``.
         src_rows: B host ints.
         scaling: softmax scale.
@@ -54,7 +59,32 @@ def ragged_context_attention_reference(
     return out, lse
 
 
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The padded tile width ``BLOCK_D`` (next power of two) of a supported head_dim; ValueError for the others."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim {head_dim} is not supported by the Triton kernels (any head_dim from {MIN_HEAD_DIM} to "
+            f"{MAX_HEAD_DIM} is); run this model with the reference backend instead: "
+            f'`with kvzip_cache.backends.use_backend("reference"): ...`'
+        )
+    return 1 << (head_dim - 1).bit_length()
+
+
 if triton is not None:
+
+    @triton.jit
+    def _dim_mask(mask, offs_d, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+        """A ``[rows, 1]`` load/store mask, narrowed to the real head dims when the tile is padded (BLOCK_D > HEAD_DIM).
+
+        Unpadded (a power-of-two head_dim) it is returned as it is, so that code path is unchanged. (One return:
+        Triton's compiler rejects returns of different shapes even in branches a constexpr rules out.)
+        """
+        if PAD_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        return mask
 
     @triton.jit
     def _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE: tl.constexpr):
@@ -66,7 +96,8 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(allowed, s * scaling, float("-inf"))
+        # float32 whatever type the scale arrives as (torch.compile passes Python floats to user kernels as fp64)
+        s = tl.where(allowed, (s * scaling).to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -86,7 +117,8 @@ if triton is not None:
         stride_ob, stride_oh, stride_os, stride_om,
         stride_lb, stride_lh, stride_ls,
         num_heads, rows, split_len,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -99,20 +131,22 @@ if triton is not None:
         lo = seg_start + split * split_len
         hi = tl.minimum(seg_end, lo + split_len)
 
+        PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=offs_m[:, None] < rows, other=0.0)
+                    mask=_dim_mask(offs_m[:, None] < rows, offs_d, HEAD_DIM, PAD_D), other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in tl.range(lo, hi, BLOCK_N):
             n_idx = start + offs_n
             valid = n_idx < hi
-            k = tl.load(K + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
+            kv_mask = _dim_mask(valid[:, None], offs_d, HEAD_DIM, PAD_D)
+            k = tl.load(K + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
             m_i, l_i, acc = _online_softmax_block(q, k, v, valid[None, :], scaling, m_i, l_i, acc, IEEE)
 
         has_keys = l_i > 0
@@ -120,13 +154,14 @@ if triton is not None:
         lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         row_mask = offs_m < rows
         o_ptr = O + b * stride_ob + h * stride_oh + split * stride_os
-        tl.store(o_ptr + offs_m[:, None] * stride_om + offs_d[None, :], out, mask=row_mask[:, None])
+        tl.store(o_ptr + offs_m[:, None] * stride_om + offs_d[None, :], out,
+                 mask=_dim_mask(row_mask[:, None], offs_d, HEAD_DIM, PAD_D))
         tl.store(LSE + b * stride_lb + h * stride_lh + split * stride_ls + offs_m, lse, mask=row_mask)
 
 
     @triton.jit
     def _tail_merge_kernel(
-        Q, TK, TV, VALID, PO, PL, OUT,
+        Q, TK, TV, VALID, END, PO, PL, OUT,
         scaling,
         stride_qb, stride_qh, stride_qm,
         stride_tb, stride_th, stride_tn,
@@ -135,31 +170,36 @@ if triton is not None:
         stride_lb, stride_lh, stride_ls,
         stride_ob, stride_oq, stride_oh,
         num_heads, rows, q_len, group, tail_len, num_splits,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
-        IEEE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_END: tl.constexpr, IEEE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         m_block = tl.program_id(1)
+        if HAS_END:  # a static tail: only the first END slots are written (read on the device, never on the host)
+            tail_len = tl.load(END).to(tl.int32)
         b = bh // num_heads
         h = bh % num_heads
+        PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         row_ok = offs_m < rows
+        row_mask = _dim_mask(row_ok[:, None], offs_d, HEAD_DIM, PAD_D)
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+                    mask=row_mask, other=0.0)
         pos = tail_len - q_len + offs_m % q_len  # each row's own position in the tail
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # 1. the dense tail, causal, with padding; a query always sees itself, so m_i is finite after the loop
         for start in range(0, tail_len, BLOCK_N):
             n_idx = start + offs_n
             in_tail = n_idx < tail_len
+            kv_mask = _dim_mask(in_tail[:, None], offs_d, HEAD_DIM, PAD_D)
             k = tl.load(TK + b * stride_tb + h * stride_th + n_idx[:, None] * stride_tn + offs_d[None, :],
-                        mask=in_tail[:, None], other=0.0)
+                        mask=kv_mask, other=0.0)
             v = tl.load(TV + b * stride_tb + h * stride_th + n_idx[:, None] * stride_tn + offs_d[None, :],
-                        mask=in_tail[:, None], other=0.0)
+                        mask=kv_mask, other=0.0)
             allowed = (n_idx[None, :] <= pos[:, None]) & in_tail[None, :]
             if HAS_VALID:
                 valid = tl.load(VALID + b * stride_vb + n_idx, mask=in_tail, other=0) != 0
@@ -177,14 +217,14 @@ if triton is not None:
         o_ptr = PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
         for split in tl.range(0, num_splits, num_stages=3):
             weight = tl.exp(tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")) - m_all)
-            acc += tl.load(o_ptr + split * stride_ps, mask=row_ok[:, None], other=0.0) * weight[:, None]
+            acc += tl.load(o_ptr + split * stride_ps, mask=row_mask, other=0.0) * weight[:, None]
             l_i += weight
         out = acc / l_i[:, None]
         # row m = j * q_len + i is query head h * group + j at position i: write [B, q, Hq, D] directly
         q_idx = offs_m % q_len
         head = h * group + offs_m // q_len
         tl.store(OUT + b * stride_ob + q_idx[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                 out.to(OUT.dtype.element_ty), mask=row_mask)
 
 
 def choose_splits(batch_heads: int, max_seqlen: int, num_sms: int, block_n: int, factor: int = 4) -> int:
@@ -225,7 +265,8 @@ def ragged_context_partials(
 
     Args:
         query: ``[B, H, M, D]`` (M = GQA group x query positions); last dim contiguous.
-        keys, values: ``[N, D]`` contiguous, bf16/fp16/fp32.
+        keys: ``[N, D]`` contiguous, bf16/fp16/fp32.
+        values: ``[N, D]``, like ``keys``.
         cu_seqlens: ``[S + 1]`` int32 on the device.
         src_rows: ``[B]`` int32 on the device.
         max_seqlen: the longest segment (host int; sizes the grid without a device sync).
@@ -239,10 +280,10 @@ def ragged_context_partials(
     batch, num_heads, rows, head_dim = query.shape
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install triton (or use the reference backend)")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim {head_dim} is not supported by the Triton kernel (16/32/64/128/256)")
-    # At most 64 KB of K+V tile per pipeline stage, so that two stages fit in shared memory with room to spare.
-    block_n = min(block_n, 32768 // (head_dim * keys.element_size()))
+    block_d = head_dim_block(head_dim)
+    # At most 64 KB of K+V tile per pipeline stage, so that two stages fit in shared memory with room to spare (the
+    # tiles are BLOCK_D wide: padded lanes take shared memory too; this also keeps block_n a power of two).
+    block_n = min(block_n, 32768 // (block_d * keys.element_size()))
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads, max_seqlen, _sm_count(query.device), block_n, split_factor)
     split_len = max(block_n, -(-max(max_seqlen, 1) // num_splits))
@@ -259,8 +300,8 @@ def ragged_context_partials(
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         num_heads, rows, split_len,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=keys.dtype == torch.float32,
-        num_warps=num_warps if head_dim <= 128 else 8, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=keys.dtype == torch.float32,
+        num_warps=num_warps if block_d <= 128 else 8, num_stages=num_stages,
     )
     return out, lse
 
@@ -288,14 +329,18 @@ def ragged_attention_with_tail(
     scaling: float,
     q_len: int,
     block_m: int = 16,
+    tail_end: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Full decode/question attention: compressed context (split-K) + causal dense tail, merged in one kernel.
 
     Args:
         query: ``[B, H, M, D]`` with ``M = g * q_len``, row ``j * q_len + i`` = query head ``h * g + j``, position i.
-        tail_keys, tail_values: ``[B, H, t, D]`` (the last ``q_len`` are the queries' own tokens), last dim contiguous.
+        tail_keys: ``[B, H, t, D]`` (the last ``q_len`` are the queries' own tokens), last dim contiguous.
+        tail_values: ``[B, H, t, D]``, like ``tail_keys``.
         tail_valid: ``[B, t]`` bool padding mask or None.
+        tail_end: None, or a 0-dim integer device tensor: only the first ``tail_end`` tail slots are written (a
+            static tail), and the queries are the last ``q_len`` of those. Read by the kernel, not by the host.
 
     Returns:
         ``[B, q_len, H * g, D]`` in the query dtype (the layout transformers expects from an attention function).
@@ -308,8 +353,9 @@ def ragged_attention_with_tail(
     valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
     tail_len = tail_keys.shape[2]
     grid = (batch * num_heads, triton.cdiv(rows, block_m))
+    end = tail_end if tail_end is not None else out_part  # dummy pointer when absent
     _tail_merge_kernel[grid](
-        query, tail_keys, tail_values, valid, out_part, lse_part, out,
+        query, tail_keys, tail_values, valid, end, out_part, lse_part, out,
         scaling,
         query.stride(0), query.stride(1), query.stride(2),
         tail_keys.stride(0), tail_keys.stride(1), tail_keys.stride(2),
@@ -318,7 +364,8 @@ def ragged_attention_with_tail(
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num_heads, rows, q_len, group, tail_len, out_part.shape[2],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32, HAS_VALID=tail_valid is not None,
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
+        HAS_VALID=tail_valid is not None, HAS_END=tail_end is not None,
         IEEE=keys.dtype == torch.float32, num_warps=4,
     )
     return out

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
 
+import conftest
 from conftest import ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache
-from kvzip_cache.backends import select_backend, use_backend
+from kvzip_cache.backends import select_backend, triton_backend, use_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,3 +112,140 @@ def test_head_dropping_prefill_with_long_chunks_matches_the_cpu():
         torch.testing.assert_close(run("cuda"), on_cpu, atol=1e-3, rtol=0)
     finally:
         model.to("cpu")
+
+
+# Phi-3-mini's head_dim: 3072 / 32 heads = 96, not a power of two (the kernels pad their tiles to 128 and mask).
+PHI3_HEAD_DIM_96 = dict(conftest.COMMON, hidden_size=384, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _phi3_head_dim_96(monkeypatch, dtype):
+    """`make_pair` (same weights, sharpened queries) for a Phi3 model of head_dim 96 and GQA group 2, on CUDA."""
+    configs = conftest._configs
+    extra = {"phi3-96": (Phi3Config(**PHI3_HEAD_DIM_96), Phi3ForCausalLM)}
+    monkeypatch.setattr(conftest, "_configs", lambda: {**configs(), **extra})
+    model, reference = make_pair("phi3-96")
+    assert model.config.hidden_size // model.config.num_attention_heads == 96
+    return model.to("cuda", dtype), reference.to("cuda", dtype)
+
+
+def _count_kernel_calls(monkeypatch) -> list[tuple[str, int]]:
+    """Record (kernel, head_dim) for each call of the Triton kernels from the backend (no silent fallback)."""
+    calls = []
+    for name in ("ragged_attention_with_tail", "restricted_max_scores_triton"):
+        kernel = getattr(triton_backend, name)
+
+        def spy(query, *args, _kernel=kernel, _name=name, **kwargs):
+            calls.append((_name, query.shape[-1]))
+            return _kernel(query, *args, **kwargs)
+
+        monkeypatch.setattr(triton_backend, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phi3_head_dim_96_matches_reference_backend(dtype, monkeypatch):
+    """Prefill, compress, a question and greedy generation through the padded kernels agree with the reference."""
+    model, _ = _phi3_head_dim_96(monkeypatch, dtype)
+    calls = _count_kernel_calls(monkeypatch)
+    context, question = _ids(300, 11), _ids(9, 12)
+
+    def run():
+        cache = KVzipCache(model)
+        cache.prefill(model, context, context_start=7, chunk_size=128)
+        cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
+        n = cache.get_seq_length()
+        with torch.no_grad():
+            logits = model(question, past_key_values=cache, position_ids=torch.arange(n, n + 9, device="cuda")[None])
+        cache.rollback()
+        tokens = model.generate(**cache.inputs_for(question), past_key_values=cache, max_new_tokens=10,
+                                min_new_tokens=10, do_sample=False)
+        return cache, logits.logits.float(), tokens
+
+    cache, fast, fast_tokens = run()
+    assert {name for name, _ in calls} == {"ragged_attention_with_tail", "restricted_max_scores_triton"}
+    assert {head_dim for _, head_dim in calls} == {96}
+    calls.clear()
+    with use_backend("reference"):
+        ref_cache, slow, slow_tokens = run()
+    assert not calls
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(cache.scores, ref_cache.scores, atol=tol, rtol=tol, equal_nan=True)
+    if dtype == torch.float32:
+        assert torch.equal(cache.keep_mask, ref_cache.keep_mask)
+        torch.testing.assert_close(fast, slow, atol=1e-3, rtol=0)
+        assert torch.equal(fast_tokens, slow_tokens)
+    else:  # bf16 score ties can flip a few selections; the logits must still agree closely
+        assert (cache.keep_mask != ref_cache.keep_mask).float().mean() < 0.02
+        assert (fast - slow).abs().mean() < 5e-2
+
+
+def test_phi3_head_dim_96_greedy_generation_matches_dynamic_cache(monkeypatch):
+    """Nothing evicted (ratio 1): the padded kernels must reproduce dense attention token for token."""
+    model, reference = _phi3_head_dim_96(monkeypatch, torch.float32)
+    reference.set_attn_implementation("sdpa")
+    calls = _count_kernel_calls(monkeypatch)
+    context, question = _ids(200, 13), _ids(8, 14)
+    full = torch.cat([context, question], 1)
+    cache = KVzipCache(model)
+    cache.prefill(model, context, context_start=4)
+    cache.compress(model, 1.0, tokenizer=TOK)
+    out = model.generate(full, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = reference.generate(full, past_key_values=DynamicCache(config=reference.config), max_new_tokens=12,
+                                  min_new_tokens=12, do_sample=False)
+    assert ("ragged_attention_with_tail", 96) in calls
+    assert torch.equal(out, expected)
+
+
+def _static_pair(model, context, ratio=0.3, room=48):
+    caches = []
+    for _ in range(2):
+        cache = KVzipCache(model)
+        cache.prefill(model, context, context_start=7, chunk_size=128)
+        cache.compress(model, ratio, tokenizer=TOK, chunk_size=100)
+        caches.append(cache)
+    caches[1].make_static(room)
+    return caches
+
+
+def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache():
+    """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens."""
+    torch._dynamo.reset()
+    model, _ = _on_gpu("llama", torch.float32)
+    context, question = _ids(300, 11), _ids(6, 12)
+    eager, static = _static_pair(model, context)
+    compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def greedy(cache, forward, steps=12):
+        with torch.no_grad():
+            n = int(cache.get_seq_length())
+            logits = model(question, past_key_values=cache, position_ids=torch.arange(n, n + 6, device="cuda")[None])
+            token, position = logits.logits[:, -1].argmax(-1, keepdim=True), torch.tensor([[n + 6]], device="cuda")
+            tokens = [token]
+            for _ in range(steps):
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = forward(input_ids=token, past_key_values=cache, position_ids=position).logits
+                token, position = logits[:, -1].argmax(-1, keepdim=True), position + 1
+                tokens.append(token)
+        cache.rollback()
+        return torch.cat(tokens, 1)
+
+    expected = greedy(eager, model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first, second = greedy(static, compiled), greedy(static, compiled)  # the second one replays the graph
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_generate_compiles_decode_steps_for_a_static_cache():
+    """transformers' generate compiles its decode steps itself when the cache is compileable (CUDA)."""
+    torch._dynamo.reset()
+    model, _ = _on_gpu("qwen3", torch.float32)
+    context, question = _ids(200, 13), _ids(5, 14)
+    eager, static = _static_pair(model, context)
+    inputs = eager.inputs_for(question)
+    expected = model.generate(**inputs, past_key_values=eager, max_new_tokens=16, do_sample=False)
+    for _ in range(2):  # compile, then replay
+        got = model.generate(**inputs, past_key_values=static, max_new_tokens=16, do_sample=False)
+        static.rollback()
+        assert torch.equal(got, expected)
+    kwargs = {"cache": static, "past_key_values": static}  # the key generate uses: "cache" on 5.24, the other on 5.17
+    assert static.is_compileable and model._valid_auto_compile_criteria(kwargs, model.generation_config)

@@ -16,6 +16,10 @@ from kvzip_cache.backends import reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.float32]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-5}
+# Power-of-two head dims run on every shape. Other head dims (96: Phi-3-mini, 80) pad their tiles to the next power
+# of two and mask the extra lanes: a few shapes each, so that the interpreter run stays short. 192 (tiles 256 wide,
+# so smaller key blocks and 8 warps) only where the kernels are compiled.
+WIDE_PADDED = [192] if DEVICE == "cuda" else []
 
 
 def _flat_context(lengths, head_dim, dtype, gen):
@@ -28,8 +32,10 @@ def _flat_context(lengths, head_dim, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("rows", [1, 4, 20, 33])  # GQA group x query positions: decode, questions, not a multiple of 16
+@pytest.mark.parametrize(  # rows = GQA group x query positions: decode, questions, not a multiple of 16
+    "head_dim,rows",
+    [(d, rows) for d in (64, 128) for rows in (1, 4, 20, 33)] + [(96, 20), (80, 4)] + [(d, 20) for d in WIDE_PADDED],
+)
 def test_ragged_context_attention(dtype, head_dim, rows):
     gen = torch.Generator().manual_seed(rows * 1000 + head_dim)
     num_heads = 2
@@ -49,9 +55,15 @@ def test_ragged_context_attention(dtype, head_dim, rows):
     assert torch.isneginf(lse[1, 0]).all() and (out[1, 0] == 0).all()  # row 1 reads compressed row 0: head 0 empty
 
 
+SCORE_SHAPES = [(0, 1, 1, 1), (5, 70, 37, 4), (13, 130, 129, 3)]  # prefix, chunk, n_new, GQA group
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("prefix,chunk,n_new,group", [(0, 1, 1, 1), (5, 70, 37, 4), (13, 130, 129, 3)])
+@pytest.mark.parametrize(
+    "head_dim,prefix,chunk,n_new,group",
+    [(d, *shape) for d in (64, 128) for shape in SCORE_SHAPES]
+    + [(d, *SCORE_SHAPES[1]) for d in [96, 80, *WIDE_PADDED]],
+)
 def test_restricted_max_scores(dtype, head_dim, prefix, chunk, n_new, group):
     gen = torch.Generator().manual_seed(prefix + chunk + n_new)
     num_heads = 2
@@ -72,13 +84,16 @@ def test_merge_splits_ignores_empty_splits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_len,group", [(1, 4), (3, 2), (17, 1)])
-def test_ragged_attention_with_tail_matches_reference_backend(dtype, q_len, group):
+@pytest.mark.parametrize(
+    "head_dim,q_len,group",
+    [(64, 1, 4), (64, 3, 2), (64, 17, 1), (96, 3, 2), (80, 1, 4)] + [(d, 3, 2) for d in WIDE_PADDED],
+)
+def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q_len, group):
     from kvzip_cache.backends import triton_backend
     from kvzip_cache.states import CompressedContext, RaggedKV
 
-    gen = torch.Generator().manual_seed(q_len * 7 + group)
-    num_heads, head_dim, tail = 2, 64, q_len + 40
+    gen = torch.Generator().manual_seed(q_len * 7 + group + head_dim)
+    num_heads, tail = 2, q_len + 40
     keys, values, offsets = _flat_context([0, 70, 1, 129], head_dim, dtype, gen)
     counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
     ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
@@ -92,8 +107,30 @@ def test_ragged_attention_with_tail_matches_reference_backend(dtype, q_len, grou
     valid = torch.ones(3, tail, dtype=torch.bool, device=DEVICE)
     valid[2, :9] = False  # padding inside row 2's tail
     valid[1, :38] = False  # more padding than one key block: a row's first blocks are fully masked
+    # A static tail (KVzipCache.make_static): the whole buffer, of which the first `tail` slots are written; the
+    # rest holds garbage that must stay invisible. Its length is a device tensor the kernel reads itself.
+    static = RaggedKV(ctx, src_rows, kv.src_index, buffer_k, buffer_v, length=505,
+                      tail_end=torch.tensor(tail, device=DEVICE))
+    padded_valid = torch.cat([valid, torch.ones(3, 5, dtype=torch.bool, device=DEVICE)], 1)
     for tail_valid in (None, valid):
         out = triton_backend.ragged_attention(query, kv, 0.125, tail_valid)
         expected = reference.ragged_attention(query, kv, 0.125, tail_valid)
         assert out.shape == expected.shape and not out.isnan().any()
         torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        static_valid = None if tail_valid is None else padded_valid
+        for backend in (triton_backend, reference):
+            got = backend.ragged_attention(query, static, 0.125, static_valid)
+            torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim", [8, 15, 257, 512])
+def test_unsupported_head_dim_names_the_reference_backend(head_dim):
+    """Outside 16..256 both kernels refuse before launching, and say which backend to use instead."""
+    query = torch.zeros(1, 2, 4, head_dim, device=DEVICE)
+    keys = torch.zeros(3, head_dim, device=DEVICE)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+    src = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=rf'head_dim {head_dim} .*use_backend\("reference"\)'):
+        kernels.ragged_context_attention(query, keys, keys, cu, src, 2, 1.0)
+    with pytest.raises(ValueError, match=rf'head_dim {head_dim} .*use_backend\("reference"\)'):
+        kernels.restricted_max_scores_triton(query[0], keys[None, :0], keys[None], query[0, :1], 1.0)

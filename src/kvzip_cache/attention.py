@@ -33,7 +33,9 @@ def kvzip_mask(
     """Mask builder registered for "kvzip": the 2D padding mask ``[B, kv_length]`` (True = real token), or None.
 
     ``kv_length`` is the cache's logical length plus the new tokens (sliding layers: their window plus the new
-    tokens), so the mask's last column is the last new token, as in transformers' flash-attention mask.
+    tokens), so the mask's last column is the last new token, as in transformers' flash-attention mask. A static
+    cache (`KVzipCache.make_static`) asks for its whole capacity instead: the mask is padded with False on the right
+    (slots not written yet), so that it keeps one shape from step to step.
     """
     if attention_mask is None:
         return None
@@ -43,9 +45,14 @@ def kvzip_mask(
             f"{tuple(attention_mask.shape)}. Pass the 2D attention_mask your tokenizer returns."
         )
     attention_mask = attention_mask[:, -kv_length:].bool()
-    if bool(attention_mask.all()):
-        return None
-    return attention_mask
+    # A static cache's query offset is a device tensor (its length never goes to the host), as for transformers'
+    # StaticLayer; only then may the mask be narrower than kv_length. A narrower mask otherwise is the caller's
+    # error, which the attention function reports.
+    if isinstance(q_offset, torch.Tensor) and attention_mask.shape[-1] < kv_length:
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]), value=False)
+    if torch.compiler.is_compiling() or not bool(attention_mask.all()):
+        return attention_mask  # compiled code must not read the mask on the host
+    return None
 
 
 def kvzip_attention(
@@ -64,8 +71,9 @@ def kvzip_attention(
     Args:
         module: the model's attention module (gives ``is_causal``).
         query: ``[B, Hq, q, D]`` post-RoPE queries.
-        key, value: what the cache layer's ``update()`` returned: dense ``[B, H, k, D]`` tensors, a `RaggedKV`
+        key: what the cache layer's ``update()`` returned: a dense ``[B, H, k, D]`` tensor, a `RaggedKV`
             (compressed layer) or a `ScoringKV` (reconstruction pass).
+        value: the matching values (the same object as ``key`` for a `RaggedKV` or a `ScoringKV`).
         attention_mask: ``[B, k]`` bool padding mask from `kvzip_mask`, or None.
         scaling: the model's softmax scale (Gemma3 uses ``query_pre_attn_scalar ** -0.5``).
         sliding_window: set by transformers on sliding-window layers.

@@ -66,6 +66,7 @@ class Row:
     peak_decode_gb: float = float("nan")
     floor_ms: float = float("nan")
     kernel_gbps: float = float("nan")
+    compile_s: float = float("nan")  # compiled decoding (bench_compiled): torch.compile + CUDA graph recording
     notes: list[str] = field(default_factory=list)
 
 
@@ -420,10 +421,19 @@ def main(argv=None) -> None:
     parser.add_argument("--score-chunk", type=int, default=2048)
     parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared at ratio 1.0 (0: skip)")
     parser.add_argument("--generate", action="store_true", help="also time model.generate at batch 1")
+    parser.add_argument("--compiled", action="store_true",
+                        help="compiled decoding instead: StaticCache + torch.compile vs a static KVzip cache "
+                             "(kvzip_cache.bench_compiled)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
+    if args.compiled:
+        from .bench_compiled import run_compiled, write_compiled_report
+
+        write_compiled_report(run_compiled(args), args.out)
+        print(f"wrote {args.out}/compiled.json, compiled.md")
+        return
     result = run(args)
     write_report(result, args.out)
     print(f"wrote {args.out}/results.json, report.md, decode.png")

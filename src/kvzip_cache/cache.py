@@ -39,10 +39,12 @@ class CompressReport:
     """What `KVzipCache.compress` did.
 
     Attributes:
-        level, ratio: as requested.
+        level: as requested (``"pair"``, ``"pair-uniform"`` or ``"head"``).
+        ratio: as requested: the fraction of context pairs kept.
         achieved_ratio: kept context pairs / selectable context pairs, over all rows and compressible layers.
         kept_per_layer: ``[L]`` context pairs kept per layer (summed over rows and heads; sliding layers: 0).
-        bytes_before, bytes_after: `KVzipCache.kv_bytes` before and after eviction.
+        bytes_before: `KVzipCache.kv_bytes` before eviction.
+        bytes_after: `KVzipCache.kv_bytes` after eviction.
         metadata_bytes: bytes of per-pair positions and per-head offsets after eviction.
         seconds: wall time of scoring plus eviction.
     """
@@ -101,12 +103,14 @@ class KVzipCache(Cache):
     Args:
         model_or_config: the model (loaded with ``attn_implementation="kvzip"``) or its config.
 
-    Attributes (after `prefill`):
+    Attributes:
         input_ids: ``[B, S]`` the prefilled ids (padded coordinates).
         attention_mask: ``[B, S]`` bool, False on left padding.
         context_start: ``[B]`` int64, first context position of each row.
         scores: ``[L, B, H, S - min(context_start)]`` float32 KVzip scores after `compress` (NaN = not scored).
         keep_mask: same shape, bool, the context pairs kept by the last `compress`/`evict`.
+
+    `prefill` sets the first three; `compress` and `evict` set the scores and the mask.
     """
 
     def __init__(self, model_or_config) -> None:
@@ -165,7 +169,10 @@ class KVzipCache(Cache):
                 key_states, value_states, spec["row"], spec["chunk"], spec["prefix_positions"],
                 spec["buffers"].get(layer_idx),
             )
-        return self.layers[layer_idx].update(key_states, value_states)
+        layer = self.layers[layer_idx]
+        if layer_idx == 0 and layer.is_static and not torch.compiler.is_compiling():
+            self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
+        return layer.update(key_states, value_states)
 
     def reset(self) -> None:
         super().reset()
@@ -417,6 +424,44 @@ class KVzipCache(Cache):
         self.keep_mask = keep_mask
         if self.compressed_with is None:
             self.compressed_with = ("custom", float(keep_mask.sum()) / max(int(selectable.sum()), 1))
+
+    # ----------------------------------------------------------------------------------------- compiled decoding
+    @property
+    def is_static(self) -> bool:
+        """Whether `make_static` was called: fixed shapes, lengths on the device, ready for torch.compile."""
+        return self.is_compressed and self.layers[0].is_static
+
+    def make_static(self, max_new_tokens: int) -> None:
+        """Make decoding compile-friendly (``is_compileable``): room for ``max_new_tokens`` tokens after the context.
+
+        Every layer preallocates its tail for ``max_new_tokens`` tokens (question plus answer; `rollback` empties it
+        again) and keeps its length on the device, so a decode step has fixed shapes, never syncs with the host, and
+        can be captured in a CUDA graph: ``generate`` compiles its decode steps on CUDA, or compile
+        ``model.forward`` yourself with ``mode="reduce-overhead"``. Call it after `compress`; the cache cannot be
+        re-compressed or grow its batch afterwards. Models with sliding-window layers are not supported yet.
+        """
+        if not self.is_compressed:
+            raise RuntimeError(
+                "make_static() needs a compressed cache: call cache.compress(...) first (ratio=1.0 keeps every pair)"
+            )
+        if len(self.compressible_layers) != len(self.layers):
+            raise NotImplementedError(
+                "make_static() supports models whose layers all use full attention; this model has sliding-window "
+                "layers. Decode with the (eager) dynamic cache instead."
+            )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
+        for layer in self.layers:
+            layer.make_static(max_new_tokens)
+
+    def _check_room(self, new_tokens: int) -> None:
+        layer = self.layers[0]
+        room = layer.tail_keys.shape[2] - int(layer.tail_end)
+        if new_tokens > room:
+            raise ValueError(
+                f"the static cache has room for {room} more tokens after the context, and this step adds "
+                f"{new_tokens}; call cache.rollback() between questions, or make_static() with a larger max_new_tokens"
+            )
 
     # ------------------------------------------------------------------------------------------------ queries
     def rollback(self) -> None:

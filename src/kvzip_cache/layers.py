@@ -8,6 +8,8 @@
    tokens, so no pass copies the cache.
 3. **compressed** - after `evict()`: an immutable `CompressedContext` (ragged per KV head) plus a dense tail that
    grows in place (amortised doubling, so appending costs O(new tokens)). `update()` returns a `RaggedKV`.
+   `make_static()` then preallocates the tail and keeps its length on the device, so that a decode step has fixed
+   shapes and never reads a length on the host: it can be compiled and captured in a CUDA graph.
 
 `KVzipSlidingLayer` is transformers' `DynamicSlidingWindowLayer` (never scored, never evicted) with a side-effect
 free `peek()` for the scoring passes and a snapshot so `rollback()` can restore its window.
@@ -45,6 +47,12 @@ class KVzipLayer(DynamicLayer):
         self.tail_length = 0
         self._spare_keys: torch.Tensor | None = None  # [B, H, cached + spare, D] backing self.keys, see reserve()
         self._spare_values: torch.Tensor | None = None
+        self.tail_end: torch.Tensor | None = None  # static mode: 0-dim int64 device tensor, written tail slots
+        self.is_compileable = False  # per instance: True once static
+
+    @property
+    def is_static(self) -> bool:
+        return self.tail_end is not None
 
     @property
     def is_compressed(self) -> bool:
@@ -64,6 +72,8 @@ class KVzipLayer(DynamicLayer):
                 f"batch size {key_states.shape[0]} does not match the cache's {len(self.src_rows)} rows; use "
                 "cache.batch_repeat_interleave(n) before generate(num_beams=n or num_return_sequences=n)"
             )
+        if self.is_static:
+            return self._update_static(key_states, value_states)
         self._append_tail(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         view = RaggedKV(
@@ -76,14 +86,20 @@ class KVzipLayer(DynamicLayer):
         )
         return view, view
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens seen (logical length). A static layer returns a 0-dim device tensor, as transformers'
+        `StaticLayer` does, so that compiled code never reads it on the host."""
+        if self.is_static:
+            return self.tail_end + self.context_length
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_static:
+            return self.context_length + self.tail_keys.shape[2], 0  # fixed: the mask covers the whole capacity
         return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.context_length + self.tail_keys.shape[2] if self.is_static else -1
 
     def reset(self) -> None:
         """Free everything: the next `update` starts an empty layer (transformers' reset only zeroes the tensors,
@@ -94,9 +110,12 @@ class KVzipLayer(DynamicLayer):
         self.context, self.context_length, self.src_rows, self.src_index = None, 0, (), None
         self.tail_keys = self.tail_values = None
         self.tail_length = 0
+        self.tail_end, self.is_compileable = None, False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end: ``-n`` removes n tokens; a positive n is the length to keep (legacy)."""
+        if self.is_static:
+            self._sync_static_length()
         keep = self.cumulative_length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
         if keep >= self.cumulative_length:
             return
@@ -111,11 +130,20 @@ class KVzipLayer(DynamicLayer):
             )
         self.tail_length = keep - self.context_length
         self.cumulative_length = keep
+        if self.is_static:
+            self.tail_end.fill_(self.tail_length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_compressed:
             return super().reorder_cache(beam_idx)
         order = beam_idx.tolist()
+        if self.is_static:  # in place: the buffers' addresses are part of a captured graph
+            self.src_rows = tuple(self.src_rows[i] for i in order)
+            self.src_index.copy_(torch.tensor(self.src_rows, dtype=torch.int32))
+            index = beam_idx.to(self.tail_keys.device)
+            self.tail_keys.copy_(self.tail_keys.index_select(0, index))
+            self.tail_values.copy_(self.tail_values.index_select(0, index))
+            return
         self._set_src_rows(tuple(self.src_rows[i] for i in order))
         if self.tail_keys is not None:
             index = beam_idx.to(self.tail_keys.device)
@@ -125,6 +153,10 @@ class KVzipLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_compressed:
             return super().batch_repeat_interleave(repeats)
+        if self.is_static and repeats != 1:
+            raise RuntimeError(
+                "a static cache has a fixed batch: call cache.batch_repeat_interleave(n) before cache.make_static()"
+            )
         self._set_src_rows(tuple(row for row in self.src_rows for _ in range(repeats)))
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys.repeat_interleave(repeats, dim=0)
@@ -205,6 +237,8 @@ class KVzipLayer(DynamicLayer):
         A dense layer becomes compressed; a compressed layer keeps the subset of its pairs selected by ``keep``
         (which must not re-admit evicted pairs). The tail, if any, is untouched.
         """
+        if self.is_static:
+            raise RuntimeError("a static cache cannot be re-compressed; compress before cache.make_static()")
         if not self.is_compressed:
             batch, num_heads, length, head_dim = self.keys.shape
             if keep.shape != (batch, num_heads, length):
@@ -261,8 +295,68 @@ class KVzipLayer(DynamicLayer):
         self.tail_keys = self.tail_values = None  # freed: the next chunk allocates its own
         self.tail_length = 0
 
+    def make_static(self, capacity: int) -> None:
+        """Preallocate the tail for ``capacity`` tokens and keep its length on the device (compile-friendly).
+
+        From then on `update` writes new tokens in place at the device-side ``tail_end``, returns views of fixed
+        shape, and `get_seq_length` returns a device tensor; nothing in a decode step reads a length on the host, so
+        it can be compiled and captured in a CUDA graph. Tokens already in the tail are kept.
+        """
+        if not self.is_compressed:
+            raise RuntimeError("make_static() needs a compressed layer")
+        if self.is_static:
+            if self.tail_keys.shape[2] != capacity:
+                raise ValueError(f"this layer is already static with room for {self.tail_keys.shape[2]} tokens")
+            return
+        if self.tail_length > capacity:
+            raise ValueError(f"{self.tail_length} tokens are already in the tail, more than the capacity {capacity}")
+        ctx = self.context
+        shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
+        tail_keys, tail_values = ctx.keys.new_zeros(shape), ctx.values.new_zeros(shape)
+        if self.tail_length:
+            tail_keys[:, :, : self.tail_length] = self.tail_keys[:, :, : self.tail_length]
+            tail_values[:, :, : self.tail_length] = self.tail_values[:, :, : self.tail_length]
+        self.tail_keys, self.tail_values = tail_keys, tail_values
+        self.tail_end = torch.tensor(self.tail_length, dtype=torch.long, device=ctx.keys.device)
+        self.is_compileable = True
+        # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.
+        for tensor in (ctx.keys, ctx.values, ctx.cu_seqlens, self.src_index, tail_keys, tail_values, self.tail_end):
+            torch._dynamo.mark_static_address(tensor)
+
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[RaggedKV, RaggedKV]:
+        """Write ``[B, H, q, D]`` states at the device-side tail end; return the fixed-shape view (no host sync).
+
+        Writing past the capacity is not checked here (that would read the length on the host); `KVzipCache`
+        checks it on eager paths, and `generate` is bounded by ``max_new_tokens``.
+        """
+        slots = self.tail_end + torch.arange(key_states.shape[-2], device=self.tail_end.device)
+        self.tail_keys.index_copy_(2, slots, key_states)
+        self.tail_values.index_copy_(2, slots, value_states)
+        self.tail_end.add_(key_states.shape[-2])
+        view = RaggedKV(
+            context=self.context,
+            src_rows=self.src_rows,
+            src_index=self.src_index,
+            tail_keys=self.tail_keys,
+            tail_values=self.tail_values,
+            length=self.context_length + self.tail_keys.shape[2],
+            tail_end=self.tail_end,
+        )
+        return view, view
+
+    def _sync_static_length(self) -> None:
+        """Read the device-side tail length into the host-side counters (eager code paths only)."""
+        self.tail_length = int(self.tail_end)
+        self.cumulative_length = self.context_length + self.tail_length
+
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
+        if self.is_static:
+            self.tail_end.zero_()  # the buffers stay where they are: a captured graph keeps reading them
+            self.tail_length, self.cumulative_length = 0, length
+            self.src_rows = tuple(range(len(self.src_rows)))
+            self.src_index.copy_(torch.arange(len(self.src_rows), dtype=torch.int32))
+            return
         if self.is_compressed:
             # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
             self.tail_keys = self.tail_values = None
@@ -327,6 +421,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
     """transformers' sliding-window layer, plus a side-effect-free `peek` and a snapshot for `rollback`."""
 
     is_compileable = False
+    is_static = False  # `KVzipCache.make_static` does not support sliding layers yet
 
     def __init__(self, sliding_window: int, **kwargs) -> None:
         super().__init__(sliding_window=sliding_window)

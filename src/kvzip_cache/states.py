@@ -93,7 +93,11 @@ class RaggedKV:
         src_index: the same as an int32 ``[B]`` tensor on the device (for kernels; no host-device copy per step).
         tail_keys: ``[B, H, t, D]``, tokens appended after compression, including the ones of this step (last).
         tail_values: ``[B, H, t, D]``.
-        length: the logical sequence length (context + tail), the width of the padding mask.
+        length: the width of the padding mask: the logical sequence length (context + tail), or, for a static
+            layer, the context length plus the tail's capacity.
+        tail_end: None, or (static layer, see `KVzipLayer.make_static`) a 0-dim int64 device tensor: only the first
+            ``tail_end`` of the ``t`` tail slots are written, and this step's tokens are the last of them. Kept on the
+            device so that a compiled decode step never reads it on the host.
     """
 
     context: CompressedContext
@@ -102,6 +106,17 @@ class RaggedKV:
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
     length: int
+    tail_end: torch.Tensor | None = None
+
+    def written(self, tail_valid: torch.Tensor | None = None) -> tuple[RaggedKV, torch.Tensor | None]:
+        """This view, and its ``[B, t]`` tail padding mask, cut to the written tail slots (a static layer's view
+        becomes an ordinary one). Reads ``tail_end`` on the host: for eager code paths only."""
+        if self.tail_end is None:
+            return self, tail_valid
+        end = int(self.tail_end)
+        view = RaggedKV(self.context, self.src_rows, self.src_index, self.tail_keys[:, :, :end],
+                        self.tail_values[:, :, :end], self.length - self.tail_keys.shape[-2] + end)
+        return view, None if tail_valid is None else tail_valid[:, :end]
 
 
 @dataclass(frozen=True)

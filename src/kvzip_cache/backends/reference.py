@@ -24,7 +24,8 @@ def attend(
 
     Args:
         query: ``[..., q, D]``.
-        key, value: ``[..., k, D]``, broadcastable against the query's leading dims.
+        key: ``[..., k, D]``, broadcastable against the query's leading dims.
+        value: ``[..., k, D]``, like ``key``.
         scaling: multiplier of ``query @ key^T``.
         allowed: bool ``[..., q, k]`` (broadcastable), True where a query may attend.
 
@@ -59,25 +60,35 @@ def causal_allowed(
     key_valid: torch.Tensor | None = None,
     sliding_window: int | None = None,
     causal: bool = True,
+    end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool mask ``[B or 1, 1, q, k]`` for queries that are the LAST ``q_len`` of the ``k_len`` keys.
 
     ``key_valid``: ``[B, k]`` bool (False = padding). Sliding windows follow transformers: a query at position p sees
     keys at positions ``> p - sliding_window``. A query that may see no key at all (a padding query) is allowed its
-    own position, so that softmaxes stay finite (padding outputs are never used).
+    own position, so that softmaxes stay finite (padding outputs are never used). ``end``: a 0-dim device tensor for
+    a static tail: the queries are the last ``q_len`` of the first ``end`` keys, and later keys are not written yet
+    (computed on the device, no host sync).
     """
-    q_pos = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(-1)
+    last = k_len if end is None else end
+    q_pos = (torch.arange(q_len, device=device) + (last - q_len)).unsqueeze(-1)
     k_pos = torch.arange(k_len, device=device).unsqueeze(0)
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         allowed &= k_pos <= q_pos
+    elif end is not None:
+        allowed &= k_pos < end
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
     allowed = allowed[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :].to(device)
-        # In place on the diagonal: a long padded prefill chunk's mask is large, so avoid another full-size temporary.
-        allowed.diagonal(offset=k_len - q_len, dim1=-2, dim2=-1).logical_or_(~allowed.any(dim=-1))
+        if end is not None:
+            allowed |= k_pos == q_pos  # the own slot (only padding queries lacked it)
+        else:
+            # In place on the diagonal: a long padded prefill chunk's mask is large, so avoid another full-size
+            # temporary.
+            allowed.diagonal(offset=k_len - q_len, dim1=-2, dim2=-1).logical_or_(~allowed.any(dim=-1))
     return allowed
 
 
@@ -163,7 +174,7 @@ def ragged_attention(
     More than `LARGE_QUERY` queries go to `segment_attention`; otherwise explicit float32 math (the reference).
 
     Args:
-        query: ``[B, Hq, q, D]``, the last ``q`` tokens of the tail.
+        query: ``[B, Hq, q, D]``, the last ``q`` tokens of the tail (of its written part, for a static tail).
         kv: the layer's view; ``kv.tail_keys`` is ``[B, H, t, D]`` with ``t >= q``.
         tail_valid: ``[B, t]`` bool padding mask of the tail, or None.
 
@@ -172,13 +183,14 @@ def ragged_attention(
     """
     batch, num_q_heads, q_len, head_dim = query.shape
     if q_len > LARGE_QUERY:
+        kv, tail_valid = kv.written(tail_valid)
         return segment_attention(query, kv, scaling, tail_valid)
     num_heads = kv.context.num_heads
     group = num_q_heads // num_heads
     tail_len = kv.tail_keys.shape[-2]
     grouped = query.view(batch, num_heads, group, q_len, head_dim)
 
-    allowed = causal_allowed(q_len, tail_len, query.device, tail_valid).unsqueeze(1)  # [B|1, 1, 1, q, t]
+    allowed = causal_allowed(q_len, tail_len, query.device, tail_valid, end=kv.tail_end).unsqueeze(1)  # [B|1,1,1,q,t]
     out, lse = attend(grouped, kv.tail_keys.unsqueeze(2), kv.tail_values.unsqueeze(2), scaling, allowed)
 
     ctx, offsets = kv.context, kv.context.offsets
@@ -249,8 +261,10 @@ def scoring_attention(
         query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
         kv: the layer's scoring view (``[1, H, T + n, D]``: the cached row, then the reconstruction input).
         key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
-        dense, scores: the dense-attention and score functions (other backends pass their own); default: this
-            module's `dense_attention` and `restricted_max_scores`.
+        dense: the dense-attention function (other backends pass their own); default: this module's
+            `dense_attention`.
+        scores: the score function (other backends pass their own); default: this module's
+            `restricted_max_scores`.
 
     Returns:
         ``[1, n, Hq, D]`` in the query dtype.

@@ -28,12 +28,13 @@ def ragged_attention(
     """
     batch, num_q_heads, q_len, head_dim = query.shape
     if q_len > reference.LARGE_QUERY:
+        kv, tail_valid = kv.written(tail_valid)
         return reference.segment_attention(query, kv, scaling, tail_valid)
     ctx = kv.context
     grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
     return ragged_attention_with_tail(
         grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
-        kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len,
+        kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
     )
 
 
