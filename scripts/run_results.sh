@@ -20,7 +20,7 @@ $PY -m kvzip_cache.eval --model gemma3-270m --task needle --num-contexts 2 \
     --methods full kvzip streaming snapkv h2o --ratios 0.5 0.3 0.1 --out $R/gemma3-270m-needle
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task gsm8k --num-contexts 3 \
     --methods full kvzip snapkv h2o --ratios 0.3 --out $R/qwen2.5-coder-1.5b-gsm8k
-$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task hotpotqa --num-contexts 1 --context-tokens 2500 \
+$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task hotpotqa --num-contexts 4 --context-tokens 2500 \
     --max-questions 4 --methods $ALL --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-hotpotqa
 $PY -m kvzip_cache.eval --model gemma3-270m --task squad --num-contexts 2 --max-questions 8 \
     --methods full kvzip streaming snapkv h2o --ratios 0.5 0.3 0.1 --out $R/gemma3-270m-squad

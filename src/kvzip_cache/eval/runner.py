@@ -215,7 +215,8 @@ def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
             points = [(r, _method_value(means, task, metric, method, r)) for r in ratios]
             points = [(r, v) for r, v in points if v is not None]
             if points:
-                style = "--" if method == "full" else "-o"
+                # The full cache is a dashed reference line, with markers so that a one-ratio run still shows it.
+                style = "--s" if method == "full" else "-o"
                 ax.plot(*zip(*points), style, label=method)
         ax.set(title=f"{task} ({config.model})", xlabel="ratio (fraction of KV pairs kept)", ylabel=metric,
                ylim=(-0.05, 1.05))
