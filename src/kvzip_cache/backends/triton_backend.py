@@ -9,12 +9,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kvzip_cache.kernels import ragged_attention_with_tail, restricted_max_scores_triton
 
 from ..states import RaggedKV, ScoringKV
 from . import reference
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU: Triton launches on the current device, and a model sharded over GPUs
+    (``device_map="auto"``) runs layers on others. Compiled graphs get inductor's own device guards."""
+    if torch.compiler.is_compiling() or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def ragged_attention(
@@ -32,12 +42,14 @@ def ragged_attention(
         return reference.segment_attention(query, kv, scaling, tail_valid)
     ctx = kv.context
     grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
-    return ragged_attention_with_tail(
-        grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
-        kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
-    )
+    with _on(query.device):
+        return ragged_attention_with_tail(
+            grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
+            kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
+        )
 
 
 def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Same contract as `reference.scoring_attention`, with the Triton scores."""
-    return reference.scoring_attention(query, kv, scaling, key_valid, scores=restricted_max_scores_triton)
+    with _on(query.device):
+        return reference.scoring_attention(query, kv, scaling, key_valid, scores=restricted_max_scores_triton)
