@@ -301,6 +301,11 @@ def run(args) -> dict:
                 print(_line(row))
             del cache
             torch.cuda.empty_cache()
+    return result_record(args, weight_bytes, bandwidth, rows)
+
+
+def result_record(args, weight_bytes: int, bandwidth: float, rows: list[Row]) -> dict:
+    """What a benchmark run writes to its JSON: the machine, the model, the bandwidth and every row."""
     return {
         "machine": _machine(),
         "model": args.model,
