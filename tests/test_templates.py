@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvzip_cache import encode_context, encode_query, reconstruction_inputs
+from kvzip_cache import encode_context, encode_contexts, encode_queries, encode_query, reconstruction_inputs
 from kvzip_cache.models import load_pypi_model, pypi_model_available
 
 
@@ -48,3 +48,20 @@ def test_base_model_without_chat_template_keeps_its_bos():
     context_ids, start = encode_context(tok, "Some text.")
     assert start == 1 and int(context_ids[0, 0]) == tok.bos_token_id
     assert tok.decode(encode_query(tok, "Why?")[0]) == "\n\nWhy?\n"
+
+
+def test_batch_encoding_left_pads_each_row_as_encoded_alone():
+    tok = _tokenizer("smollm2-135m")
+    texts = ["A short one.", "A somewhat longer context, with a few more words in it.", "Mid length here."]
+    ids, mask, starts = encode_contexts(tok, texts)
+    for b, text in enumerate(texts):
+        alone, start = encode_context(tok, text)
+        padding = ids.shape[1] - alone.shape[1]
+        assert torch.equal(ids[b, padding:], alone[0]) and int(starts[b]) == padding + start
+        assert mask[b, :padding].sum() == 0 and bool(mask[b, padding:].all())
+    questions = ["Why?", "What is in the longer context exactly?"]
+    query_ids, query_mask = encode_queries(tok, questions)
+    for b, question in enumerate(questions):
+        alone = encode_query(tok, question)[0]
+        assert torch.equal(query_ids[b, query_ids.shape[1] - len(alone):], alone)
+        assert int(query_mask[b].sum()) == len(alone)

@@ -9,7 +9,7 @@ from .cache import CompressReport, KVzipCache
 from .head_scores import HeadScores, shipped_head_scores
 from .scoring import reconstruction_inputs
 from .selection import select_heads, select_pairs
-from .templates import encode_context, encode_query
+from .templates import encode_context, encode_contexts, encode_queries, encode_query
 
 register()
 
@@ -20,6 +20,8 @@ __all__ = [
     "KVzipCache",
     "__version__",
     "encode_context",
+    "encode_contexts",
+    "encode_queries",
     "encode_query",
     "reconstruction_inputs",
     "register",

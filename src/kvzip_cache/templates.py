@@ -79,3 +79,41 @@ def encode_query(tokenizer, question: str) -> torch.Tensor:
     """
     ids = encode_text(tokenizer, f"\n\n{question.strip()}") + encode_text(tokenizer, chat_pieces(tokenizer).assistant_turn)
     return torch.tensor([ids], dtype=torch.long)
+
+
+def encode_contexts(
+    tokenizer, texts: list[str], system_prompt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several contexts as one left-padded batch for `KVzipCache.prefill`, each encoded like `encode_context`.
+
+    Returns:
+        ``(input_ids [B, S], attention_mask [B, S], context_start [B])``: pass all three to ``prefill``.
+    """
+    encoded = [encode_context(tokenizer, text, system_prompt) for text in texts]
+    ids, mask = left_pad([row[0] for row, _ in encoded], _pad_id(tokenizer))
+    padding = ids.shape[1] - mask.sum(dim=1)
+    return ids, mask, padding + torch.tensor([start for _, start in encoded])
+
+
+def encode_queries(tokenizer, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One question per row, each encoded like `encode_query`, left-padded: ``(query_ids [B, n], query_mask [B, n])``
+    for `KVzipCache.inputs_for`."""
+    return left_pad([encode_query(tokenizer, question)[0] for question in questions], _pad_id(tokenizer))
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors into ``[B, longest]`` ids and their 0/1 mask, padded on the left (what the cache takes)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :], mask[b, width - len(row) :] = torch.as_tensor(row), 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
