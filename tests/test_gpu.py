@@ -207,10 +207,12 @@ def _static_pair(model, context, ratio=0.3, room=48):
     return caches
 
 
-def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache():
-    """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens."""
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch):
+    """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens
+    (Gemma3: with its sliding layers' windows in fixed buffers)."""
     torch._dynamo.reset()
-    model, _ = _on_gpu("llama", torch.float32)
+    model, _ = _on_gpu(arch, torch.float32)
     context, question = _ids(300, 11), _ids(6, 12)
     eager, static = _static_pair(model, context)
     compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
@@ -235,10 +237,11 @@ def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache()
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
-def test_generate_compiles_decode_steps_for_a_static_cache():
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_generate_compiles_decode_steps_for_a_static_cache(arch):
     """transformers' generate compiles its decode steps itself when the cache is compileable (CUDA)."""
     torch._dynamo.reset()
-    model, _ = _on_gpu("qwen3", torch.float32)
+    model, _ = _on_gpu(arch, torch.float32)
     context, question = _ids(200, 13), _ids(5, 14)
     eager, static = _static_pair(model, context)
     inputs = eager.inputs_for(question)

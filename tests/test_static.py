@@ -22,7 +22,7 @@ def _compressed(model, context, ratio=0.4, context_start=4, **prefill):
     return cache
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3", "phi3", "gemma3", "qwen2-sliding"])
 def test_static_generate_equals_dynamic_compressed_cache(arch_name):
     model, _ = make_pair(arch_name)
     context = _ids(48, 1)
@@ -58,10 +58,12 @@ def test_static_left_padded_batch_with_padded_questions_equals_dynamic():
     assert torch.equal(got, expected)
 
 
-def test_compiled_decode_loop_has_no_graph_break_or_recompile():
-    """A plain ``torch.compile(model.forward, fullgraph=True)`` decode loop: one graph for every step."""
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+def test_compiled_decode_loop_has_no_graph_break_or_recompile(arch_name):
+    """A plain ``torch.compile(model.forward, fullgraph=True)`` decode loop: one graph for every step (Gemma3: its
+    sliding layers too)."""
     torch._dynamo.reset()
-    model, _ = make_pair("llama")
+    model, _ = make_pair(arch_name)
     context = _ids(40, 6)
     dynamic, static = _compressed(model, context), _compressed(model, context)
     static.make_static(max_new_tokens=16)
@@ -108,7 +110,10 @@ def test_static_errors_are_clear_and_leave_the_cache_usable():
     out = model.generate(**cache.inputs_for(_ids(3, 10)), past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 30 + 3 + 4
 
-    sliding, _ = make_pair("gemma3")
-    gemma = _compressed(sliding, _ids(30, 11))
-    with pytest.raises(NotImplementedError, match="sliding-window"):
+    sliding, _ = make_pair("gemma3")  # window 6: a 5-token context (4 of them protected) leaves it not full
+    gemma = KVzipCache(sliding)
+    gemma.prefill(sliding, _ids(5, 11), context_start=4)
+    gemma.compress(sliding, 1.0, tokenizer=TOK)
+    with pytest.raises(ValueError, match="sliding window"):
         gemma.make_static(8)
+    assert not gemma.is_static and not any(layer.is_static for layer in gemma.layers)  # nothing half-done

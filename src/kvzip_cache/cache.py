@@ -122,6 +122,7 @@ class KVzipCache(Cache):
             for kind in self.layer_types
         ]
         super().__init__(layers=layers)
+        self._first_full = self.layer_types.index(_FULL) if _FULL in self.layer_types else -1
         self._clear_context()
 
     def _clear_context(self) -> None:
@@ -170,7 +171,7 @@ class KVzipCache(Cache):
                 spec["buffers"].get(layer_idx),
             )
         layer = self.layers[layer_idx]
-        if layer_idx == 0 and layer.is_static and not torch.compiler.is_compiling():
+        if layer.is_static and layer_idx == self._first_full and not torch.compiler.is_compiling():
             self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
         return layer.update(key_states, value_states)
 
@@ -438,24 +439,26 @@ class KVzipCache(Cache):
         again) and keeps its length on the device, so a decode step has fixed shapes, never syncs with the host, and
         can be captured in a CUDA graph: ``generate`` compiles its decode steps on CUDA, or compile
         ``model.forward`` yourself with ``mode="reduce-overhead"``. Call it after `compress`; the cache cannot be
-        re-compressed or grow its batch afterwards. Models with sliding-window layers are not supported yet.
+        re-compressed or grow its batch afterwards. Sliding-window layers (Gemma3) keep their window in fixed buffers;
+        they need a context at least as long as the window.
         """
         if not self.is_compressed:
             raise RuntimeError(
                 "make_static() needs a compressed cache: call cache.compress(...) first (ratio=1.0 keeps every pair)"
             )
-        if len(self.compressible_layers) != len(self.layers):
-            raise NotImplementedError(
-                "make_static() supports models whose layers all use full attention; this model has sliding-window "
-                "layers. Decode with the (eager) dynamic cache instead."
-            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
+        appended = self.layers[self._first_full].tail_length
+        if appended > max_new_tokens:
+            raise ValueError(f"{appended} tokens were appended after the context, more than max_new_tokens")
+        sliding = [layer for layer in self.layers if isinstance(layer, KVzipSlidingLayer)]
+        if sliding:
+            sliding[0].make_static(max_new_tokens)  # raises before anything changed if the windows are not full
         for layer in self.layers:
             layer.make_static(max_new_tokens)
 
     def _check_room(self, new_tokens: int) -> None:
-        layer = self.layers[0]
+        layer = self.layers[self._first_full]
         room = layer.tail_keys.shape[2] - int(layer.tail_end)
         if new_tokens > room:
             raise ValueError(

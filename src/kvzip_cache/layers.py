@@ -418,14 +418,54 @@ class KVzipLayer(DynamicLayer):
 
 
 class KVzipSlidingLayer(DynamicSlidingWindowLayer):
-    """transformers' sliding-window layer, plus a side-effect-free `peek` and a snapshot for `rollback`."""
+    """transformers' sliding-window layer, plus a side-effect-free `peek` and a snapshot for `rollback`.
 
-    is_compileable = False
-    is_static = False  # `KVzipCache.make_static` does not support sliding layers yet
+    `make_static` fixes its window buffers and keeps its length on the device, as `KVzipLayer.make_static` does.
+    """
 
     def __init__(self, sliding_window: int, **kwargs) -> None:
         super().__init__(sliding_window=sliding_window)
         self._snapshot: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.length: torch.Tensor | None = None  # static mode: tokens seen, 0-dim int64 on the device
+        self.is_compileable = False
+
+    @property
+    def is_static(self) -> bool:
+        return self.length is not None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_static:
+            return super().update(key_states, value_states, *args, **kwargs)
+        # The window's last sliding_window - 1 tokens plus the new ones, as the dynamic layer returns; the buffers
+        # then keep the newest sliding_window - 1 in place (fixed addresses for CUDA graphs).
+        keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        self.keys.copy_(keys[:, :, -self.keys.shape[2] :])
+        self.values.copy_(values[:, :, -self.values.shape[2] :])
+        self.length.add_(key_states.shape[-2])
+        return keys, values
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        return self.length if self.is_static else super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_static:  # always full (make_static checks it); the kvzip mask does not use the offset
+            return self.keys.shape[2] + query_length, 0
+        return super().get_mask_sizes(query_length)
+
+    def make_static(self, capacity: int) -> None:
+        """Fix the window buffers and keep the length on the device (see `KVzipLayer.make_static`)."""
+        if self.is_static:
+            return
+        if not self.is_initialized or self.cumulative_length < self.sliding_window:
+            raise ValueError(
+                f"make_static() needs contexts of at least the sliding window ({self.sliding_window} tokens), so "
+                "that every sliding layer's window is full; decode this one with the dynamic cache"
+            )
+        self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+        self.length = torch.tensor(self.cumulative_length, dtype=torch.long, device=self.keys.device)
+        self.is_compileable = True
+        for tensor in (self.keys, self.values, self.length):
+            torch._dynamo.mark_static_address(tensor)
 
     def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
         """What `update` would return for row ``row`` (cached window + new states), without storing anything."""
@@ -443,12 +483,38 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         if self._snapshot is None:
             raise RuntimeError("rollback() needs a prefilled cache")
         keys, values, cumulative = self._snapshot
-        self.keys, self.values, self.cumulative_length = keys.clone(), values.clone(), cumulative
+        if self.is_static:  # in place: a captured graph keeps reading these buffers
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+            self.length.fill_(cumulative)
+        else:
+            self.keys, self.values = keys.clone(), values.clone()
+        self.cumulative_length = cumulative
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_static:
+            raise RuntimeError("a static cache's sliding layers cannot be cropped; use cache.rollback()")
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_static:
+            return super().reorder_cache(beam_idx)
+        index = beam_idx.to(self.keys.device)
+        self.keys.copy_(self.keys.index_select(0, index))
+        self.values.copy_(self.values.index_select(0, index))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_static and repeats != 1:
+            raise RuntimeError(
+                "a static cache has a fixed batch: call cache.batch_repeat_interleave(n) before cache.make_static()"
+            )
+        super().batch_repeat_interleave(repeats)
 
     def reset(self) -> None:
         _release(self)
         self.cumulative_length = 0
         self._snapshot = None
+        self.length, self.is_compileable = None, False
 
     def kv_bytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

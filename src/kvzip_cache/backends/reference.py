@@ -112,7 +112,8 @@ def dense_attention(
         ``[B, q, Hq, D]`` in the query dtype.
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
-    padded = key_valid is not None and not bool(key_valid.all())
+    # (compiled code must not read the mask on the host: there, a given mask counts as padded)
+    padded = key_valid is not None and (torch.compiler.is_compiling() or not bool(key_valid.all()))
     windowed = sliding_window is not None and k_len > sliding_window
     plain = not padded and not windowed and (not causal or q_len == 1 or q_len == k_len)
     if plain:
