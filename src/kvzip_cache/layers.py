@@ -213,7 +213,7 @@ class KVzipLayer(DynamicLayer):
             keys=keys,
             values=values,
             cached_length=length,
-            prefix_positions=prefix_positions,
+            prefix_positions=prefix_positions.to(keys.device),  # a sharded model: this layer's GPU
             chunk=chunk,
             scores_out=scores_out,
         )
