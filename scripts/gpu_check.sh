@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py tests/test_gpu.py \
+  python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py tests/test_gpu.py tests/test_multi_gpu.py \
     tests/test_architectures.py 2>&1 | tail -25 | tee "$out/tests.log"
 fi
 if [ "$#" -gt 0 ]; then
