@@ -8,7 +8,7 @@ PY=${PYTHON:-python}
 R=docs/results
 ALL="full kvzip kvzip-head random streaming snapkv h2o"
 # Ratio 1.0 evicts nothing: every method equals `full` there (a test checks it), so most sweeps skip it.
-$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task squad --num-contexts 2 --max-questions 8 \
+$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task squad --num-contexts 4 --max-questions 8 \
     --methods $ALL --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-squad
 $PY -m kvzip_cache.eval --model smollm2-135m --task squad --num-contexts 3 --max-questions 8 \
     --methods $ALL kvzip-uniform --ratios 0.5 0.3 0.2 0.1 --out $R/smollm2-squad
