@@ -448,12 +448,8 @@ class KVzipCache(Cache):
             )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
-        appended = self.layers[self._first_full].tail_length
-        if appended > max_new_tokens:
-            raise ValueError(f"{appended} tokens were appended after the context, more than max_new_tokens")
-        sliding = [layer for layer in self.layers if isinstance(layer, KVzipSlidingLayer)]
-        if sliding:
-            sliding[0].make_static(max_new_tokens)  # raises before anything changed if the windows are not full
+        for layer in self.layers:  # every check first, so that a refusal leaves the cache as it was
+            layer.check_static(max_new_tokens)
         for layer in self.layers:
             layer.make_static(max_new_tokens)
 

@@ -137,26 +137,20 @@ class KVzipLayer(DynamicLayer):
         if not self.is_compressed:
             return super().reorder_cache(beam_idx)
         order = beam_idx.tolist()
-        if self.is_static:  # in place: the buffers' addresses are part of a captured graph
-            self.src_rows = tuple(self.src_rows[i] for i in order)
-            self.src_index.copy_(torch.tensor(self.src_rows, dtype=torch.int32))
-            index = beam_idx.to(self.tail_keys.device)
-            self.tail_keys.copy_(self.tail_keys.index_select(0, index))
-            self.tail_values.copy_(self.tail_values.index_select(0, index))
-            return
         self._set_src_rows(tuple(self.src_rows[i] for i in order))
         if self.tail_keys is not None:
             index = beam_idx.to(self.tail_keys.device)
-            self.tail_keys = self.tail_keys.index_select(0, index)
-            self.tail_values = self.tail_values.index_select(0, index)
+            keys, values = self.tail_keys.index_select(0, index), self.tail_values.index_select(0, index)
+            if self.is_static:  # in place: the buffers' addresses are part of a captured graph
+                self.tail_keys.copy_(keys)
+                self.tail_values.copy_(values)
+            else:
+                self.tail_keys, self.tail_values = keys, values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_compressed:
             return super().batch_repeat_interleave(repeats)
-        if self.is_static and repeats != 1:
-            raise RuntimeError(
-                "a static cache has a fixed batch: call cache.batch_repeat_interleave(n) before cache.make_static()"
-            )
+        _refuse_batch_change(self, repeats)
         self._set_src_rows(tuple(row for row in self.src_rows for _ in range(repeats)))
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys.repeat_interleave(repeats, dim=0)
@@ -302,14 +296,9 @@ class KVzipLayer(DynamicLayer):
         shape, and `get_seq_length` returns a device tensor; nothing in a decode step reads a length on the host, so
         it can be compiled and captured in a CUDA graph. Tokens already in the tail are kept.
         """
-        if not self.is_compressed:
-            raise RuntimeError("make_static() needs a compressed layer")
+        self.check_static(capacity)
         if self.is_static:
-            if self.tail_keys.shape[2] != capacity:
-                raise ValueError(f"this layer is already static with room for {self.tail_keys.shape[2]} tokens")
             return
-        if self.tail_length > capacity:
-            raise ValueError(f"{self.tail_length} tokens are already in the tail, more than the capacity {capacity}")
         ctx = self.context
         shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
         tail_keys, tail_values = ctx.keys.new_zeros(shape), ctx.values.new_zeros(shape)
@@ -322,6 +311,15 @@ class KVzipLayer(DynamicLayer):
         # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.
         for tensor in (ctx.keys, ctx.values, ctx.cu_seqlens, self.src_index, tail_keys, tail_values, self.tail_end):
             torch._dynamo.mark_static_address(tensor)
+
+    def check_static(self, capacity: int) -> None:
+        """Raise unless `make_static(capacity)` can succeed (changes nothing)."""
+        if not self.is_compressed:
+            raise RuntimeError("make_static() needs a compressed layer")
+        if self.is_static and self.tail_keys.shape[2] != capacity:
+            raise ValueError(f"this layer is already static with room for {self.tail_keys.shape[2]} tokens")
+        if not self.is_static and self.tail_length > capacity:
+            raise ValueError(f"{self.tail_length} tokens are already in the tail, more than the capacity {capacity}")
 
     def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[RaggedKV, RaggedKV]:
         """Write ``[B, H, q, D]`` states at the device-side tail end; return the fixed-shape view (no host sync).
@@ -354,8 +352,7 @@ class KVzipLayer(DynamicLayer):
         if self.is_static:
             self.tail_end.zero_()  # the buffers stay where they are: a captured graph keeps reading them
             self.tail_length, self.cumulative_length = 0, length
-            self.src_rows = tuple(range(len(self.src_rows)))
-            self.src_index.copy_(torch.arange(len(self.src_rows), dtype=torch.int32))
+            self._set_src_rows(tuple(range(len(self.src_rows))))
             return
         if self.is_compressed:
             # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
@@ -385,7 +382,11 @@ class KVzipLayer(DynamicLayer):
     # ------------------------------------------------------------------------------------------------- internals
     def _set_src_rows(self, rows: tuple[int, ...]) -> None:
         self.src_rows = rows
-        self.src_index = torch.tensor(rows, dtype=torch.int32).to(self.context.keys.device, non_blocking=True)
+        index = torch.tensor(rows, dtype=torch.int32)
+        if self.is_static:  # same batch size; the tensor keeps its address (a captured graph reads it)
+            self.src_index.copy_(index)
+        else:
+            self.src_index = index.to(self.context.keys.device, non_blocking=True)
 
     def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write new states after the tail, growing its buffer geometrically (never copying the context)."""
@@ -454,18 +455,22 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def make_static(self, capacity: int) -> None:
         """Fix the window buffers and keep the length on the device (see `KVzipLayer.make_static`)."""
+        self.check_static(capacity)
         if self.is_static:
             return
-        if not self.is_initialized or self.cumulative_length < self.sliding_window:
-            raise ValueError(
-                f"make_static() needs contexts of at least the sliding window ({self.sliding_window} tokens), so "
-                "that every sliding layer's window is full; decode this one with the dynamic cache"
-            )
         self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
         self.length = torch.tensor(self.cumulative_length, dtype=torch.long, device=self.keys.device)
         self.is_compileable = True
         for tensor in (self.keys, self.values, self.length):
             torch._dynamo.mark_static_address(tensor)
+
+    def check_static(self, capacity: int) -> None:
+        """Raise unless `make_static` can succeed: the window must be full (changes nothing)."""
+        if not self.is_static and (not self.is_initialized or self.cumulative_length < self.sliding_window):
+            raise ValueError(
+                f"make_static() needs contexts of at least the sliding window ({self.sliding_window} tokens), so "
+                "that every sliding layer's window is full; decode this one with the dynamic cache"
+            )
 
     def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
         """What `update` would return for row ``row`` (cached window + new states), without storing anything."""
@@ -504,10 +509,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.values.copy_(self.values.index_select(0, index))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_static and repeats != 1:
-            raise RuntimeError(
-                "a static cache has a fixed batch: call cache.batch_repeat_interleave(n) before cache.make_static()"
-            )
+        _refuse_batch_change(self, repeats)
         super().batch_repeat_interleave(repeats)
 
     def reset(self) -> None:
@@ -521,6 +523,13 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def metadata_bytes(self) -> int:
         return 0
+
+
+def _refuse_batch_change(layer, repeats: int) -> None:
+    if layer.is_static and repeats != 1:
+        raise RuntimeError(
+            "a static cache has a fixed batch: call cache.batch_repeat_interleave(n) before cache.make_static()"
+        )
 
 
 def _release(layer) -> None:
