@@ -7,6 +7,7 @@ from ._version import __version__
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import CompressReport, KVzipCache
 from .head_scores import HeadScores, shipped_head_scores
+from .scorers import ScorePredictor, shipped_predictors
 from .scoring import reconstruction_inputs
 from .selection import select_heads, select_pairs
 from .templates import encode_context, encode_contexts, encode_queries, encode_query
@@ -18,6 +19,7 @@ __all__ = [
     "CompressReport",
     "HeadScores",
     "KVzipCache",
+    "ScorePredictor",
     "__version__",
     "encode_context",
     "encode_contexts",
@@ -28,4 +30,5 @@ __all__ = [
     "select_heads",
     "select_pairs",
     "shipped_head_scores",
+    "shipped_predictors",
 ]

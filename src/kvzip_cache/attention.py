@@ -69,7 +69,7 @@ def kvzip_attention(
     """Attention entry point registered as "kvzip".
 
     Args:
-        module: the model's attention module (gives ``is_causal``).
+        module: the model's attention module (gives ``is_causal``, and ``o_proj.weight`` to KVzip+ scoring passes).
         query: ``[B, Hq, q, D]`` post-RoPE queries.
         key: what the cache layer's ``update()`` returned: a dense ``[B, H, k, D]`` tensor, a `RaggedKV`
             (compressed layer) or a `ScoringKV` (reconstruction pass).
@@ -99,13 +99,28 @@ def kvzip_attention(
         out = backend.ragged(query, key, scaling, tail_valid)
     elif isinstance(key, ScoringKV):
         _check_mask_width(attention_mask, key.keys.shape[-2])
-        out = backend.scoring(query, key, scaling, attention_mask)
+        if key.is_plus and key.scores_out is not None:  # KVzip+ weights by ||W_O v||: hand over o_proj's weight
+            out = backend.scoring(query, key, scaling, attention_mask, out_weight=_out_weight(module))
+        else:
+            out = backend.scoring(query, key, scaling, attention_mask)
     else:
         raise TypeError(
             f"the kvzip attention got keys of type {type(key).__name__}; it only works with a KVzipCache. "
             "Pass past_key_values=KVzipCache(model) (or load the model with another attn_implementation)."
         )
     return out, None
+
+
+def _out_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``[hidden, Hq * D]`` weight of the attention module's output projection (KVzip+ scores read it)."""
+    o_proj = getattr(module, "o_proj", None)
+    weight = getattr(o_proj, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"KVzip+ scores need the attention module's output projection as module.o_proj.weight "
+            f"[hidden, heads x head_dim]; {type(module).__name__} has none. Score with target='kvzip' instead."
+        )
+    return weight
 
 
 def _check_mask_width(mask: torch.Tensor | None, width: int) -> None:

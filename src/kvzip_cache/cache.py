@@ -24,14 +24,18 @@ from transformers.cache_utils import Cache
 
 from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
 from .compat import cache_kwarg
+from .config import FULL as _FULL
+from .config import layer_types, text_config
+from .eviction import PrefillEviction
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
-from .scoring import score_by_reconstruction
+from .scorers.predictor import ScorePredictor
+from .scorers.rotary import rotary_tables
+from .scoring import RECONSTRUCTION_TARGETS, score_by_reconstruction
 from .selection import LEVELS, select_heads, select_pairs
 
 logger = logging.getLogger("kvzip_cache")
 
-_FULL, _SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclass
@@ -65,38 +69,6 @@ class CompressReport:
         )
 
 
-def _config_of(model_or_config):
-    config = getattr(model_or_config, "config", model_or_config)
-    if not hasattr(config, "get_text_config"):
-        raise TypeError(f"KVzipCache needs a transformers model or config, got {type(model_or_config).__name__}")
-    return config.get_text_config(decoder=True)
-
-
-def _layer_types(config) -> list[str]:
-    """Per-layer attention type; reject what the ragged cache cannot represent."""
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError("KVzipCache supports decoder-only models; encoder-decoder models are not supported")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"{config.model_type}: attention logit soft-capping is not supported by the kvzip attention "
-            "(supported: Llama 3, Qwen2/2.5, Qwen3, Gemma3, Mistral, Phi3 and similar)"
-        )
-    if getattr(config, "kv_lora_rank", None) or getattr(config, "use_mla", False):
-        raise ValueError(f"{config.model_type}: multi-head latent attention (MLA) is not supported")
-    num_layers = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        sliding = getattr(config, "sliding_window", None) is not None
-        types = [_SLIDING if sliding else _FULL] * num_layers
-    unsupported = sorted(set(types) - {_FULL, _SLIDING})
-    if unsupported:
-        raise ValueError(
-            f"{config.model_type}: layer types {unsupported} are not supported by KVzipCache "
-            "(supported: full_attention and sliding_attention layers)"
-        )
-    return list(types)
-
-
 class KVzipCache(Cache):
     """A transformers `Cache` with KVzip compression. See the module docstring for the life cycle.
 
@@ -114,8 +86,8 @@ class KVzipCache(Cache):
     """
 
     def __init__(self, model_or_config) -> None:
-        config = _config_of(model_or_config)
-        self.layer_types = _layer_types(config)
+        config = text_config(model_or_config)
+        self.layer_types = layer_types(config)
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = [
             KVzipLayer() if kind == _FULL else KVzipSlidingLayer(sliding_window=config.sliding_window)
@@ -132,6 +104,7 @@ class KVzipCache(Cache):
         self.scores: torch.Tensor | None = None
         self.keep_mask: torch.Tensor | None = None
         self.compressed_with: tuple[str, float] | None = None
+        self.score_source: str | None = None  # "kvzip", "kvzip+", "predicted" or "head": where `scores` came from
         self._scoring: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -168,7 +141,7 @@ class KVzipCache(Cache):
             spec = self._scoring
             return self.layers[layer_idx].peek(
                 key_states, value_states, spec["row"], spec["chunk"], spec["prefix_positions"],
-                spec["buffers"].get(layer_idx),
+                spec["buffers"].get(layer_idx), query_norms=spec["query_norms"].get(layer_idx),
             )
         layer = self.layers[layer_idx]
         if layer.is_static and layer_idx == self._first_full and not torch.compiler.is_compiling():
@@ -190,9 +163,18 @@ class KVzipCache(Cache):
         context_start: int | torch.Tensor = 0,
         chunk_size: int = 16384,
         head_scores: HeadScores | torch.Tensor | None = None,
+        predictor: ScorePredictor | None = None,
         ratio: float | None = None,
+        level: str = "pair",
     ) -> None:
         """Fill the cache with ``[protected prefix | context]``, ``chunk_size`` tokens per forward pass.
+
+        With ``predictor`` and ``ratio``, the cache is compressed while it is filled: after every chunk, the
+        predictor scores the chunk's context pairs and only ``ratio`` of them stay (one top-k per row over layers x
+        heads x the chunk's positions for ``level="pair"``, per (layer, head) for ``"pair-uniform"``); the rest is
+        freed before the next chunk runs, so the full cache never exists (peak ~ ratio x full KV + one chunk). Each
+        chunk attends densely to itself and to what the earlier chunks kept, so later hidden states differ from a
+        prefill that compresses afterwards. The result is compressed at ``level`` with the predicted scores.
 
         With ``head_scores`` and ``ratio``, the context KV of the heads that head-level compression would drop is
         dropped after every chunk, so the full cache never exists (peak memory ~ ratio x full). The result is a
@@ -208,7 +190,10 @@ class KVzipCache(Cache):
                 are the protected prefix.
             chunk_size: tokens per forward pass (bounds activation memory).
             head_scores: `HeadScores` (or ``[num_layers, num_kv_heads]``) to drop heads during the prefill.
-            ratio: fraction of compressible heads kept, with ``head_scores``.
+            predictor: a `ScorePredictor` for this model, to evict pairs during the prefill.
+            ratio: with ``head_scores``, the fraction of compressible heads kept; with ``predictor``, the fraction
+                of each chunk's context pairs kept.
+            level: with ``predictor``: ``"pair"`` or ``"pair-uniform"`` (the budget within each chunk).
         """
         check_model(model)
         if self.get_seq_length() > 0 or self.input_ids is not None:
@@ -237,7 +222,10 @@ class KVzipCache(Cache):
         if bool((~mask.gather(1, starts[:, None])).any()):
             raise ValueError("context_start points at padding in some row: the context must come after the left padding")
 
-        kept_heads = self._prefill_kept_heads(model, head_scores, ratio)
+        if predictor is not None and head_scores is not None:
+            raise ValueError("prefill() evicts by head_scores=... or by predictor=..., not both")
+        kept_heads = self._prefill_kept_heads(model, head_scores, ratio) if predictor is None else None
+        eviction = self._prefill_eviction(model, predictor, ratio, level, mask, starts) if predictor else None
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
         kwarg = cache_kwarg(model)
         try:
@@ -253,6 +241,8 @@ class KVzipCache(Cache):
                 )
                 if kept_heads is not None:
                     self._drop_heads(kept_heads, mask, starts, lo, hi)
+                if eviction is not None:
+                    eviction.after_chunk(self, lo, hi)
         except BaseException:
             self.reset()  # never leave a half-filled cache behind
             raise
@@ -262,6 +252,9 @@ class KVzipCache(Cache):
                 layer.take_snapshot()
         if kept_heads is not None:  # the same state as compress(level="head"); the layers already hold that subset
             self.compress(model, ratio, level="head", head_scores=_head_score_tensor(model, head_scores))
+        if eviction is not None:  # the layers hold the kept pairs already; record what compress would have
+            self.scores, self.keep_mask = eviction.scores, eviction.keep_mask
+            self.compressed_with, self.score_source = (level, eviction.ratio), "predicted"
 
     def _prefill_kept_heads(self, model, head_scores, ratio) -> torch.Tensor | None:
         """``[L, H]`` bool, the heads a head-dropping prefill keeps; None for a plain prefill."""
@@ -274,6 +267,18 @@ class KVzipCache(Cache):
         full = torch.tensor([kind == _FULL for kind in self.layer_types])
         selectable = full[:, None, None, None].expand(-1, 1, self.num_kv_heads, 1)
         return select_heads(selectable, torch.as_tensor(head_scores), ratio)[:, 0, :, 0]
+
+    def _prefill_eviction(self, model, predictor, ratio, level, mask, starts) -> PrefillEviction:
+        """Checks the arguments of an evicting prefill (before anything runs) and returns its per-chunk step."""
+        if ratio is None:
+            raise ValueError("prefill(predictor=...) needs ratio=...: the fraction of context pairs kept")
+        ratio = _check_ratio(ratio)
+        if level not in ("pair", "pair-uniform"):
+            raise ValueError(f"prefill(predictor=...) selects at level 'pair' or 'pair-uniform', got {level!r}")
+        _check_predictor(model, predictor)
+        if not self.compressible_layers:
+            raise ValueError("every layer of this model uses sliding-window attention: there is nothing to evict")
+        return PrefillEviction(self, model, predictor, ratio, level, mask, starts)
 
     def _drop_heads(self, kept_heads: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, lo: int, hi: int) -> None:
         """After the chunk ``[lo, hi)``: dropped heads keep only its protected-prefix tokens (padding never)."""
@@ -300,9 +305,12 @@ class KVzipCache(Cache):
         level: str = "pair",
         chunk_size: int = 2048,
         head_scores: HeadScores | torch.Tensor | None = None,
+        predictor: ScorePredictor | None = None,
+        score: str | None = None,
         progress: bool = False,
     ) -> CompressReport:
-        """Score the context by reconstruction and evict all but ``ratio`` of its pairs, for real.
+        """Score the context (by reconstruction, or with a trained predictor) and evict all but ``ratio`` of its
+        pairs, for real.
 
         Args:
             model: the model the cache was prefilled with.
@@ -310,10 +318,15 @@ class KVzipCache(Cache):
             tokenizer: the model's tokenizer (builds the reconstruction prompts); loaded from
                 ``model.config.name_or_path`` when None. Not needed for ``level="head"``.
             level: ``"pair"`` (one top-k per row over layers x heads x positions), ``"pair-uniform"`` (same
-                fraction in every layer and head) or ``"head"`` (whole heads by ``head_scores``, no scoring pass).
+                fraction in every layer and head) or ``"head"`` (whole heads by ``head_scores``, no scoring pass);
+                ``"predicted"`` is ``"pair"`` with the scores of ``predictor``.
             chunk_size: context tokens per reconstruction pass.
             head_scores: for ``level="head"``: a `HeadScores` (checked against the model) or a
                 ``[num_layers, num_kv_heads]`` tensor, importance per KV head.
+            predictor: a `ScorePredictor` for this model: its predicted scores replace the reconstruction pass
+                (no forward pass at all).
+            score: what the reconstruction pass computes: ``"kvzip"`` (default) or ``"kvzip+"`` (KVzap's KVzip+:
+                the probability weighted by ``||W_O v|| / ||h||``, see `score_by_reconstruction`).
             progress: show a progress bar over the reconstruction passes.
 
         A second `compress` on a compressed cache re-selects among the kept pairs with the stored scores (same
@@ -323,7 +336,12 @@ class KVzipCache(Cache):
             a `CompressReport`.
         """
         started = time.perf_counter()
+        if level == "predicted":
+            if predictor is None:
+                raise ValueError("level='predicted' needs predictor=ScorePredictor.from_pretrained(...)")
+            level = "pair"
         ratio = self._check_compress_args(model, ratio, level, head_scores)
+        source = self._score_source(model, level, predictor, score)
         head_scores = _head_score_tensor(model, head_scores)
         bytes_before = self.kv_bytes()
         selectable = self._selectable()
@@ -332,14 +350,20 @@ class KVzipCache(Cache):
             scores = torch.as_tensor(head_scores, dtype=torch.float32).to(keep.device)[:, None, :, None]
             scores = scores.expand_as(keep).masked_fill(~selectable, float("nan"))
         else:
-            if self.scores is None:
+            if self.scores is None and source == "predicted":
+                self.scores = self._predicted_scores(model, predictor, selectable)
+            elif self.scores is None:
                 tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
-                self.scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress)
+                self.scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress, target=source)
             scores = self.scores
-            keep = select_pairs(scores, ratio, level)
+            if self.keep_mask is None:
+                keep = select_pairs(scores, ratio, level)
+            else:  # re-selection: evicted pairs rank last but still count, so ratios stay relative to the context
+                ranked = scores.masked_fill(selectable & ~self.keep_mask, float("-inf"))
+                keep = select_pairs(ranked, ratio, level) & self.keep_mask
         self.evict(keep)
         self.scores = scores
-        self.compressed_with = (level, ratio)
+        self.compressed_with, self.score_source = (level, ratio), source
         report = CompressReport(
             level=level,
             ratio=ratio,
@@ -356,7 +380,7 @@ class KVzipCache(Cache):
     def _check_compress_args(self, model, ratio, level, head_scores) -> float:
         ratio = _check_ratio(ratio)
         if level not in LEVELS:
-            raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+            raise ValueError(f"unknown level {level!r}; choose one of {(*LEVELS, 'predicted')}")
         if self.input_ids is None:
             raise RuntimeError("compress() needs a prefilled cache: call cache.prefill(model, input_ids) first")
         check_model(model)
@@ -381,6 +405,37 @@ class KVzipCache(Cache):
                     "Evicted pairs cannot be restored: prefill a new cache to change level or grow the ratio."
                 )
         return ratio
+
+    def _score_source(self, model, level: str, predictor: ScorePredictor | None, score: str | None) -> str:
+        """Where this compress takes its scores from; checks the predictor (before anything changes)."""
+        if level == "head":
+            if predictor is not None or score is not None:
+                raise ValueError("level='head' ranks heads by head_scores; predictor= and score= are for pair levels")
+            return "head"
+        if predictor is not None and score is not None:
+            raise ValueError("pass predictor=... (predicted scores) or score=... (reconstruction scores), not both")
+        if score is not None and score not in RECONSTRUCTION_TARGETS:
+            raise ValueError(f"unknown score {score!r}; choose one of {RECONSTRUCTION_TARGETS} or pass predictor=...")
+        if predictor is not None:
+            _check_predictor(model, predictor)
+        source = "predicted" if predictor is not None else score
+        if self.is_compressed and source is not None and source != self.score_source:
+            raise ValueError(
+                f"this cache was compressed with {self.score_source} scores, which a second compress re-uses; "
+                f"it cannot switch to {source} scores. Prefill a new cache to score it another way."
+            )
+        return source or self.score_source or "kvzip"
+
+    def _predicted_scores(self, model, predictor: ScorePredictor, selectable: torch.Tensor) -> torch.Tensor:
+        """``[L, B, H, C]`` predicted log scores of the dense context (NaN where not selectable); no forward pass."""
+        base = self.context_offset
+        positions = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, base:]  # the prefill's position ids
+        layer_kv = {idx: (self.layers[idx].keys[:, :, base:], self.layers[idx].values[:, :, base:])
+                    for idx in self.compressible_layers}
+        scores = torch.full(selectable.shape, float("nan"), dtype=torch.float32, device=selectable.device)
+        for idx, predicted in predictor.predict_layers(model, layer_kv, positions).items():
+            scores[idx] = predicted.to(scores.device)
+        return scores.masked_fill_(~selectable, float("nan"))
 
     def _selectable(self) -> torch.Tensor:
         """``[L, B, H, C]`` bool: context pairs of full-attention layers that are real tokens."""
@@ -493,9 +548,15 @@ class KVzipCache(Cache):
 
     # ------------------------------------------------------------------------------------------------ scoring
     @contextmanager
-    def scoring_pass(self, row: int, chunk: tuple[int, int], prefix_positions: torch.Tensor, buffers: dict):
-        """Within this block, forward passes store nothing and full layers write scores into ``buffers``."""
-        self._scoring = {"row": row, "chunk": chunk, "prefix_positions": prefix_positions, "buffers": buffers}
+    def scoring_pass(self, row: int, chunk: tuple[int, int], prefix_positions: torch.Tensor, buffers: dict,
+                     query_norms: dict | None = None):
+        """Within this block, forward passes store nothing and full layers write scores into ``buffers``.
+
+        ``buffers``: {layer: [H, chunk_len] float32}; a full layer missing from it computes no score.
+        ``query_norms``: {layer: [n] float32 ||h_t||} for KVzip+ scores (see `ScoringKV`), or None for KVzip.
+        """
+        self._scoring = {"row": row, "chunk": chunk, "prefix_positions": prefix_positions, "buffers": buffers,
+                         "query_norms": query_norms or {}}
         try:
             yield
         finally:
@@ -508,6 +569,14 @@ def _head_score_tensor(model, head_scores):
         head_scores.check(model)
         return head_scores.scores
     return head_scores
+
+
+def _check_predictor(model, predictor) -> None:
+    if not isinstance(predictor, ScorePredictor):
+        raise TypeError(
+            f"predictor must be a ScorePredictor (e.g. ScorePredictor.from_pretrained(...)), got {type(predictor).__name__}"
+        )
+    predictor.check(model)
 
 
 def _check_ratio(ratio) -> float:

@@ -17,7 +17,6 @@ DuoAttention's format (``full_attention_heads.tsv`` + ``config.json``) is suppor
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .config import config_fingerprint, text_config
 from .selection import head_scores_from_pairs
 
 HEAD_SCORES_FILE = "head_scores.safetensors"
@@ -37,24 +37,8 @@ DUO_HEADS_FILE = "full_attention_heads.tsv"
 DUO_CONFIG_FILE = "config.json"
 _TENSOR_NAME = "head_scores"
 
-# Config fields that decide the cache's shape and what a head computes; weights (fine-tunes) do not change them.
-_FINGERPRINT_FIELDS = (
-    "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim",
-    "layer_types", "sliding_window", "vocab_size",
-)
-
-
-def config_fingerprint(model_or_config) -> str:
-    """Short hash of the architecture fields of a model's text config (same for a model and its fine-tunes)."""
-    config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
-    fields = {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
-    if fields["num_key_value_heads"] is None:
-        fields["num_key_value_heads"] = fields["num_attention_heads"]
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _shape_of(model_or_config) -> tuple[int, int]:
-    config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+    config = text_config(model_or_config)
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 

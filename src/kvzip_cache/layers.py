@@ -187,10 +187,12 @@ class KVzipLayer(DynamicLayer):
         self.keys, self.values = grown_k[:, :, :length], grown_v[:, :, :length]
 
     def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, chunk: tuple[int, int],
-             prefix_positions: torch.Tensor, scores_out: torch.Tensor) -> tuple[ScoringKV, ScoringKV]:
+             prefix_positions: torch.Tensor, scores_out: torch.Tensor | None,
+             query_norms: torch.Tensor | None = None) -> tuple[ScoringKV, ScoringKV]:
         """Scoring-pass view of cached row ``row`` plus ``[1, H, n, D]`` new states; keeps nothing.
 
         The new states go into the room made by `reserve` (a view, no copy of the row), else they are concatenated.
+        ``scores_out`` and ``query_norms``: see `ScoringKV` (``query_norms`` given: a KVzip+ pass).
         """
         if self.is_compressed:
             raise RuntimeError("a compressed layer cannot be re-scored; its scores are kept from the first compress")
@@ -210,6 +212,7 @@ class KVzipLayer(DynamicLayer):
             prefix_positions=prefix_positions.to(keys.device),  # a sharded model: this layer's GPU
             chunk=chunk,
             scores_out=scores_out,
+            query_norms=None if query_norms is None else query_norms.to(keys.device),
         )
         return view, view
 
@@ -472,7 +475,8 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
                 "that every sliding layer's window is full; decode this one with the dynamic cache"
             )
 
-    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args,
+             **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """What `update` would return for row ``row`` (cached window + new states), without storing anything."""
         return (
             torch.cat([self.keys[row : row + 1], key_states], dim=-2),

@@ -5,6 +5,19 @@ For each chunk of the context the model is fed, teacher-forced at the positions 
 pass stores nothing, and every full-attention layer's backend writes the KVzip score of the chunk's cached pairs:
 the maximum over the pass's queries and the GQA group of the softmax restricted to
 ``[protected prefix | chunk | repeat input (causal)]``.
+
+``target="kvzip+"`` scores KVzip+ (KVzap, arXiv 2601.07891) instead: each probability ``p[j, t, i]`` (query head
+``j``, query ``t``, cached pair ``i``) is weighted by how much the pair writes into the residual stream relative
+to the query's hidden state, before the same max over ``(t, j)``::
+
+    score+[i] = max_{t, j in group(h)} p[j, t, i] * ||W_O^(j) v_i|| / ||h_t||
+
+with ``W_O^(j)`` query head ``j``'s slice of the layer's ``o_proj``, ``v_i`` the cached value and ``h_t`` the hidden
+state entering the attention module (the output of the decoder layer's ``input_layernorm``). Reading ``h_t``
+without hooks takes one extra forward per pass: the pass is first run with ``output_hidden_states=True`` (cache in
+scoring mode, no score computed), and the model's own ``input_layernorm`` is applied to the residual entering each
+layer. KVzip+ scoring therefore costs about 1.5x KVzip's (two forwards per pass instead of one, the first without
+the score computation).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ if TYPE_CHECKING:
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 OVERLAP_TOKENS = 8  # last tokens of the previous chunk quoted in the prompt of the next one
+RECONSTRUCTION_TARGETS = ("kvzip", "kvzip+")  # what score_by_reconstruction(target=...) computes
 
 
 def reconstruction_inputs(
@@ -59,17 +73,28 @@ def reconstruction_inputs(
 
 @torch.no_grad()
 def score_by_reconstruction(
-    cache: KVzipCache, model, tokenizer, chunk_size: int = 2048, progress: bool = False
+    cache: KVzipCache,
+    model,
+    tokenizer,
+    chunk_size: int = 2048,
+    progress: bool = False,
+    target: str = "kvzip",
 ) -> torch.Tensor:
     """Run every reconstruction pass of every row and return the scores.
 
     Rows are scored one at a time (each pass reads a view of its row, nothing is copied), so rows of different
     context lengths need no padding of their reconstruction inputs.
 
+    Args:
+        target: ``"kvzip"`` (the restricted softmax's max) or ``"kvzip+"`` (weighted by ``||W_O v|| / ||h||``, see
+            the module docstring; one extra forward per pass, about 1.5x the time).
+
     Returns:
         ``[num_layers, batch, num_kv_heads, context_len]`` float32, NaN where nothing is scored (sliding layers,
         padding, protected prefix).
     """
+    if target not in RECONSTRUCTION_TARGETS:
+        raise ValueError(f"unknown score target {target!r}; choose one of {list(RECONSTRUCTION_TARGETS)}")
     device = cache.attention_mask.device
     batch, seq = cache.attention_mask.shape
     base = cache.context_offset
@@ -77,6 +102,7 @@ def score_by_reconstruction(
         (len(cache.layers), batch, cache.num_kv_heads, seq - base), float("nan"), dtype=torch.float32, device=device
     )
     compressible = cache.compressible_layers
+    norms = _input_layernorms(model, compressible) if target == "kvzip+" else None
     kwarg = cache_kwarg(model)
     jobs = []
     for row in range(batch):
@@ -86,7 +112,7 @@ def score_by_reconstruction(
     longest = max(ids.numel() for _, _, (_, _, ids) in jobs)
     for layer in compressible:
         cache.layers[layer].reserve(longest)  # each pass writes its tokens there instead of copying the row
-    for row, ctx_start, (lo, hi, ids) in tqdm(jobs, desc="KVzip scoring", disable=not progress):
+    for row, ctx_start, (lo, hi, ids) in tqdm(jobs, desc=f"{target} scoring", disable=not progress):
         valid = cache.attention_mask[row]
         prefix_positions = torch.nonzero(valid[:ctx_start]).flatten()
         chunk = (ctx_start + lo, ctx_start + hi)
@@ -94,10 +120,42 @@ def score_by_reconstruction(
             layer: scores[layer, row, :, chunk[0] - base : chunk[1] - base] for layer in compressible
         }
         n_new = ids.numel()
-        ids = ids.to(device).unsqueeze(0)
-        mask = torch.cat([valid, valid.new_ones(n_new)]).unsqueeze(0)
-        positions = (int(valid.sum()) + torch.arange(n_new, device=device)).unsqueeze(0)
-        with cache.scoring_pass(row, chunk, prefix_positions, buffers):
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                  **{kwarg: cache})
+        inputs = {
+            "input_ids": ids.to(device).unsqueeze(0),
+            "attention_mask": torch.cat([valid, valid.new_ones(n_new)]).unsqueeze(0),
+            "position_ids": (int(valid.sum()) + torch.arange(n_new, device=device)).unsqueeze(0),
+            "use_cache": True,
+            "logits_to_keep": 1,
+            kwarg: cache,
+        }
+        query_norms = None
+        if norms is not None:
+            with cache.scoring_pass(row, chunk, prefix_positions, {}):  # no buffer: attention output only
+                hidden = model(**inputs, output_hidden_states=True).hidden_states
+            # hidden[l]: the residual entering decoder layer l; its input_layernorm gives the attention's input
+            query_norms = {layer: norms[layer](hidden[layer])[0].float().norm(dim=-1) for layer in compressible}
+            del hidden
+        with cache.scoring_pass(row, chunk, prefix_positions, buffers, query_norms):
+            model(**inputs)
     return scores
+
+
+def _input_layernorms(model, layers: list[int]) -> dict[int, torch.nn.Module]:
+    """{layer: the decoder layer's ``input_layernorm``} for KVzip+ (which reads the attention modules' inputs)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder_layers = getattr(decoder, "layers", None)
+    if decoder_layers is None:
+        raise ValueError(
+            f"KVzip+ scores need the decoder layers at model.get_decoder().layers; {type(model).__name__} has none"
+        )
+    norms = {}
+    for layer in layers:
+        norm = getattr(decoder_layers[layer], "input_layernorm", None)
+        if norm is None:
+            raise ValueError(
+                f"KVzip+ scores need each decoder layer's input_layernorm (the attention's input is read as "
+                f"input_layernorm(hidden_states)); layer {layer} of {type(model).__name__} "
+                f"({type(decoder_layers[layer]).__name__}) has none. Score with target='kvzip' instead."
+            )
+        norms[layer] = norm
+    return norms

@@ -127,6 +127,11 @@ class ScoringKV:
     every cached key of the scored chunk, the maximum over query positions and over the KV head's query group of
     the softmax probability restricted to ``[protected prefix | chunk | new tokens (causal)]``.
 
+    KVzip+ (KVzap, arXiv 2601.07891) passes set ``query_norms``: the backend then weights each probability
+    ``p[j, t, i]`` by ``||W_O^(j) v_i|| / ||h_t||`` before the same max (``W_O^(j)``: query head ``j``'s slice of the
+    module's ``o_proj``, which the attention function hands the backend; ``h_t``: the hidden state entering the
+    attention module at query ``t``).
+
     Attributes:
         keys: ``[1, H, T + n, D]``: the scored row's ``T`` cached keys followed by the ``n`` keys of the
             reconstruction input. The layer writes the new keys into spare room after its cached ones, so this is a
@@ -135,7 +140,10 @@ class ScoringKV:
         cached_length: ``T``.
         prefix_positions: ``[P]`` int64, the non-padding protected-prefix positions of the row.
         chunk: ``(start, end)`` positions of the scored chunk inside the cached row.
-        scores_out: ``[H, end - start]`` float32 buffer the backend fills.
+        scores_out: ``[H, end - start]`` float32 buffer the backend fills, or None: a pass that only needs the
+            attention output (KVzip+'s hidden-state pass), so no score is computed.
+        query_norms: None for KVzip scores; for KVzip+ scores, ``[n]`` float32 ``||h_t||``, the norm of the hidden
+            state entering this layer's attention module (the output of its ``input_layernorm``) at each new token.
     """
 
     keys: torch.Tensor
@@ -143,9 +151,15 @@ class ScoringKV:
     cached_length: int
     prefix_positions: torch.Tensor
     chunk: tuple[int, int]
-    scores_out: torch.Tensor
+    scores_out: torch.Tensor | None
+    query_norms: torch.Tensor | None = None
 
     @property
     def new_keys(self) -> torch.Tensor:
         """``[1, H, n, D]`` keys of the reconstruction input."""
         return self.keys[:, :, self.cached_length :]
+
+    @property
+    def is_plus(self) -> bool:
+        """Whether this pass scores KVzip+ (the probabilities weighted by output and hidden-state norms)."""
+        return self.query_norms is not None

@@ -245,6 +245,82 @@ def restricted_max_scores(
     return best
 
 
+def output_value_norms(out_weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``||W_O^(j) v_i||``: how much each cached value writes into the residual stream through each query head.
+
+    ``W_O^(j) = out_weight[:, j * D:(j + 1) * D]`` is query head ``j``'s slice of the attention module's output
+    projection; query head ``j = h * g + r`` reads KV head ``h``. Computed in float32 through the ``[Hq, D, D]``
+    Gram matrices ``W_O^(j)T W_O^(j)`` (``||W v||^2 = v^T (W^T W) v``), so no ``[Hq, C, hidden]`` tensor exists.
+
+    Args:
+        out_weight: ``[hidden, Hq * D]`` (``module.o_proj.weight``).
+        values: ``[H, C, D]`` cached values of the scored chunk.
+
+    Returns:
+        ``[H, g, C]`` float32.
+    """
+    num_heads, chunk_len, head_dim = values.shape
+    hidden, width = out_weight.shape
+    if width % head_dim or (width // head_dim) % num_heads:
+        raise ValueError(
+            f"o_proj.weight has shape {tuple(out_weight.shape)}: its input width is not query heads x head_dim "
+            f"(head_dim {head_dim}, {num_heads} KV heads), so KVzip+ cannot split it per query head"
+        )
+    group = width // head_dim // num_heads
+    per_head = out_weight.to(values.device, torch.float32).view(hidden, num_heads, group, head_dim)
+    gram = torch.einsum("khgd,khge->hgde", per_head, per_head)  # [H, g, D, D]
+    v = values.float().unsqueeze(1)  # [H, 1, C, D]
+    squared = (torch.matmul(v, gram) * v).sum(-1)  # [H, g, C]
+    return squared.clamp_(min=0.0).sqrt_()
+
+
+def restricted_max_scores_plus(
+    query: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    new_keys: torch.Tensor,
+    scaling: float,
+    value_norms: torch.Tensor,
+    query_norms: torch.Tensor,
+    block_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """KVzip+ importance of each chunk key: `restricted_max_scores` with the probabilities weighted.
+
+    ``score+[h, i] = max over queries t and query heads j of group h of p[j, t, i] * value_norms[h, j, i] /
+    query_norms[t]``, with ``p`` the softmax restricted to ``[prefix_keys | chunk_keys | new_keys (causal)]`` exactly
+    as in `restricted_max_scores`. Float32, a block of queries at a time (at most ``block_elements`` logits).
+
+    Args:
+        query: ``[H * g, n, D]`` (query heads of one row, post-RoPE).
+        prefix_keys: ``[H, P, D]``; chunk_keys: ``[H, C, D]``; new_keys: ``[H, n, D]``.
+        value_norms: ``[H, g, C]`` ``||W_O^(j) v_i||`` (`output_value_norms`).
+        query_norms: ``[n]`` ``||h_t||``, the norm of the hidden state entering the attention module.
+
+    Returns:
+        ``[H, C]`` float32.
+    """
+    num_heads, chunk_len, head_dim = chunk_keys.shape
+    num_q_heads, n_new, _ = query.shape
+    grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
+    keys = torch.cat([prefix_keys, chunk_keys, new_keys], dim=1).float().unsqueeze(1)  # [H, 1, P+C+n, D]
+    weights = value_norms.float().unsqueeze(2)  # [H, g, 1, C]
+    inverse_norms = query_norms.float().reciprocal()  # [n]
+    chunk_lo = prefix_keys.shape[1]
+    chunk_hi = chunk_lo + chunk_len
+    best = torch.zeros(num_heads, chunk_len, dtype=torch.float32, device=query.device)
+    new_pos = torch.arange(n_new, device=query.device)
+    block = max(1, min(n_new, block_elements // (num_q_heads * keys.shape[2])))
+    for lo in range(0, n_new, block):
+        hi = min(lo + block, n_new)
+        logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)).mul_(scaling)  # [H, g, b, P+C+n]
+        future = new_pos[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # [b, n]
+        logits[..., chunk_hi:].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]  # [H, g, b, C]
+        weighted = probs * weights * inverse_norms[lo:hi, None]  # [H, g, b, C]
+        best = torch.maximum(best, weighted.amax(dim=(1, 2)))
+    return best
+
+
 def scoring_attention(
     query: torch.Tensor,
     kv: ScoringKV,
@@ -252,11 +328,13 @@ def scoring_attention(
     key_valid: torch.Tensor | None,
     dense=None,
     scores=None,
+    out_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reconstruction pass through a full layer: the usual output, plus the chunk's scores into ``kv.scores_out``.
 
     The output is ordinary attention over ``[cached row | new tokens (causal)]`` (SDPA, so the ``[q, T + n]``
-    matrix is never built); the scores come from `restricted_max_scores`, whose key set is one chunk's worth.
+    matrix is never built); the scores come from `restricted_max_scores` (KVzip) or `restricted_max_scores_plus`
+    (KVzip+, when ``kv.query_norms`` is set), whose key set is one chunk's worth. ``kv.scores_out`` None: no score.
 
     Args:
         query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
@@ -264,8 +342,9 @@ def scoring_attention(
         key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
         dense: the dense-attention function (other backends pass their own); default: this module's
             `dense_attention`.
-        scores: the score function (other backends pass their own); default: this module's
-            `restricted_max_scores`.
+        scores: the KVzip score function (other backends pass their own); default: this module's
+            `restricted_max_scores`. KVzip+ passes always use `restricted_max_scores_plus`.
+        out_weight: ``[hidden, Hq * D]``, the module's ``o_proj.weight``; needed by KVzip+ passes only.
 
     Returns:
         ``[1, n, Hq, D]`` in the query dtype.
@@ -273,8 +352,18 @@ def scoring_attention(
     dense = dense or dense_attention
     scores = scores or restricted_max_scores
     out = dense(query, kv.keys, kv.values, scaling, key_valid)
+    if kv.scores_out is None:
+        return out
     start, end = kv.chunk
     cached = kv.keys[0]
     prefix = cached.index_select(1, kv.prefix_positions.to(cached.device))
-    kv.scores_out.copy_(scores(query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling))
+    if kv.query_norms is None:
+        kv.scores_out.copy_(scores(query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling))
+        return out
+    if out_weight is None:
+        raise ValueError("a KVzip+ scoring pass needs the attention module's o_proj.weight (out_weight)")
+    value_norms = output_value_norms(out_weight, kv.values[0, :, start:end])
+    kv.scores_out.copy_(restricted_max_scores_plus(
+        query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling, value_norms, kv.query_norms,
+    ))
     return out

@@ -3,7 +3,7 @@
 - ragged: `ragged_attention_with_tail`: split-K over each (row, KV head)'s kept pairs (GQA group folded into the
   query rows), then one kernel for the dense tail and the log-sum-exp merge (two launches per layer).
 - scoring: the output through SDPA; the scores through `restricted_max_scores_triton` (two tiled passes, no
-  ``[q, keys]`` matrix in memory).
+  ``[q, keys]`` matrix in memory). KVzip+ scores use the reference's PyTorch function (no kernel).
 - dense: the reference's (SDPA, with a lower-right causal bias instead of a materialised mask when unpadded).
 """
 
@@ -49,7 +49,16 @@ def ragged_attention(
         )
 
 
-def scoring_attention(query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as `reference.scoring_attention`, with the Triton scores."""
+def scoring_attention(
+    query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None,
+    out_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.scoring_attention`, with the Triton scores for KVzip passes.
+
+    KVzip+ passes (``kv.query_norms`` set) have no kernel: they run the PyTorch reference scores
+    (`reference.restricted_max_scores_plus`, blocked over queries), on the GPU as well.
+    """
     with _on(query.device):
+        if kv.is_plus:
+            return reference.scoring_attention(query, kv, scaling, key_valid, out_weight=out_weight)
         return reference.scoring_attention(query, kv, scaling, key_valid, scores=restricted_max_scores_triton)

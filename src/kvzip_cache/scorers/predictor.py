@@ -1,0 +1,426 @@
+"""Trained predictors of KVzip scores: evict without the reconstruction pass (KVzap / Fast KVzip style).
+
+For every full-attention layer, a small model (``"linear"`` or a 2-layer ``"mlp"``) maps what the cache holds for
+one context position - the keys of all KV heads, un-rotated to before RoPE with the model's own rotary embedding,
+and their values - to the predicted log KVzip score of each KV head at that position::
+
+    predictor = ScorePredictor.from_pretrained("smollm2-135m")        # shipped, a file, a folder or a Hub repo
+    cache.prefill(model, ids, context_start=start)
+    cache.compress(model, 0.3, predictor=predictor)                    # no forward pass
+    # or evict while prefilling: the full cache never exists
+    cache.prefill(model, ids, context_start=start, predictor=predictor, ratio=0.3)
+
+Why these features (measured, see docs/score-predictors.md): keys and values are everything the cache keeps about
+a pair, so the same features exist after a prefill (compress) and chunk by chunk during one (eviction while
+prefilling), with no hook and no stored activations. Pre-RoPE keys are linear in the layer's normalised input
+(``k_proj(norm(h))``), as are the values, so together they carry most of what KVzap reads from ``h``; the rotation
+only adds position, which a small per-position model cannot use well. The target is ``log(max(score, 1e-6))``:
+rankings, not probabilities, decide evictions, and the log spreads the scores that matter.
+
+Files are safetensors (every layer's weights plus its input standardisation) with JSON metadata: model, config
+fingerprint, feature spec, target, kind, training data, held-out metrics, library version, date, seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .._version import __version__
+from ..config import config_fingerprint, full_attention_layers, kv_shape, text_config
+from ..scoring import RECONSTRUCTION_TARGETS
+from .rotary import rotary_tables, unrotate
+
+FEATURES = ("key+value", "key", "rotated-key+value")
+"""Feature specs: pre-RoPE keys and values (default), pre-RoPE keys only, post-RoPE (cached as is) keys and values."""
+KINDS = ("linear", "mlp")
+TARGETS = RECONSTRUCTION_TARGETS  # a predictor learns the scores of one reconstruction target
+SCORE_FLOOR = 1e-6  # scores below this are the same "evict" to a ranking; the log target is floored there
+PREDICTOR_FILE = "score_predictor.safetensors"
+_FORMAT = "kvzip-score-predictor/1"
+_BLOCK = 8192  # positions per predictor call: bounds the float32 feature block ([B, block, F]) on long contexts
+
+
+def log_target(scores: torch.Tensor) -> torch.Tensor:
+    """The regression target of KVzip (or KVzip+) scores: ``log(max(score, SCORE_FLOOR))`` in float32."""
+    return scores.float().clamp(min=SCORE_FLOOR).log()
+
+
+def pair_features(spec: str, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor | None,
+                  sin: torch.Tensor | None) -> torch.Tensor:
+    """Per-position features of one layer's cached pairs.
+
+    Args:
+        spec: one of `FEATURES`.
+        keys: ``[B, H, t, D]`` as the cache holds them (post-RoPE).
+        values: ``[B, H, t, D]``.
+        cos: ``[B, t, R]`` RoPE table at the pairs' positions (`rotary_tables`); unused for ``"rotated-key+value"``.
+        sin: ``[B, t, R]``, likewise.
+
+    Returns:
+        ``[B, t, F]`` float32: the KV heads' features side by side (``F = H * D`` or ``2 * H * D``).
+    """
+    if spec not in FEATURES:
+        raise ValueError(f"unknown feature spec {spec!r}; choose one of {FEATURES}")
+    key_part = keys.float() if spec == "rotated-key+value" else unrotate(keys, cos, sin)
+    parts = [key_part] if spec == "key" else [key_part, values.float()]
+    return torch.cat(parts, dim=-1).permute(0, 2, 1, 3).flatten(2)
+
+
+def feature_size(spec: str, num_kv_heads: int, head_dim: int) -> int:
+    return num_kv_heads * head_dim * (1 if spec == "key" else 2)
+
+
+class LayerPredictor(nn.Module):
+    """One layer's predictor: standardise the ``[..., F]`` features, then linear or Linear-GELU-Linear to ``[..., H]``."""
+
+    def __init__(self, in_features: int, num_kv_heads: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+        if hidden is None:
+            self.net = nn.Linear(in_features, num_kv_heads)
+        else:
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_kv_heads))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.mean) / self.std)
+
+
+@dataclass
+class ScorePredictor:
+    """Per-layer predictors of log KVzip scores, for ``compress(predictor=...)`` and ``prefill(predictor=...)``.
+
+    Attributes:
+        layers: ``{layer index: LayerPredictor}`` for every full-attention layer.
+        kind: ``"linear"`` or ``"mlp"``.
+        target: what it was trained to predict: ``"kvzip"`` or ``"kvzip+"`` scores.
+        features: the feature spec (see `FEATURES`).
+        num_layers: the model's number of layers.
+        num_kv_heads: its KV heads per layer.
+        head_dim: its head dimension.
+        model_name: the model it was made for.
+        fingerprint: `config_fingerprint` of that model.
+        training: how it was trained (texts, tokens, seconds, hyper-parameters).
+        metrics: held-out evaluation (per-layer R2 / Spearman, kept-set overlap with exact KVzip per ratio).
+    """
+
+    layers: dict[int, LayerPredictor]
+    kind: str
+    target: str = "kvzip"
+    features: str = "key+value"
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    model_name: str = ""
+    fingerprint: str = ""
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    library_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.date.today().isoformat())
+
+    # ---------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def init(cls, model_or_config, kind: str = "mlp", *, features: str = "key+value", target: str = "kvzip",
+             hidden: int | None = None, seed: int = 0, model_name: str | None = None) -> ScorePredictor:
+        """An untrained predictor for a model (random weights, seeded): the start of training, or for benchmarks,
+        whose speed and memory do not depend on the weights.
+
+        ``hidden``: the MLP's width; default ``F // 8`` (KVzap's ratio), at least 16.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown predictor kind {kind!r}; choose one of {KINDS}")
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
+        config = text_config(model_or_config)
+        num_heads, head_dim = kv_shape(config)
+        in_features = feature_size(features, num_heads, head_dim)
+        width = None if kind == "linear" else (hidden or max(16, in_features // 8))
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # nn.Linear initialises from the global generator; restored below
+        try:
+            layers = {i: LayerPredictor(in_features, num_heads, width) for i in full_attention_layers(config)}
+        finally:
+            torch.random.set_rng_state(generator_state)
+        name = model_name if model_name is not None else str(getattr(config, "name_or_path", "") or "")
+        return cls(layers=layers, kind=kind, target=target, features=features, num_layers=config.num_hidden_layers,
+                   num_kv_heads=num_heads, head_dim=head_dim, model_name=name,
+                   fingerprint=config_fingerprint(model_or_config))
+
+    @classmethod
+    def train(cls, model, tokenizer, texts: list[str] | None = None, *, kind: str = "mlp", target: str = "kvzip",
+              **kwargs) -> ScorePredictor:
+        """Score ``texts`` exactly (prefill + reconstruction) and fit a predictor to the scores.
+
+        See `kvzip_cache.tools.predictor_training.train_predictor` for every option (held-out texts, features,
+        epochs, progress); ``python -m kvzip_cache.train_predictor --model NAME`` does the same from the shell.
+        """
+        from ..tools.predictor_training import train_predictor  # training runs the cache; the scorer does not
+
+        return train_predictor(model, tokenizer, texts, kind=kind, target=target, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ prediction
+    @property
+    def hidden(self) -> int | None:
+        net = next(iter(self.layers.values())).net
+        return net[0].out_features if isinstance(net, nn.Sequential) else None
+
+    def to(self, device: torch.device | str) -> ScorePredictor:
+        """Move every layer's weights (in place) and return self."""
+        for module in self.layers.values():
+            module.to(device)
+        return self
+
+    @torch.no_grad()
+    def predict(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor | None,
+                sin: torch.Tensor | None) -> torch.Tensor:
+        """Predicted log scores of one layer's cached pairs.
+
+        Args:
+            layer_idx: a full-attention layer.
+            keys: ``[B, H, t, D]`` as cached (post-RoPE).
+            values: ``[B, H, t, D]``.
+            cos: ``[B, t, R]`` RoPE table at the pairs' positions (`rotary_tables`).
+            sin: ``[B, t, R]``, likewise.
+
+        Returns:
+            ``[B, H, t]`` float32, higher = more important (comparable across layers: one pair-level top-k).
+        """
+        module = self.layers.get(layer_idx)
+        if module is None:
+            raise ValueError(f"this predictor has no layer {layer_idx} (it covers the full-attention layers "
+                             f"{sorted(self.layers)})")
+        module = module.to(keys.device)
+        batch, _, length, _ = keys.shape
+        out = torch.empty(batch, self.num_kv_heads, length, dtype=torch.float32, device=keys.device)
+        for lo in range(0, length, _BLOCK):
+            hi = min(lo + _BLOCK, length)
+            block_cos = None if cos is None else cos[:, lo:hi]
+            block_sin = None if sin is None else sin[:, lo:hi]
+            features = pair_features(self.features, keys[:, :, lo:hi], values[:, :, lo:hi], block_cos, block_sin)
+            out[:, :, lo:hi] = module(features).transpose(1, 2)
+        return out
+
+    def predict_layers(self, model, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                       positions: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`predict` for several layers' pairs at the same positions (the RoPE tables are computed once).
+
+        Args:
+            model: the model the keys come from (its rotary embedding undoes RoPE).
+            layer_kv: ``{layer index: (keys, values)}``, each ``[B, H, t, D]`` as cached.
+            positions: ``[B, t]`` int64 position ids of the pairs.
+
+        Returns:
+            ``{layer index: [B, H, t] float32}`` predicted log scores, each on its keys' device.
+        """
+        cos = sin = None
+        if self.features != "rotated-key+value":
+            cos, sin = rotary_tables(model, positions)
+        predicted = {}
+        for idx, (keys, values) in layer_kv.items():
+            device = keys.device
+            predicted[idx] = self.predict(idx, keys, values, None if cos is None else cos.to(device),
+                                          None if sin is None else sin.to(device))
+        return predicted
+
+    # ----------------------------------------------------------------------------------------------------- checks
+    def check(self, model_or_config) -> None:
+        """Raise a ValueError that says what differs unless this predictor was made for the model's architecture."""
+        config = text_config(model_or_config)
+        problems = []
+        theirs = config_fingerprint(model_or_config)
+        if self.fingerprint and self.fingerprint != theirs:
+            problems.append(f"config fingerprint {self.fingerprint} vs the model's {theirs}")
+        num_heads, head_dim = kv_shape(config)
+        if (self.num_layers, self.num_kv_heads, self.head_dim) != (config.num_hidden_layers, num_heads, head_dim):
+            problems.append(
+                f"[{self.num_layers} layers, {self.num_kv_heads} KV heads, head_dim {self.head_dim}] vs the model's "
+                f"[{config.num_hidden_layers}, {num_heads}, {head_dim}]"
+            )
+        elif sorted(self.layers) != full_attention_layers(config):
+            problems.append(f"predictors for layers {sorted(self.layers)} vs the model's full-attention layers "
+                            f"{full_attention_layers(config)}")
+        if problems:
+            raise ValueError(
+                f"this score predictor was made for {self.model_name or 'another model'!r} and does not fit this "
+                f"model: {'; '.join(problems)}. Train one for it with ScorePredictor.train(model, tokenizer) or "
+                "`python -m kvzip_cache.train_predictor --model NAME`."
+            )
+
+    # ------------------------------------------------------------------------------------------------ save / load
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": _FORMAT,
+            "kind": self.kind,
+            "target": self.target,
+            "features": self.features,
+            "hidden": "" if self.hidden is None else str(self.hidden),
+            "num_layers": str(self.num_layers),
+            "num_kv_heads": str(self.num_kv_heads),
+            "head_dim": str(self.head_dim),
+            "layers": json.dumps(sorted(self.layers)),
+            "model_name": self.model_name,
+            "fingerprint": self.fingerprint,
+            "training": json.dumps(self.training),
+            "metrics": json.dumps(self.metrics),
+            "library_version": self.library_version,
+            "created": self.created,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file (a directory gets ``score_predictor.safetensors`` inside it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PREDICTOR_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{idx}.{name}": tensor.detach().cpu().contiguous()
+                   for idx, module in self.layers.items() for name, tensor in module.state_dict().items()}
+        save_file(tensors, str(path), metadata=self.metadata())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a shared file should be readable
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ScorePredictor:
+        """Read a file written by `save`."""
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a kvzip-cache score predictor file (format {meta.get('format')!r}, "
+                                 f"expected {_FORMAT!r})")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        hidden = int(meta["hidden"]) if meta.get("hidden") else None
+        num_heads = int(meta["num_kv_heads"])
+        layers = {}
+        for idx in json.loads(meta["layers"]):
+            state = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.split(".", 1)[0] == str(idx)}
+            module = LayerPredictor(state["mean"].numel(), num_heads, hidden)
+            module.load_state_dict(state)
+            layers[idx] = module.eval()
+        return cls(layers=layers, kind=meta["kind"], target=meta["target"], features=meta["features"],
+                   num_layers=int(meta["num_layers"]), num_kv_heads=num_heads, head_dim=int(meta["head_dim"]),
+                   model_name=meta.get("model_name", ""), fingerprint=meta.get("fingerprint", ""),
+                   training=json.loads(meta.get("training") or "{}"), metrics=json.loads(meta.get("metrics") or "{}"),
+                   library_version=meta.get("library_version", ""), created=meta.get("created", ""))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], filename: str | None = None,
+                        revision: str | None = None, *, kind: str | None = None, model=None,
+                        cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                        ) -> ScorePredictor:
+        """Load a predictor shipped with the library, from a file or folder, or from the Hugging Face Hub.
+
+        Args:
+            name_or_path: a short model name with shipped predictors (``"smollm2-135m"``; see
+                `shipped_predictors`), a file, a folder holding ``filename``, or a Hub repo id (``"user/name"``),
+                downloaded through ``huggingface_hub`` (its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``).
+            filename: file inside the folder or repo; default ``score_predictor.safetensors``.
+            kind: for a shipped predictor, ``"linear"`` or ``"mlp"``; default: the one the manifest recommends.
+            model: when given, `check` the predictor against it.
+        """
+        from huggingface_hub import hf_hub_download
+
+        local = Path(name_or_path)
+        shipped = shipped_predictors().get(str(name_or_path)) if not local.exists() else None
+        if shipped is not None:
+            choice = kind or shipped["default"]
+            if choice not in shipped["files"]:
+                raise ValueError(f"no shipped {choice!r} predictor for {name_or_path}; shipped: {sorted(shipped['files'])}")
+            path = _shipped_dir() / shipped["files"][choice]
+        elif local.is_file():
+            path = local
+        elif local.is_dir():
+            path = local / (filename or PREDICTOR_FILE)
+            if not path.is_file():
+                raise FileNotFoundError(f"{local} has no {filename or PREDICTOR_FILE}")
+        elif "/" not in str(name_or_path):
+            raise FileNotFoundError(
+                f"{str(name_or_path)!r} is neither a file, nor a Hub repo id ('user/name'), nor a model with shipped "
+                f"predictors ({', '.join(sorted(shipped_predictors()))}). Train one with "
+                "`python -m kvzip_cache.train_predictor --model NAME`."
+            )
+        else:
+            path = Path(hf_hub_download(str(name_or_path), filename or PREDICTOR_FILE, revision=revision,
+                                        cache_dir=cache_dir, token=token))
+        predictor = cls.load(path)
+        if model is not None:
+            predictor.check(model)
+        return predictor
+
+
+def _shipped_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("kvzip_cache.scores")))  # installed as plain files (not zip-safe)
+
+
+def shipped_predictors() -> dict[str, dict]:
+    """The predictors shipped in ``kvzip_cache.scores``, by short model name: ``{"default": kind, "files": {kind:
+    file}, ...how each was trained and what it scored}``."""
+    path = _shipped_dir() / "predictors.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fit_layer(features: torch.Tensor, targets: torch.Tensor, kind: str, *, hidden: int | None = None,
+              epochs: int = 30, batch_size: int = 1024, lr: float = 1e-3, ridge: float = 1e-3,
+              seed: int = 0) -> LayerPredictor:
+    """Fit one layer's predictor.
+
+    Args:
+        features: ``[N, F]`` float32 pair features (`pair_features`, flattened over rows and positions).
+        targets: ``[N, H]`` float32 log scores (`log_target`).
+        kind: ``"linear"``: ridge regression in closed form (float64, deterministic); ``"mlp"``: starts from the
+            ridge solution's mean prediction and trains with Adam on the mean squared error, shuffled by a seeded
+            generator, so two runs give the same weights.
+        ridge: L2 penalty of the linear fit, relative to the number of samples.
+
+    Returns:
+        the fitted `LayerPredictor` (eval mode, float32).
+    """
+    num, in_features = features.shape
+    num_heads = targets.shape[1]
+    mean = features.mean(dim=0)
+    std = features.std(dim=0).clamp(min=1e-6)
+    scaled = (features - mean) / std
+    module = LayerPredictor(in_features, num_heads, None if kind == "linear" else hidden or max(16, in_features // 8))
+    module.mean.copy_(mean)
+    module.std.copy_(std)
+    target_mean = targets.mean(dim=0)
+    if kind == "linear":
+        x = scaled.double()
+        gram = x.T @ x + ridge * num * torch.eye(in_features, dtype=torch.float64)
+        weight = torch.linalg.solve(gram, x.T @ (targets.double() - target_mean.double()))  # [F, H]
+        module.net.weight.data.copy_(weight.T.float())
+        module.net.bias.data.copy_(target_mean)
+        return module.eval()
+    if kind != "mlp":
+        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {KINDS}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (module.net[0], module.net[2]):
+            bound = layer.in_features ** -0.5
+            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
+            layer.bias.zero_()
+        module.net[2].bias.copy_(target_mean)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(num, generator=generator)
+        for lo in range(0, num, batch_size):
+            batch = order[lo : lo + batch_size]
+            loss = torch.nn.functional.mse_loss(module.net(scaled[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    return module.eval()

@@ -1,0 +1,1 @@
+"""Offline tooling (training, calibration, evaluation helpers): may import anything; the core never imports it."""
