@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kvzip_cache import KVzipCache, encode_context
+from kvzip_cache import KVzipCache, ScorePredictor, encode_context
 from transformers import DynamicCache
 
 from conftest import ByteTokenizer, make_pair
@@ -14,9 +14,12 @@ from kvzip_cache.eval import methods
 from kvzip_cache.eval.methods import (
     h2o_scores, observed_attention, random_scores, snapkv_scores, streaming_scores, sweep,
 )
+from kvzip_cache.eval import runner
+from kvzip_cache.eval.__main__ import parse_args
 from kvzip_cache.eval.runner import answer, read_rows
 from kvzip_cache.eval.tasks import (
-    final_number, gsm8k_contexts, hotpotqa_contexts, needle_contexts, normalize_answer, squad_contexts,
+    Context, Question, final_number, gsm8k_contexts, hotpotqa_contexts, needle_contexts, normalize_answer,
+    squad_contexts,
 )
 from kvzip_cache.models import load_pypi_model, pypi_model_available
 from kvzip_cache.selection import kept_count
@@ -225,6 +228,116 @@ def test_head_sweeps_keep_whole_heads_ranked_by_their_best_pair(method, monkeypa
         assert full_heads[layers].flatten().nonzero().flatten().sort().values.tolist() == ranking.sort().values.tolist()
         for dropped in keep[layers][~full_heads[layers]]:
             assert torch.equal(dropped, streaming)
+
+
+# ------------------------------------------------------------------------------ kvzip+ and predicted methods
+def test_new_methods_are_listed_and_predicted_ones_are_opt_in():
+    assert {"kvzip+", "predicted", "predicted-prefill"} <= set(methods.METHODS)
+    assert set(methods.DEFAULT_METHODS) == set(methods.METHODS) - {"predicted", "predicted-prefill"}
+    assert EvalConfig().methods == list(methods.DEFAULT_METHODS) and EvalConfig().predictor is None
+    config = parse_args(["--out", "x", "--methods", "kvzip+", "predicted", "--predictor", "p.safetensors"])
+    assert config.methods == ["kvzip+", "predicted"] and config.predictor == "p.safetensors"
+
+
+def _padded_batch(model):
+    """Two rows, row 1 left-padded by 3; context_start 2 and 5 (protected prefixes of 2 tokens)."""
+    ids = torch.randint(3, 120, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :3] = 0
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=torch.tensor([2, 5]))
+    return cache
+
+
+def _row_counts(cache: KVzipCache) -> list[int]:
+    return cache.keep_mask.flatten(2).sum(dim=(0, 2)).tolist()  # [L, B, H, C] -> per row
+
+
+@pytest.mark.parametrize("method", ["kvzip+", "predicted"])
+def test_scored_sweeps_keep_round_ratio_of_each_row_nested(method):
+    torch.manual_seed(0)
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "mlp", seed=1)
+    cache = _padded_batch(model)
+    selectable = cache._selectable().flatten(2).sum(dim=(0, 2)).tolist()  # per row
+    previous = None
+    for ratio in sweep(method, model, ByteTokenizer(), cache, [1.0, 0.5, 0.25], predictor=predictor):
+        assert cache.score_source == ("kvzip+" if method == "kvzip+" else "predicted")
+        assert _row_counts(cache) == [kept_count(ratio, n) for n in selectable]
+        if previous is not None:
+            assert not bool((cache.keep_mask & ~previous).any())  # nested
+        previous = cache.keep_mask.clone()
+    assert ratio == 0.25
+
+    fresh = KVzipCache(model)  # the swept cache equals one compressed straight to the last ratio
+    fresh.prefill(model, cache.input_ids, cache.attention_mask, context_start=cache.context_start)
+    if method == "kvzip+":
+        fresh.compress(model, 0.25, tokenizer=ByteTokenizer(), score="kvzip+")
+    else:
+        fresh.compress(model, 0.25, predictor=predictor)
+    assert torch.equal(fresh.keep_mask, cache.keep_mask)
+
+
+def test_predicted_prefill_evicts_while_prefilling_at_each_ratio(monkeypatch):
+    monkeypatch.setattr(methods, "PREDICTED_PREFILL_CHUNK", 8)
+    torch.manual_seed(0)
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "linear", seed=2)
+    cache = _padded_batch(model)
+    ids, mask, starts = cache.input_ids, cache.attention_mask, cache.context_start
+    pairs = len(cache.compressible_layers) * cache.num_kv_heads
+    context = mask & (torch.arange(40)[None, :] >= starts[:, None])  # [B, S]
+    chunks = context.view(2, 5, 8).sum(dim=-1)  # [B, chunks]: selectable positions of each 8-token chunk
+    sizes = []
+    for ratio in sweep("predicted-prefill", model, ByteTokenizer(), cache, [0.25, 1.0, 0.5], predictor=predictor):
+        assert cache.compressed_with == ("pair", ratio) and cache.score_source == "predicted"
+        expected = [sum(kept_count(ratio, int(n) * pairs) for n in row) for row in chunks]
+        assert _row_counts(cache) == expected  # one top-k per chunk, not one over the whole context
+        direct = KVzipCache(model)
+        direct.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=ratio)
+        assert torch.equal(direct.keep_mask, cache.keep_mask)
+        sizes.append(cache.kv_bytes())
+    assert sizes[0] > sizes[1] > sizes[2]  # ratios 1.0, 0.5, 0.25
+
+
+class _DecodingTokenizer(ByteTokenizer):
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def _tiny_contexts(task, tokenizer, num_contexts, context_tokens, max_questions, seed):
+    return [Context(f"c{i}", "a context " * 4, [Question(f"q{i}", "which?", ["x"])]) for i in range(2)]
+
+
+def test_run_eval_with_predicted_methods_writes_rows(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "load_task", _tiny_contexts)
+    monkeypatch.setattr(methods, "PREDICTED_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(runner, "plot", lambda *args: None)  # matplotlib takes seconds; the needle run tests it
+    model, _ = make_pair("llama")
+    ScorePredictor.init(model, "linear").save(tmp_path / "predictor.safetensors")
+    loads = []
+    original = ScorePredictor.from_pretrained
+    monkeypatch.setattr(ScorePredictor, "from_pretrained", lambda *a, **k: loads.append(a) or original(*a, **k))
+    config = EvalConfig(model="tiny-llama", tasks=["needle"], methods=["full", "predicted", "predicted-prefill"],
+                        ratios=[1.0, 0.5], max_new_tokens=2, out=str(tmp_path / "out"),
+                        predictor=str(tmp_path / "predictor.safetensors"))
+    rows = run_eval(config, model, _DecodingTokenizer())
+    assert len(loads) == 1  # the predictor is loaded once per run
+    counts = {m: sum(r["method"] == m for r in rows) for m in config.methods}
+    assert counts == {"full": 2, "predicted": 4, "predicted-prefill": 4}  # 2 contexts x 1 question x ratios
+    assert "| predicted-prefill |" in (tmp_path / "out" / "summary.md").read_text()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["predictor"] == config.predictor
+
+
+def test_predicted_methods_without_a_predictor_say_what_to_do(tmp_path):
+    model, _ = make_pair("llama")
+    config = EvalConfig(model="tiny-llama", methods=["full", "predicted"], out=str(tmp_path / "out"))
+    expected = r"none is shipped for 'tiny-llama'.*--predictor.*train_predictor --model tiny-llama"
+    with pytest.raises(ValueError, match=expected):
+        run_eval(config, model, _DecodingTokenizer())
+    assert not (tmp_path / "out").exists()  # raised before anything ran
+    with pytest.raises(ValueError, match="needs a ScorePredictor"):
+        next(sweep("predicted", model, None, _padded_batch(model), [0.5]))
 
 
 @pytest.mark.parametrize("make_contexts", [squad_contexts, hotpotqa_contexts])

@@ -252,3 +252,41 @@ def test_generate_compiles_decode_steps_for_a_static_cache(arch):
         assert torch.equal(got, expected)
     kwargs = {"cache": static, "past_key_values": static}  # the key generate uses: "cache" on 5.24, the other on 5.17
     assert static.is_compileable and model._valid_auto_compile_criteria(kwargs, model.generation_config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_predictor_compress_and_evicting_prefill_on_cuda_match_the_cpu(arch):
+    """Predicted compress and eviction while prefilling (long chunks arrive as the tail of a ragged layer and go
+    through the large-query path) give the CPU's keep mask and logits."""
+    from kvzip_cache import ScorePredictor
+
+    model, _ = make_pair(arch)
+    predictor = ScorePredictor.init(model, "mlp", seed=4)
+    context, question = _ids(1500, 5, batch=2), _ids(7, 6, batch=2)
+    mask = torch.ones_like(context)
+    mask[1, :40] = 0
+    starts = torch.tensor([3, 45])
+
+    def run(device):
+        m = model.to(device)
+        results = []
+        for evicting in (False, True):
+            cache = KVzipCache(m)
+            if evicting:
+                cache.prefill(m, context.to(device), mask.to(device), context_start=starts.to(device), chunk_size=600,
+                              predictor=predictor, ratio=0.3)
+            else:
+                cache.prefill(m, context.to(device), mask.to(device), context_start=starts.to(device))
+                cache.compress(m, 0.3, predictor=predictor)
+            inputs = cache.inputs_for(question.to(device))
+            positions = (inputs["attention_mask"].cumsum(-1) - 1)[:, -7:]
+            with torch.no_grad():
+                logits = m(input_ids=question.to(device), attention_mask=inputs["attention_mask"],
+                           position_ids=positions, past_key_values=cache).logits
+            results.append((cache.keep_mask.cpu(), logits.float().cpu()))
+        return results
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for (cpu_keep, cpu_logits), (gpu_keep, gpu_logits) in zip(cpu, gpu):
+        assert (cpu_keep != gpu_keep).float().mean() < 1e-3  # fp32 near-ties may flip a pair
+        torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=0)

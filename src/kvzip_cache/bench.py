@@ -13,6 +13,15 @@ floor of a decode step is ``(weight bytes + kept KV bytes) / copy bandwidth``.
 
 Writes ``results.json``, ``report.md`` and ``decode.png`` (decode latency and KV memory vs context length) under
 ``--out``.
+
+``--predictor linear|mlp`` adds, for every (context, batch), the rows of a `ScorePredictor` (random weights, see
+`predictor_rows`): ``kvzip-pred`` (a plain prefill, then ``compress(predictor=p)``: no forward pass) and
+``kvzip-evict`` (``prefill(predictor=p, ratio=r)``: evicts while prefilling), with their time against the plain
+prefill and DynamicCache's, and the evicting prefill's peak memory beside its bound.
+
+``--capacity`` measures instead the longest context one GPU prefills with a dense cache and with eviction at the
+smallest ``--ratios`` (`capacity_rows`), within ``--capacity-budget`` seconds; writes ``capacity.json`` and
+``capacity.md``.
 """
 
 from __future__ import annotations
@@ -25,14 +34,18 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 import kvzip_cache  # noqa: F401  (registers "kvzip")
-from kvzip_cache import KVzipCache
+from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.compat import cache_kwarg
+from kvzip_cache.config import kv_shape
+from kvzip_cache.scorers.predictor import KINDS as PREDICTOR_KINDS
 
 SHAPES = {
     "llama3.1-8b": dict(
@@ -47,6 +60,8 @@ SHAPES = {
     ),
 }
 GB = 1e9
+CAPACITY_START = 131072  # the capacity search doubles from here...
+CAPACITY_STEP = 65536  # ...then bisects down to this granularity
 
 
 @dataclass
@@ -67,14 +82,24 @@ class Row:
     floor_ms: float = float("nan")
     kernel_gbps: float = float("nan")
     compile_s: float = float("nan")  # compiled decoding (bench_compiled): torch.compile + CUDA graph recording
+    # score-predictor rows ("kvzip-pred", "kvzip-evict", see predictor_rows) and capacity rows (capacity_rows):
+    plain_prefill_s: float = float("nan")  # the plain KVzipCache prefill of the same context
+    dynamic_prefill_s: float = float("nan")  # the DynamicCache + SDPA prefill of the same context
+    chunk_gb: float = float("nan")  # one prefill chunk: its activations plus its own dense KV (see predictor_rows)
+    bound_gb: float = float("nan")  # evicting prefill: GB allocated before it + ratio x full KV + chunk_gb
+    fits: bool | None = None  # capacity rows: whether the try ran without running out of GPU memory
     notes: list[str] = field(default_factory=list)
 
 
-def load_model(name: str, dtype: torch.dtype, device: str):
+def load_model(name: str, dtype: torch.dtype, device: str, max_positions: int | None = None):
+    """The model, in eval mode, SDPA attention. ``max_positions``: raise a built-in shape's
+    ``max_position_embeddings`` to at least this many positions (long contexts; a hub model keeps its own)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name in SHAPES:
         spec = dict(SHAPES[name])
+        if max_positions is not None:
+            spec["max_position_embeddings"] = max(spec["max_position_embeddings"], max_positions)
         config = AutoConfig.for_model(spec.pop("model_type"), **spec)
         torch.manual_seed(0)
         with torch.device(device):
@@ -101,12 +126,62 @@ def copy_bandwidth(device: str, nbytes: int = 4 << 30) -> float:
 
 
 def _peak_gb() -> float:
-    return torch.cuda.max_memory_allocated() / GB
+    """Peak GPU GB allocated since the last `_reset_peak` (NaN without CUDA: the CPU smoke tests)."""
+    return torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else float("nan")
 
 
 def _reset_peak() -> None:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _free() -> None:
+    """Return freed GPU memory to the device between measurements (and after an out-of-memory error)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Measurement:
+    seconds: float = float("nan")
+    peak_gb: float = float("nan")  # peak GPU GB allocated during the block
+    before_gb: float = float("nan")  # GPU GB allocated when the block started (weights, inputs, ...)
+
+
+@contextmanager
+def _measured() -> Iterator[Measurement]:
+    """Time a block (synchronised) and take its peak GPU memory; filled in also when the block raises (OOM)."""
+    _reset_peak()
+    m = Measurement(before_gb=torch.cuda.memory_allocated() / GB if torch.cuda.is_available() else float("nan"))
+    began = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        m.seconds, m.peak_gb = time.perf_counter() - began, _peak_gb()
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """Dense KV bytes of one token of one row: layers x 2 (keys, values) x KV heads x head_dim x itemsize."""
+    num_heads, head_dim = kv_shape(config)
+    return config.num_hidden_layers * 2 * num_heads * head_dim * itemsize
+
+
+def _chunked_forward(model, cache, ids: torch.Tensor, mask: torch.Tensor, chunk: int, start: int = 0) -> None:
+    """Forward ``ids[:, start:]`` into ``cache``, ``chunk`` tokens per pass, as a chunked prefill does from ``start``.
+
+    ``ids``, ``mask``: ``[B, S]`` (mask 1 = token, 0 = left padding); position ids follow the mask.
+    """
+    kwarg = cache_kwarg(model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for lo in range(start, ids.shape[1], chunk):
+            hi = min(lo + chunk, ids.shape[1])
+            model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
+                  use_cache=True, logits_to_keep=1, **{kwarg: cache})
 
 
 def _context(batch: int, length: int, vocab: int, device: str, padded: bool):
@@ -188,8 +263,8 @@ def kernel_bandwidth(cache: KVzipCache, model, batch: int) -> float:
     return ctx.kv_bytes() / (ms / 1e3) / GB
 
 
-def warm_up(model, device: str) -> None:
-    """Compile the Triton kernels and fill caches outside the measurements."""
+def warm_up(model, device: str, predictor: ScorePredictor | None = None) -> None:
+    """Compile the Triton kernels and fill caches outside the measurements (with ``predictor``: its paths too)."""
     model.set_attn_implementation("kvzip")
     ids = torch.randint(10, 1000, (2, 2048), device=device)
     cache = KVzipCache(model)
@@ -197,23 +272,38 @@ def warm_up(model, device: str) -> None:
     cache.compress(model, 0.5, tokenizer=_NoTemplateTokenizer(), chunk_size=512)
     _decode_loop(model, cache, 2, 2048, 2, None)
     del cache
+    if predictor is not None:
+        _warm_up_predictor(model, predictor, device)
     torch.cuda.empty_cache()
+
+
+def _warm_up_predictor(model, predictor: ScorePredictor, device: str) -> None:
+    """One small predicted compress and one small evicting prefill (first-call costs outside the measurements)."""
+    ids = torch.randint(10, 1000, (1, 4096), device=device)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=16, chunk_size=2048)
+    cache.compress(model, 0.5, predictor=predictor)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=16, chunk_size=1024, predictor=predictor, ratio=0.5)
+    del cache
+    _free()
 
 
 def run(args) -> dict:
     device = "cuda"
     dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype, device)
+    model = load_model(args.model, dtype, device,
+                       max_positions=max(args.contexts) + args.question_tokens + args.decode_steps + 64)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
-    warm_up(model, device)
+    predictor = ScorePredictor.init(model, args.predictor, seed=0).to(device) if args.predictor else None
+    warm_up(model, device, predictor)
     print(f"weights {weight_bytes / GB:.1f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+    kv_per_token = kv_bytes_per_token(config, dtype.itemsize)
+    decode = args.decode_steps > 0  # --decode-steps 0: prefill and compress figures only
     rows: list[Row] = []
     capacity = torch.cuda.get_device_properties(0).total_memory
-    kwarg = cache_kwarg(model)
     for context in args.contexts:
         for batch in args.batches:
             need = weight_bytes + 2.3 * kv_per_token * context * batch
@@ -222,6 +312,8 @@ def run(args) -> dict:
                 continue
             padded = batch > 1
             ids, mask = _context(batch, context, config.vocab_size, device, padded)
+            starts = torch.tensor([b * context // (4 * batch) if padded else 0 for b in range(batch)],
+                                  device=device) + 16
             ask = torch.randint(10, config.vocab_size, (batch, args.question_tokens), device=device)
             full_ids, full_mask = torch.cat([ids, ask], 1), torch.cat([mask, torch.ones_like(ask)], 1)
 
@@ -231,42 +323,34 @@ def run(args) -> dict:
             model.set_attn_implementation("sdpa")
             row = Row("dynamic", context, batch)
             cache = DynamicCache(config=config)
-            _reset_peak()
-            began = time.perf_counter()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                for lo in range(0, context, args.prefill_chunk):
-                    hi = min(lo + args.prefill_chunk, context)
-                    model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
-                          use_cache=True, logits_to_keep=1, **{kwarg: cache})
-            torch.cuda.synchronize()
-            row.prefill_s = time.perf_counter() - began
-            row.peak_prefill_gb = _peak_gb()
+            with _measured() as m:
+                _chunked_forward(model, cache, ids, mask, args.prefill_chunk)
+            row.prefill_s, row.peak_prefill_gb = m.seconds, m.peak_gb
             row.kv_gb = kv_per_token * context * batch / GB
-            _reset_peak()
-            row.decode_ms = _decode_loop(model, cache, batch, context, args.decode_steps, mask if padded else None)
-            row.peak_decode_gb = _peak_gb()
             back_to_context = lambda c=cache: c.crop(context - c.get_seq_length())  # noqa: E731
-            back_to_context()
+            if decode:
+                _reset_peak()
+                row.decode_ms = _decode_loop(model, cache, batch, context, args.decode_steps, mask if padded else None)
+                row.peak_decode_gb = _peak_gb()
+                back_to_context()
             if args.check_tokens > 0:
                 reference_tokens = _greedy(model, cache, full_ids, full_mask, args.check_tokens)
                 back_to_context()
-            if batch > 1 or args.generate:
+            if decode and (batch > 1 or args.generate):
                 row.generate_ms = _generate_ms(model, cache, full_ids, full_mask, args.decode_steps, back_to_context)
             row.floor_ms = (weight_bytes + kv_per_token * context * batch) / bandwidth * 1e3
             rows.append(row)
             print(_line(row))
-            del cache
-            torch.cuda.empty_cache()
+            dynamic_prefill_s = row.prefill_s
+            del cache, back_to_context  # the lambda holds the cache too: free it before the KVzip peaks are taken
+            _free()
 
             # ---- KVzip at each ratio, scored once, re-selected for smaller ratios
             model.set_attn_implementation("kvzip")
             cache = KVzipCache(model)
             _reset_peak()
             began = time.perf_counter()
-            cache.prefill(model, ids, mask, context_start=torch.tensor([b * context // (4 * batch) if padded else 0
-                                                                        for b in range(batch)], device=device) + 16,
-                          chunk_size=args.prefill_chunk)
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=args.prefill_chunk)
             torch.cuda.synchronize()
             prefill_s, peak_prefill = time.perf_counter() - began, _peak_gb()
             scoring_s = float("nan")
@@ -289,19 +373,311 @@ def run(args) -> dict:
                     same = (tokens == reference_tokens).all(dim=0)
                     first = int((~same).nonzero()[0]) if not bool(same.all()) else len(same)
                     row.notes.append(f"greedy vs DynamicCache: {first}/{len(same)} leading tokens identical in all rows")
-                _reset_peak()
-                row.decode_ms = _decode_loop(model, cache, batch, context, args.decode_steps, mask if padded else None)
-                row.peak_decode_gb = _peak_gb()
-                cache.rollback()
-                if batch > 1 or args.generate:
+                if decode:
+                    _reset_peak()
+                    row.decode_ms = _decode_loop(model, cache, batch, context, args.decode_steps,
+                                                 mask if padded else None)
+                    row.peak_decode_gb = _peak_gb()
+                    cache.rollback()
+                if decode and (batch > 1 or args.generate):
                     row.generate_ms = _generate_ms(model, cache, full_ids, full_mask, args.decode_steps, cache.rollback)
                 row.floor_ms = (weight_bytes + cache.kv_bytes()) / bandwidth * 1e3
                 row.kernel_gbps = kernel_bandwidth(cache, model, batch)
                 rows.append(row)
                 print(_line(row))
             del cache
-            torch.cuda.empty_cache()
+            _free()
+
+            # ---- score predictor: predicted compress after a plain prefill, and eviction while prefilling
+            if predictor is not None:
+                for row in predictor_rows(model, predictor, ids, mask, starts, args.ratios, chunk=args.prefill_chunk,
+                                          kv_per_token=kv_per_token, dynamic_prefill_s=dynamic_prefill_s,
+                                          decode_steps=args.decode_steps):
+                    if decode:
+                        row.floor_ms = (weight_bytes + row.kv_gb * GB) / bandwidth * 1e3
+                    rows.append(row)
     return result_record(args, weight_bytes, bandwidth, rows)
+
+
+def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor,
+                   ratios: list[float], *, chunk: int, kv_per_token: int, dynamic_prefill_s: float = float("nan"),
+                   decode_steps: int = 0) -> list[Row]:
+    """Rows of a score predictor on one context; prints one line per row as it is measured.
+
+    Args:
+        model: loaded with (or set to) the kvzip attention.
+        predictor: a `ScorePredictor` for the model (its weights do not change speed or memory).
+        ids, mask: ``[B, S]`` context ids and padding mask (left padding when B > 1).
+        starts: ``[B]`` first context position of each row (the protected prefix comes before).
+        ratios: fractions of context pairs kept.
+        chunk: prefill chunk size.
+        kv_per_token: dense KV bytes per token (`kv_bytes_per_token`): full KV = kv_per_token x S x B.
+        dynamic_prefill_s: the DynamicCache prefill time of the same context, to compare with (NaN: none).
+        decode_steps: > 0 also times decode steps on each compressed cache (CUDA only).
+
+    Returns, for each ratio r (largest first):
+
+    - ``kvzip-pred``: a plain KVzipCache prefill (``prefill_s``, ``peak_prefill_gb``), then
+      ``compress(model, r, predictor=p)`` (``compress_s``, ``peak_compress_gb``). The first ratio's compress predicts
+      and evicts (``scoring_s``); later ones re-select with the stored predictions.
+    - ``kvzip-evict``: ``prefill(..., predictor=p, ratio=r)`` (``prefill_s``, ``peak_prefill_gb``) beside the plain
+      prefill (``plain_prefill_s``), DynamicCache's (``dynamic_prefill_s``) and the bound
+      ``bound_gb = allocated before (weights, inputs) + r x full KV + chunk_gb``.
+
+    ``chunk_gb``, "one chunk's activations" in the bound, is measured by `_one_chunk_gb` on the last ``chunk`` tokens
+    of each row (they hold no left padding).
+    """
+    batch, context = ids.shape
+    full_kv_gb = kv_per_token * context * batch / GB
+    padded = not bool(mask.all())
+    chunk_gb = _one_chunk_gb(model, ids[:, -chunk:])
+
+    def decode_ms(cache: KVzipCache) -> float:
+        if decode_steps <= 0:
+            return float("nan")
+        ms = _decode_loop(model, cache, batch, context, decode_steps, mask if padded else None)
+        cache.rollback()
+        return ms
+
+    rows: list[Row] = []
+    plain = KVzipCache(model)
+    with _measured() as m:
+        plain.prefill(model, ids, mask, context_start=starts, chunk_size=chunk)
+    plain_s, plain_peak = m.seconds, m.peak_gb
+    scoring_s = float("nan")
+    for ratio in sorted(ratios, reverse=True):
+        with _measured() as m:
+            report = plain.compress(model, ratio, predictor=predictor)
+        scoring_s = m.seconds if scoring_s != scoring_s else scoring_s
+        row = Row("kvzip-pred", context, batch, ratio, prefill_s=plain_s, scoring_s=scoring_s, compress_s=m.seconds,
+                  peak_prefill_gb=plain_peak, peak_compress_gb=m.peak_gb, plain_prefill_s=plain_s,
+                  dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb,
+                  kv_gb=(plain.kv_bytes() + plain.metadata_bytes()) / GB, decode_ms=decode_ms(plain))
+        row.notes.append(f"achieved ratio {report.achieved_ratio:.3f}")
+        rows.append(row)
+        print(_predictor_line(row), flush=True)
+    del plain
+    _free()
+    for ratio in sorted(ratios, reverse=True):
+        cache = KVzipCache(model)
+        with _measured() as m:
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=ratio)
+        row = Row("kvzip-evict", context, batch, ratio, prefill_s=m.seconds, peak_prefill_gb=m.peak_gb,
+                  plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb,
+                  bound_gb=m.before_gb + ratio * full_kv_gb + chunk_gb,
+                  kv_gb=(cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms=decode_ms(cache))
+        achieved = int(cache.keep_mask.sum()) / max(int(cache._selectable().sum()), 1)
+        row.notes.append(f"achieved ratio {achieved:.3f}")
+        rows.append(row)
+        print(_predictor_line(row), flush=True)
+        del cache
+        _free()
+    return rows
+
+
+def _one_chunk_gb(model, ids: torch.Tensor) -> float:
+    """GB that a plain prefill of one chunk ``ids`` (``[B, chunk]``, no padding) peaks at above what was allocated
+    before it (NaN without CUDA).
+
+    This is how the bench MEASURES "one chunk's activations" in the bound of an evicting prefill: the chunk's
+    activations plus its own dense KV, which an evicting prefill also holds until it has scored the chunk. (The
+    alternative, a full plain prefill's peak minus weights minus full KV, leaves that KV out and adds the transient
+    copy of one growing dense layer, which an evicting prefill never makes.)
+    """
+    cache = KVzipCache(model)
+    with _measured() as m:
+        cache.prefill(model, ids, chunk_size=ids.shape[1])
+    del cache
+    _free()
+    return m.peak_gb - m.before_gb
+
+
+def capacity_rows(model, predictor: ScorePredictor, ratio: float, *, cap: int, chunk: int, budget_s: float,
+                  dense: str = "kvzip", start: int = CAPACITY_START,
+                  step: int = CAPACITY_STEP) -> tuple[list[Row], dict]:
+    """The longest context (batch 1, multiples of ``step`` up to ``cap``) that the model's GPU prefills with a dense
+    cache, and with eviction at ``ratio`` by ``predictor``; prints one line per try.
+
+    Tries, in this order, each catching `torch.cuda.OutOfMemoryError` and freeing memory afterwards:
+
+    1. a real dense prefill of ``start`` tokens: the check of the stand-in below (compare the two peaks at ``start``);
+    2. eviction (``prefill(predictor=p, ratio=ratio)``, real, the whole prefill): at ``cap`` first (the longest
+       tries come first, so that the budget cuts the short ones); if it does not fit, bisection below it;
+    3. dense (``dense``: ``"kvzip"``, a plain KVzipCache prefill, or ``"dynamic"``, DynamicCache + SDPA), through the
+       last-chunk stand-in of `_dense_try`: doubling from ``start`` until a try fails, then bisection.
+
+    A try starts only while ``budget_s`` seconds (from this call) are not spent; a try in flight is not interrupted.
+
+    Returns:
+        ``(rows, summary)``: one ``capacity-dense`` / ``capacity-evict`` row per try (``fits``, ``prefill_s``,
+        ``peak_prefill_gb``, ``kv_gb``; eviction rows also ``bound_gb`` and ``chunk_gb`` as in `predictor_rows`) and
+        the summary (longest fitting and shortest failing length of each, whether
+        each search finished within the budget, the ratio of the two capacities, a memory-only projection).
+    """
+    began = time.perf_counter()
+    deadline = began + budget_s
+    rows: list[Row] = []
+    longest_fit: list[tuple[int, Measurement]] = []
+    kv_per_token = kv_bytes_per_token(model.config, model.dtype.itemsize)
+    chunk_gb = _one_chunk_gb(model, torch.randint(10, model.config.vocab_size, (1, chunk), device=model.device))
+
+    def record(row: Row) -> bool:
+        rows.append(row)
+        print(_capacity_line(row), flush=True)
+        _free()
+        return bool(row.fits)
+
+    def evict_fits(length: int) -> bool:
+        row, m = _evict_try(model, predictor, ratio, length, chunk)
+        row.chunk_gb, row.bound_gb = chunk_gb, m.before_gb + ratio * kv_per_token * length / GB + chunk_gb
+        if row.fits:
+            longest_fit.append((length, m))
+        return record(row)
+
+    record(_dense_try(model, start, chunk, dense, real=True))
+    evict_ok, evict_bad, evict_done = _longest(evict_fits, cap, cap, step, deadline)
+    dense_ok, dense_bad, dense_done = _longest(
+        lambda length: record(_dense_try(model, length, chunk, dense, real=False)), start, cap, step, deadline)
+    projected = None
+    if longest_fit and torch.cuda.is_available():
+        # Peak = allocated before + a constant + a per-token slope: scaling (peak - before) linearly through the
+        # longest fitting try under-estimates the capacity when that try fitted (conservative). Never run.
+        length, m = max(longest_fit, key=lambda item: item[0])
+        total = torch.cuda.get_device_properties(0).total_memory / GB
+        projected = int(length * (total - m.before_gb) / (m.peak_gb - m.before_gb))
+    summary = {
+        "ratio": ratio, "predictor": predictor.kind, "dense_cache": dense, "chunk": chunk, "start": start,
+        "step": step, "cap": cap, "budget_s": budget_s, "seconds": time.perf_counter() - began,
+        "dense_tokens": dense_ok, "dense_failed_at": dense_bad, "dense_search_complete": dense_done,
+        "evict_tokens": evict_ok, "evict_failed_at": evict_bad, "evict_search_complete": evict_done,
+        # eviction fits >= evict_tokens and dense fits < dense_failed_at, so the ratio of capacities is at least:
+        "evict_vs_dense_at_least": evict_ok / dense_bad if dense_bad else None,
+        "evict_projected_tokens": projected,
+    }
+    return rows, summary
+
+
+def _longest(fits: Callable[[int], bool], first: int, cap: int, step: int,
+             deadline: float) -> tuple[int, int | None, bool]:
+    """Longest length (<= ``cap``) for which ``fits(length)`` holds: doubling from ``first`` until a try fails or
+    ``cap`` fits, then bisecting down to ``step``. No try starts after ``time.perf_counter()`` passes ``deadline``.
+
+    Returns ``(longest that fitted (0: none), shortest that failed (None: none), whether the search finished)``.
+    """
+    ok, bad, length = 0, None, min(first, cap)
+    while bad is None and ok < cap:
+        if time.perf_counter() > deadline:
+            return ok, bad, False
+        if fits(length):
+            ok, length = length, min(2 * length, cap)
+        else:
+            bad = length
+    while bad is not None and bad - ok > step:
+        if time.perf_counter() > deadline:
+            return ok, bad, False
+        mid = ok + max(step, (bad - ok) // 2 // step * step)
+        if fits(mid):
+            ok = mid
+        else:
+            bad = mid
+    return ok, bad, True
+
+
+def _oom_note(error: BaseException) -> str:
+    return f"out of memory: {str(error).splitlines()[0][:200]}"
+
+
+def _evict_try(model, predictor: ScorePredictor, ratio: float, length: int, chunk: int) -> tuple[Row, Measurement]:
+    """A real evicting prefill of ``length`` random tokens (batch 1, protected prefix 16): its row and measurement."""
+    ids = torch.randint(10, model.config.vocab_size, (1, length), device=model.device)
+    cache = KVzipCache(model)
+    row = Row("capacity-evict", length, 1, ratio)
+    try:
+        with _measured() as m:
+            cache.prefill(model, ids, context_start=16, chunk_size=chunk, predictor=predictor, ratio=ratio)
+        row.fits, row.kv_gb = True, (cache.kv_bytes() + cache.metadata_bytes()) / GB
+    except torch.cuda.OutOfMemoryError as error:
+        row.fits = False
+        row.notes.append(_oom_note(error))
+    row.prefill_s, row.peak_prefill_gb = m.seconds, m.peak_gb
+    return row, m
+
+
+def _dense_try(model, length: int, chunk: int, kind: str, real: bool) -> Row:
+    """One dense prefill of ``length`` random tokens (batch 1) into a plain KVzipCache (``kind="kvzip"``) or into a
+    DynamicCache with SDPA attention (``"dynamic"``).
+
+    ``real``: the whole chunked prefill. Otherwise a stand-in for it: every layer is given the keys and values of the
+    first ``fill`` tokens (random, through `Cache.update`), and only the prefill's last chunk ``[fill, length)`` runs,
+    for real. A dense prefill's memory only grows, and its last chunk holds the most KV, attends over the most keys
+    and makes the largest transient copies (a growing layer's concatenation, SDPA's mask and GQA copies), so the last
+    chunk's peak is the prefill's peak; the earlier chunks cost time (their attention grows with the square of the
+    length), not memory. The stand-in's fresh tensors fragment the allocator less than a real prefill's growing
+    layers do, so it can only overstate the dense capacity: the comparison favours the dense cache.
+    """
+    from transformers import DynamicCache
+
+    config = model.config
+    ids = torch.randint(10, config.vocab_size, (1, length), device=model.device)
+    mask = torch.ones_like(ids)
+    fill = 0 if real else (length - 1) // chunk * chunk  # where a chunked prefill's last chunk starts
+    row = Row("capacity-dense", length, 1, notes=[f"{kind} cache, " + (
+        "real prefill" if real else f"stand-in: {fill} random cached tokens, then the last {length - fill} for real")])
+    model.set_attn_implementation("kvzip" if kind == "kvzip" else "sdpa")
+    cache = KVzipCache(model) if kind == "kvzip" else DynamicCache(config=config)
+    try:
+        with _measured() as m:
+            if real and kind == "kvzip":
+                cache.prefill(model, ids, context_start=16, chunk_size=chunk)
+            else:
+                if fill:
+                    _fill_dense(cache, config, fill, model.dtype, model.device)
+                _chunked_forward(model, cache, ids, mask, chunk, start=fill)
+        row.fits, row.kv_gb = True, kv_bytes_per_token(config, model.dtype.itemsize) * length / GB
+    except torch.cuda.OutOfMemoryError as error:
+        row.fits = False
+        row.notes.append(_oom_note(error))
+    finally:
+        model.set_attn_implementation("kvzip")
+    row.peak_prefill_gb = m.peak_gb
+    if real:
+        row.prefill_s = m.seconds
+    else:
+        row.notes.append(f"{m.seconds:.1f}s")
+    return row
+
+
+def _fill_dense(cache, config, length: int, dtype: torch.dtype, device) -> None:
+    """Give every layer of ``cache`` the keys and values of ``length`` tokens (batch 1, random), via `Cache.update`."""
+    num_heads, head_dim = kv_shape(config)
+    for idx in range(config.num_hidden_layers):
+        keys = torch.randn(1, num_heads, length, head_dim, dtype=dtype, device=device)
+        cache.update(keys, torch.randn_like(keys), idx)
+        del keys
+
+
+def run_capacity(args) -> dict:
+    """``--capacity``: `capacity_rows` for the model on one GPU, within ``--capacity-budget`` seconds (loading
+    included); the result record with a ``"capacity"`` summary."""
+    began = time.perf_counter()
+    device = "cuda"
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype, device, max_positions=args.capacity_max + args.prefill_chunk)
+    model.set_attn_implementation("kvzip")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    predictor = ScorePredictor.init(model, args.predictor or "mlp", seed=0).to(device)
+    _warm_up_predictor(model, predictor, device)
+    ratio = min(args.ratios)
+    print(f"weights {weight_bytes / GB:.1f} GB; capacity search: {args.capacity_dense} dense cache vs eviction at "
+          f"ratio {ratio:g} ({predictor.kind} predictor), up to {args.capacity_max} tokens", flush=True)
+    rows, summary = capacity_rows(model, predictor, ratio, cap=args.capacity_max, chunk=args.prefill_chunk,
+                                  budget_s=args.capacity_budget - (time.perf_counter() - began),
+                                  dense=args.capacity_dense)
+    print(_capacity_summary(summary), flush=True)
+    result = result_record(args, weight_bytes, bandwidth, rows)
+    result["capacity"] = summary
+    return result
 
 
 def result_record(args, weight_bytes: int, bandwidth: float, rows: list[Row]) -> dict:
@@ -333,6 +709,42 @@ def _line(row: Row) -> str:
             f"{row.peak_compress_gb:.1f}/{row.peak_decode_gb:.1f} GB kernel {row.kernel_gbps:6.0f} GB/s")
 
 
+def _predictor_line(row: Row) -> str:
+    head = f"{row.method:11} ctx {row.context:>6} b {row.batch} r {row.ratio:.1f}:"
+    if row.method == "kvzip-pred":
+        return (f"{head} plain prefill {row.prefill_s:6.2f}s, predicted compress {row.compress_s:6.3f}s = "
+                f"{100 * row.compress_s / row.prefill_s:.1f}% of it; peaks {row.peak_prefill_gb:.1f}/"
+                f"{row.peak_compress_gb:.1f} GB; KV {row.kv_gb:.2f} GB; {'; '.join(row.notes)}")
+    return (f"{head} evicting prefill {row.prefill_s:6.2f}s = {row.prefill_s / row.plain_prefill_s:.2f}x plain "
+            f"({row.plain_prefill_s:.2f}s), {row.prefill_s / row.dynamic_prefill_s:.2f}x DynamicCache; peak "
+            f"{row.peak_prefill_gb:.1f} GB, bound {row.bound_gb:.1f} GB (one chunk {row.chunk_gb:.2f} GB); "
+            f"KV {row.kv_gb:.2f} GB; {'; '.join(row.notes)}")
+
+
+def _capacity_line(row: Row) -> str:
+    prefill = f"prefill {row.prefill_s:6.1f}s, " if row.prefill_s == row.prefill_s else ""  # stand-ins: in the notes
+    bound = f" (bound {row.bound_gb:.1f})" if row.bound_gb == row.bound_gb else ""
+    return (f"{row.method:14} ctx {row.context:>7} r {row.ratio:.1f}: {'fits' if row.fits else 'DOES NOT FIT'}, "
+            f"{prefill}peak {row.peak_prefill_gb:6.1f} GB{bound}, KV {row.kv_gb:6.2f} GB; {'; '.join(row.notes)}")
+
+
+def _capacity_summary(c: dict) -> str:
+    def side(ok: int, bad: int | None, done: bool) -> str:
+        upper = f"; {bad} did not" if bad else ""
+        return f"{ok} tokens fit{upper}{'' if done else ' (search cut by the budget)'}"
+
+    ratio, projected, dense_bad = c["evict_vs_dense_at_least"], c["evict_projected_tokens"], c["dense_failed_at"]
+    projection = "n/a" if projected is None else f"~{projected} tokens"
+    if projected is not None and dense_bad:
+        projection += f" = {projected / dense_bad:.1f}x the shortest dense context that did not fit"
+    dense = side(c["dense_tokens"], dense_bad, c["dense_search_complete"])
+    evict = side(c["evict_tokens"], c["evict_failed_at"], c["evict_search_complete"])
+    return (f"capacity: dense ({c['dense_cache']}) {dense}; eviction at ratio {c['ratio']:g} ({c['predictor']}) {evict}"
+            f"{' (the cap)' if c['evict_tokens'] == c['cap'] else ''}; eviction / dense >= "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'}; memory-only projection for eviction: {projection} "
+            f"(not run); {c['seconds']:.0f}s")
+
+
 def _machine() -> dict:
     def git(*cmd):
         try:
@@ -353,16 +765,21 @@ def _machine() -> dict:
     }
 
 
-def write_report(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+def _header(result: dict, title: str) -> list[str]:
     m = result["machine"]
-    lines = [
-        f"# Benchmark: {result['model']} ({result['dtype']}) on {m['gpu']}",
+    return [
+        f"# {title}: {result['model']} ({result['dtype']}) on {m['gpu']}",
         "",
         f"torch {m['torch']}, transformers {m['transformers']}, commit {m['commit']}, {m['date']}. Weights "
         f"{result['weights_gb']:.1f} GB, measured copy bandwidth {result['copy_bandwidth_tbps']:.2f} TB/s.",
         "",
+    ]
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    lines = _header(result, "Benchmark") + [
         "| method | context | batch | ratio | prefill s | scoring s | compress s | decode ms/tok | generate ms/tok "
         "| floor ms | KV GB | peak prefill GB | peak compress GB | peak decode GB | kernel GB/s | kernel % of copy BW "
         "| notes |",
@@ -377,11 +794,53 @@ def write_report(result: dict, out: Path) -> None:
             f"{r['floor_ms']:.1f} | {r['kv_gb']:.2f} | {r['peak_prefill_gb']:.1f} | {r['peak_compress_gb']:.1f} | "
             f"{r['peak_decode_gb']:.1f} | {r['kernel_gbps']:.0f} | {pct:.0f} | {'; '.join(r['notes'])} |"
         )
+    predicted = [r for r in result["rows"] if r["method"] in ("kvzip-pred", "kvzip-evict")]
+    if predicted:
+        lines += [
+            "",
+            "## Score predictor (random weights): predicted compress, prefill with eviction",
+            "",
+            "kvzip-pred: a plain prefill, then `compress(predictor=p)` (prefill s is the plain prefill's). "
+            "kvzip-evict: `prefill(predictor=p, ratio=r)`; bound = GB allocated before it + ratio x full KV + one "
+            "chunk (the peak of a plain one-chunk prefill above what was allocated before it: activations plus the "
+            "chunk's KV).",
+            "",
+            "| method | context | batch | ratio | prefill s | x plain prefill | x DynamicCache prefill | compress s "
+            "| compress % of prefill | KV GB | peak prefill GB | peak compress GB | bound GB | one chunk GB | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in predicted:
+            lines.append(
+                f"| {r['method']} | {r['context']} | {r['batch']} | {r['ratio']:.1f} | {r['prefill_s']:.2f} | "
+                f"{r['prefill_s'] / r['plain_prefill_s']:.2f} | {r['prefill_s'] / r['dynamic_prefill_s']:.2f} | "
+                f"{r['compress_s']:.3f} | {100 * r['compress_s'] / r['prefill_s']:.1f} | {r['kv_gb']:.2f} | "
+                f"{r['peak_prefill_gb']:.1f} | {r['peak_compress_gb']:.1f} | {r['bound_gb']:.1f} | "
+                f"{r['chunk_gb']:.2f} | {'; '.join(r['notes'])} |"
+            )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     try:
         _plot(result, out / "decode.png")
     except ImportError:
         print("matplotlib is not installed: no plot")
+
+
+def write_capacity_report(result: dict, out: Path) -> None:
+    """``capacity.json`` and ``capacity.md`` (the summary line and one table row per try) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(result, indent=2))
+    lines = _header(result, "Prefill capacity") + [
+        _capacity_summary(result["capacity"]),
+        "",
+        "| method | context | ratio | fits | prefill s | peak GB | bound GB | KV GB | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['context']} | {r['ratio']:.1f} | {'yes' if r['fits'] else 'no'} | "
+            f"{r['prefill_s']:.1f} | {r['peak_prefill_gb']:.1f} | {r['bound_gb']:.1f} | {r['kv_gb']:.2f} | "
+            f"{'; '.join(r['notes'])} |"
+        )
+    (out / "capacity.md").write_text("\n".join(lines) + "\n")
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -399,7 +858,8 @@ def _plot(result: dict, path: Path) -> None:
         series.setdefault(key, []).append((r["context"], r["decode_ms"], r["kv_gb"]))
     for (method, ratio), points in sorted(series.items()):
         points.sort()
-        label = "DynamicCache + SDPA" if method == "dynamic" else f"KVzip ratio {ratio:g}"
+        label = {"dynamic": "DynamicCache + SDPA", "kvzip-pred": f"KVzip predicted, ratio {ratio:g}",
+                 "kvzip-evict": f"KVzip evicting prefill, ratio {ratio:g}"}.get(method, f"KVzip ratio {ratio:g}")
         ax1.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax2.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
     for ax, title in ((ax1, "decode ms/token (batch 1)"), (ax2, "KV cache GB (batch 1)")):
@@ -429,10 +889,25 @@ def main(argv=None) -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="compiled decoding instead: StaticCache + torch.compile vs a static KVzip cache "
                              "(kvzip_cache.bench_compiled)")
+    parser.add_argument("--predictor", choices=PREDICTOR_KINDS, default=None,
+                        help="also the rows of a score predictor of this kind (random weights): predicted compress "
+                             "and prefill with eviction (see predictor_rows)")
+    parser.add_argument("--capacity", action="store_true",
+                        help="instead: the longest context one GPU prefills, dense vs evicting at the smallest "
+                             "--ratios (predictor: --predictor, default mlp); writes capacity.json, capacity.md")
+    parser.add_argument("--capacity-max", type=int, default=1 << 20, help="longest context a capacity try uses")
+    parser.add_argument("--capacity-budget", type=float, default=420.0,
+                        help="seconds for the whole capacity run, loading included: no try starts after them")
+    parser.add_argument("--capacity-dense", choices=("kvzip", "dynamic"), default="kvzip",
+                        help="the dense cache of the capacity run: a plain KVzipCache or DynamicCache + SDPA")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
+    if args.capacity:
+        write_capacity_report(run_capacity(args), args.out)
+        print(f"wrote {args.out}/capacity.json, capacity.md")
+        return
     if args.compiled:
         from .bench_compiled import run_compiled, write_compiled_report
 

@@ -1,7 +1,11 @@
 """Compression methods for the evaluation, all query-agnostic and swept over decreasing ratios.
 
 ``ratio`` is the fraction of selectable context pairs KEPT. ``kvzip`` / ``kvzip-uniform`` score the context once by
-reconstruction (`KVzipCache.compress` at 1.0) and re-select among the kept pairs for each smaller ratio.
+reconstruction (`KVzipCache.compress` at 1.0) and re-select among the kept pairs for each smaller ratio; ``kvzip+``
+does the same with KVzip+ scores (``score="kvzip+"``, KVzap's output-norm-weighted reconstruction attention).
+``predicted`` scores every pair with a trained `ScorePredictor` (no forward pass) and re-selects likewise;
+``predicted-prefill`` evicts while prefilling (``prefill(predictor=..., ratio=...)``, ``PREDICTED_PREFILL_CHUNK``
+tokens per chunk), a fresh prefill per ratio.
 ``kvzip-head`` keeps whole KV heads (``ratio`` = fraction of heads), ranked by precomputed `HeadScores` when the run
 has them, else by the maximum of the same context's KVzip pair scores over positions (`head_scores_from_pairs`).
 ``kvzip-head-duo`` is the DuoAttention-style variant: the dropped heads keep their first ``DUO_SINK`` and last
@@ -19,13 +23,17 @@ from transformers import DynamicCache
 
 from ..cache import KVzipCache
 from ..compat import cache_kwarg
+from ..scorers.predictor import ScorePredictor
 from ..scoring import score_by_reconstruction
 from ..selection import head_scores_from_pairs, kept_count, select_heads
 
-KVZIP_LEVELS = {"kvzip": "pair", "kvzip-uniform": "pair-uniform"}
+KVZIP_LEVELS = {"kvzip": "pair", "kvzip-uniform": "pair-uniform"}  # these two share one context's KVzip scores
+KVZIP_PLUS = "kvzip+"
 BASELINES = ("random", "streaming", "snapkv", "h2o")
 HEAD_METHODS = ("kvzip-head", "kvzip-head-duo")
-METHODS = ("full", *KVZIP_LEVELS, *HEAD_METHODS, *BASELINES)
+PREDICTED_METHODS = ("predicted", "predicted-prefill")  # need a ScorePredictor
+METHODS = ("full", *KVZIP_LEVELS, KVZIP_PLUS, *HEAD_METHODS, *PREDICTED_METHODS, *BASELINES)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in PREDICTED_METHODS)  # what runs without a predictor
 
 SINK_TOKENS = 4
 SNAPKV_WINDOW = 32
@@ -33,6 +41,7 @@ SNAPKV_KERNEL = 7
 H2O_RECENT = 32
 DUO_SINK = 16  # streaming heads of kvzip-head-duo: sink and recent tokens (scaled to the eval's short contexts)
 DUO_RECENT = 64
+PREDICTED_PREFILL_CHUNK = 512  # predicted-prefill's chunk: small, so that the eval's short contexts span chunks
 
 
 # -------------------------------------------------------------------------------------------------- selection
@@ -199,25 +208,50 @@ def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> tor
 def sweep(
     method: str, model, tokenizer, cache: KVzipCache, ratios: list[float], *, seed: int = 0,
     kvzip_scores: torch.Tensor | None = None, head_scores: torch.Tensor | None = None,
+    predictor: ScorePredictor | None = None,
 ) -> Iterator[float]:
     """Compress ``cache`` in place to each ratio (largest first) and yield the ratio once it is applied.
 
     ``kvzip_scores``: reuse these ``[L, B, H, C]`` KVzip scores instead of a scoring pass (the other kvzip level
     scores the same context identically). ``head_scores``: ``[L, H]`` precomputed head scores for the head methods
-    (default: derived from this context's KVzip scores).
+    (default: derived from this context's KVzip scores). ``predictor``: the `ScorePredictor` of ``predicted`` and
+    ``predicted-prefill`` (required for them).
+
+    ``predicted-prefill`` does not compress the prefilled ``cache``: for every ratio it resets it and prefills the
+    same ids again with ``predictor`` and that ratio, ``PREDICTED_PREFILL_CHUNK`` tokens per chunk, each chunk
+    keeping ``round(ratio * n)`` of its ``n`` selectable pairs per row (the result at one ratio is not a
+    re-selection of a larger one, since the later chunks attend to what the earlier ones kept).
     """
     ratios = sorted(set(ratios), reverse=True)
     if method == "full":
         yield 1.0
         return
-    if method in KVZIP_LEVELS:
-        level = KVZIP_LEVELS[method]
-        if kvzip_scores is not None:
+    if method in KVZIP_LEVELS or method == KVZIP_PLUS:
+        level = KVZIP_LEVELS.get(method, "pair")
+        score = "kvzip+" if method == KVZIP_PLUS else None
+        if kvzip_scores is not None and score is None:
             cache.scores = kvzip_scores.clone()
-        cache.compress(model, 1.0, tokenizer=tokenizer, level=level)  # scores once; evicts nothing
+        cache.compress(model, 1.0, tokenizer=tokenizer, level=level, score=score)  # scores once; evicts nothing
         for ratio in ratios:
             if ratio < 1.0:
-                cache.compress(model, ratio, level=level)  # re-selects among the kept pairs
+                cache.compress(model, ratio, level=level)  # re-selects among the kept pairs with the stored scores
+            yield ratio
+        return
+    if method in PREDICTED_METHODS:
+        if predictor is None:
+            raise ValueError(f"method {method!r} needs a ScorePredictor: sweep(..., predictor=...)")
+        if method == "predicted":
+            cache.compress(model, 1.0, predictor=predictor)  # predicts every pair's score; evicts nothing
+            for ratio in ratios:
+                if ratio < 1.0:
+                    cache.compress(model, ratio)  # re-selects among the kept pairs with the predicted scores
+                yield ratio
+            return
+        ids, mask, starts = cache.input_ids, cache.attention_mask, cache.context_start
+        for ratio in ratios:
+            cache.reset()
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=PREDICTED_PREFILL_CHUNK,
+                          predictor=predictor, ratio=ratio)
             yield ratio
         return
     if method in HEAD_METHODS:

