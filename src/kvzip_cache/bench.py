@@ -407,7 +407,8 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
     Args:
         model: loaded with (or set to) the kvzip attention.
         predictor: a `ScorePredictor` for the model (its weights do not change speed or memory).
-        ids, mask: ``[B, S]`` context ids and padding mask (left padding when B > 1).
+        ids: ``[B, S]`` context ids (left padding when B > 1).
+        mask: ``[B, S]`` padding mask (1 = token).
         starts: ``[B]`` first context position of each row (the protected prefix comes before).
         ratios: fractions of context pairs kept.
         chunk: prefill chunk size.

@@ -226,13 +226,21 @@ def restricted_max_scores(
     Returns:
         ``[H, C]`` float32.
     """
+    best = torch.zeros(chunk_keys.shape[:2], dtype=torch.float32, device=query.device)
+    for _, _, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
+        best = torch.maximum(best, probs.amax(dim=(1, 2)))
+    return best
+
+
+def _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
+    """Yield ``(lo, hi, probs [H, g, hi - lo, C])``: the restricted softmax of queries ``lo:hi`` on the chunk keys,
+    a block at a time (float32; shapes as in `restricted_max_scores`)."""
     num_heads, chunk_len, head_dim = chunk_keys.shape
     num_q_heads, n_new, _ = query.shape
     grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
     keys = torch.cat([prefix_keys, chunk_keys, new_keys], dim=1).float().unsqueeze(1)  # [H, 1, P+C+n, D]
     chunk_lo = prefix_keys.shape[1]
     chunk_hi = chunk_lo + chunk_len
-    best = torch.zeros(num_heads, chunk_len, dtype=torch.float32, device=query.device)
     new_pos = torch.arange(n_new, device=query.device)
     block = max(1, min(n_new, block_elements // (num_q_heads * keys.shape[2])))
     for lo in range(0, n_new, block):
@@ -240,9 +248,7 @@ def restricted_max_scores(
         logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)).mul_(scaling)  # [H, g, b, P+C+n]
         future = new_pos[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # [b, n]
         logits[..., chunk_hi:].masked_fill_(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]  # [H, g, b, C]
-        best = torch.maximum(best, probs.amax(dim=(1, 2)))
-    return best
+        yield lo, hi, torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]
 
 
 def output_value_norms(out_weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -299,23 +305,10 @@ def restricted_max_scores_plus(
     Returns:
         ``[H, C]`` float32.
     """
-    num_heads, chunk_len, head_dim = chunk_keys.shape
-    num_q_heads, n_new, _ = query.shape
-    grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
-    keys = torch.cat([prefix_keys, chunk_keys, new_keys], dim=1).float().unsqueeze(1)  # [H, 1, P+C+n, D]
     weights = value_norms.float().unsqueeze(2)  # [H, g, 1, C]
     inverse_norms = query_norms.float().reciprocal()  # [n]
-    chunk_lo = prefix_keys.shape[1]
-    chunk_hi = chunk_lo + chunk_len
-    best = torch.zeros(num_heads, chunk_len, dtype=torch.float32, device=query.device)
-    new_pos = torch.arange(n_new, device=query.device)
-    block = max(1, min(n_new, block_elements // (num_q_heads * keys.shape[2])))
-    for lo in range(0, n_new, block):
-        hi = min(lo + block, n_new)
-        logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)).mul_(scaling)  # [H, g, b, P+C+n]
-        future = new_pos[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # [b, n]
-        logits[..., chunk_hi:].masked_fill_(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]  # [H, g, b, C]
+    best = torch.zeros(chunk_keys.shape[:2], dtype=torch.float32, device=query.device)
+    for lo, hi, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
         weighted = probs * weights * inverse_norms[lo:hi, None]  # [H, g, b, C]
         best = torch.maximum(best, weighted.amax(dim=(1, 2)))
     return best
