@@ -92,7 +92,12 @@ class LayerPredictor(nn.Module):
             self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_kv_heads))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.mean) / self.std)
+        first = self.net if isinstance(self.net, nn.Linear) else self.net[0]
+        # the standardisation folded into the first layer: W (x - m) / s + b = (W / s) x + (b - (W / s) m), so the
+        # [N, F] features are read once instead of going through a subtraction and a division first
+        weight = first.weight / self.std
+        hidden = nn.functional.linear(features, weight, first.bias - weight @ self.mean)
+        return hidden if first is self.net else self.net[2](self.net[1](hidden))
 
 
 @dataclass

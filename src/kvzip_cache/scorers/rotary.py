@@ -56,8 +56,10 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """
     keys = keys.float()
     rot = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    # R(theta)^-1 = R(-theta) / a^2 for the rotation a * R(theta) that transformers applies; the 1 / a^2 goes into
+    # the small [B, t, R] tables, not the [B, H, t, D] keys
+    scale = (cos * cos + sin * sin).reciprocal()
+    cos, sin = (cos * scale)[:, None], (sin * scale)[:, None]  # broadcast over heads
     head, rest = keys[..., :rot], keys[..., rot:]
-    # R(theta)^-1 = R(-theta) / a^2 for the rotation a * R(theta) that transformers applies
-    restored = (head * cos - _rotate_half(head) * sin) / (cos * cos + sin * sin)
+    restored = head * cos - _rotate_half(head) * sin
     return torch.cat([restored, rest], dim=-1) if rest.shape[-1] else restored
