@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .artifacts import make_readable, resolve_artifact
 from .config import config_fingerprint, text_config
 from .selection import head_scores_from_pairs
 
@@ -201,9 +202,7 @@ class HeadScores:
             path = path / HEAD_SCORES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({_TENSOR_NAME: self.scores.contiguous()}, str(path), metadata=self.metadata())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; a shared scores file should be readable
+        make_readable(path)
         return path
 
     @classmethod
@@ -253,27 +252,13 @@ class HeadScores:
             model: when given, `check` the scores against it.
         """
         filename = filename or HEAD_SCORES_FILE
-        local = Path(repo_id_or_path)
-        shipped = _shipped_file(str(repo_id_or_path)) if not local.exists() else None
-        if shipped is not None:
-            path = shipped
-        elif local.is_file():
-            path = local
-        elif local.is_dir():
-            path = local / filename
-            if not path.is_file():
-                raise FileNotFoundError(f"{local} has no {filename}")
-        elif "/" not in str(repo_id_or_path):
-            raise FileNotFoundError(
-                f"{str(repo_id_or_path)!r} is neither a file, nor a Hub repo id ('user/name'), nor a model with "
-                f"shipped head scores ({', '.join(sorted(shipped_head_scores()))}). Compute scores with "
-                "HeadScores.compute(model, tokenizer) or `python -m kvzip_cache.score_heads --model NAME`."
-            )
-        else:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(repo_id_or_path), filename, revision=revision, cache_dir=cache_dir,
-                                        token=token))
+        shipped = _shipped_file(str(repo_id_or_path)) if not Path(repo_id_or_path).exists() else None
+        path = resolve_artifact(
+            repo_id_or_path, filename, shipped,
+            f"a model with shipped head scores ({', '.join(sorted(shipped_head_scores()))}). Compute scores with "
+            "HeadScores.compute(model, tokenizer) or `python -m kvzip_cache.score_heads --model NAME`.",
+            revision=revision, cache_dir=cache_dir, token=token,
+        )
         scores = cls.load(path)
         if model is not None:
             scores.check(model)

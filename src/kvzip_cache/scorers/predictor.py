@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
+from ..artifacts import make_readable, resolve_artifact
 from ..config import config_fingerprint, full_attention_layers, kv_shape, text_config
 from ..scoring import RECONSTRUCTION_TARGETS
 from .rotary import rotary_tables, unrotate
@@ -289,9 +290,7 @@ class ScorePredictor:
         tensors = {f"{idx}.{name}": tensor.detach().cpu().contiguous()
                    for idx, module in self.layers.items() for name, tensor in module.state_dict().items()}
         save_file(tensors, str(path), metadata=self.metadata())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a shared file should be readable
+        make_readable(path)
         return path
 
     @classmethod
@@ -332,30 +331,19 @@ class ScorePredictor:
             kind: for a shipped predictor, ``"linear"`` or ``"mlp"``; default: the one the manifest recommends.
             model: when given, `check` the predictor against it.
         """
-        from huggingface_hub import hf_hub_download
-
-        local = Path(name_or_path)
-        shipped = shipped_predictors().get(str(name_or_path)) if not local.exists() else None
-        if shipped is not None:
-            choice = kind or shipped["default"]
-            if choice not in shipped["files"]:
-                raise ValueError(f"no shipped {choice!r} predictor for {name_or_path}; shipped: {sorted(shipped['files'])}")
-            path = _shipped_dir() / shipped["files"][choice]
-        elif local.is_file():
-            path = local
-        elif local.is_dir():
-            path = local / (filename or PREDICTOR_FILE)
-            if not path.is_file():
-                raise FileNotFoundError(f"{local} has no {filename or PREDICTOR_FILE}")
-        elif "/" not in str(name_or_path):
-            raise FileNotFoundError(
-                f"{str(name_or_path)!r} is neither a file, nor a Hub repo id ('user/name'), nor a model with shipped "
-                f"predictors ({', '.join(sorted(shipped_predictors()))}). Train one with "
-                "`python -m kvzip_cache.train_predictor --model NAME`."
-            )
-        else:
-            path = Path(hf_hub_download(str(name_or_path), filename or PREDICTOR_FILE, revision=revision,
-                                        cache_dir=cache_dir, token=token))
+        entry = shipped_predictors().get(str(name_or_path)) if not Path(name_or_path).exists() else None
+        shipped = None
+        if entry is not None:
+            choice = kind or entry["default"]
+            if choice not in entry["files"]:
+                raise ValueError(f"no shipped {choice!r} predictor for {name_or_path}; shipped: {sorted(entry['files'])}")
+            shipped = _shipped_dir() / entry["files"][choice]
+        path = resolve_artifact(
+            name_or_path, filename or PREDICTOR_FILE, shipped,
+            f"a model with shipped predictors ({', '.join(sorted(shipped_predictors()))}). Train one with "
+            "`python -m kvzip_cache.train_predictor --model NAME`.",
+            revision=revision, cache_dir=cache_dir, token=token,
+        )
         predictor = cls.load(path)
         if model is not None:
             predictor.check(model)
