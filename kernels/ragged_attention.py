@@ -116,7 +116,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_qm,
         stride_ob, stride_oh, stride_os, stride_om,
         stride_lb, stride_lh, stride_ls,
-        num_heads, rows, split_len,
+        num_heads, rows, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
     ):
@@ -128,6 +128,9 @@ if triton is not None:
         seg = tl.load(SRC + b) * num_heads + h
         seg_start = tl.load(CU + seg)
         seg_end = tl.load(CU + seg + 1)
+        # Each segment is cut into num_splits equal slices (whole key blocks) from its own length, read on the
+        # device: the grid depends on no segment length, so one compiled graph serves every document.
+        split_len = tl.cdiv(tl.cdiv(seg_end - seg_start, num_splits), BLOCK_N) * BLOCK_N
         lo = seg_start + split * split_len
         hi = tl.minimum(seg_end, lo + split_len)
 
@@ -169,7 +172,7 @@ if triton is not None:
         stride_pb, stride_ph, stride_ps, stride_pm,
         stride_lb, stride_lh, stride_ls,
         stride_ob, stride_oq, stride_oh,
-        num_heads, rows, q_len, group, tail_len, num_splits,
+        num_heads, rows, q_len, group, tail_len, num_splits, share,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_END: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -206,15 +209,18 @@ if triton is not None:
                 allowed = (allowed & valid[None, :]) | (n_idx[None, :] == pos[:, None])
             m_i, l_i, acc = _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE)
         # 2. the context splits (each a normalised output with its log-sum-exp). First the overall maximum, so that
-        # the accumulation below has no loop-carried rescaling and its loads can be pipelined.
-        lse_ptr = PL + b * stride_lb + h * stride_lh + offs_m
+        # the accumulation below has no loop-carried rescaling and its loads can be pipelined. Shared contexts
+        # (share > 1): batch row b's partials are rows (b % share) * rows + m of context row b // share.
+        part_b = b // share
+        part_m = (b % share) * rows + offs_m
+        lse_ptr = PL + part_b * stride_lb + h * stride_lh + part_m
         m_all = m_i
         for split in range(0, num_splits):
             m_all = tl.maximum(m_all, tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")))
         scale = tl.exp(m_i - m_all)
         acc = acc * scale[:, None]
         l_i = l_i * scale
-        o_ptr = PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
+        o_ptr = PO + part_b * stride_pb + h * stride_ph + part_m[:, None] * stride_pm + offs_d[None, :]
         for split in tl.range(0, num_splits, num_stages=3):
             weight = tl.exp(tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")) - m_all)
             acc += tl.load(o_ptr + split * stride_ps, mask=row_mask, other=0.0) * weight[:, None]
@@ -269,8 +275,9 @@ def ragged_context_partials(
         values: ``[N, D]``, like ``keys``.
         cu_seqlens: ``[S + 1]`` int32 on the device.
         src_rows: ``[B]`` int32 on the device.
-        max_seqlen: the longest segment (host int; sizes the grid without a device sync).
-        num_splits: splits per segment; default: enough for ``split_factor`` programs per SM.
+        max_seqlen: a bound on the longest segment (host int; caps the number of splits without a device sync).
+        num_splits: splits per segment, each segment cut into that many equal slices of its own length; default:
+            enough for ``split_factor`` programs per SM.
         poison: fill the buffers with NaN first (tests: every element must be written).
 
     Returns:
@@ -286,9 +293,7 @@ def ragged_context_partials(
     block_n = min(block_n, 32768 // (block_d * keys.element_size()))
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads, max_seqlen, _sm_count(query.device), block_n, split_factor)
-    split_len = max(block_n, -(-max(max_seqlen, 1) // num_splits))
-    split_len = -(-split_len // block_n) * block_n
-    num_splits = max(1, -(-max(max_seqlen, 1) // split_len))
+    num_splits = max(1, min(num_splits, -(-max(max_seqlen, 1) // block_n)))  # no split shorter than a key block
     fill = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
     out = fill((batch, num_heads, num_splits, rows, head_dim), float("nan"), dtype=torch.float32, device=query.device)
     lse = fill((batch, num_heads, num_splits, rows), float("nan"), dtype=torch.float32, device=query.device)
@@ -299,7 +304,7 @@ def ragged_context_partials(
         query.stride(0), query.stride(1), query.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        num_heads, rows, split_len,
+        num_heads, rows, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=keys.dtype == torch.float32,
         num_warps=num_warps if block_d <= 128 else 8, num_stages=num_stages,
     )
@@ -330,9 +335,16 @@ def ragged_attention_with_tail(
     q_len: int,
     block_m: int = 16,
     tail_end: torch.Tensor | None = None,
+    share: int = 1,
     **kwargs,
 ) -> torch.Tensor:
     """Full decode/question attention: compressed context (split-K) + causal dense tail, merged in one kernel.
+
+    With ``share = R > 1`` (rows ``c * R .. c * R + R - 1`` all read compressed row ``src_rows[c * R]``, as
+    `shared_run_length` finds), the context is read once per (compressed row, KV head) for its R batch rows: their
+    queries are stacked into one ``[R * M]`` matrix per KV head for the split kernel (a shared-prefix, or cascade,
+    attention), and each row's tail kernel merges its own slice of the partial results. A step then reads the
+    context's keys once, not R times.
 
     Args:
         query: ``[B, H, M, D]`` with ``M = g * q_len``, row ``j * q_len + i`` = query head ``h * g + j``, position i.
@@ -341,14 +353,26 @@ def ragged_attention_with_tail(
         tail_valid: ``[B, t]`` bool padding mask or None.
         tail_end: None, or a 0-dim integer device tensor: only the first ``tail_end`` tail slots are written (a
             static tail), and the queries are the last ``q_len`` of those. Read by the kernel, not by the host.
+        share: R, batch rows per shared context row (B must be a multiple of it); 1 reads the context per row.
 
     Returns:
         ``[B, q_len, H * g, D]`` in the query dtype (the layout transformers expects from an attention function).
     """
     batch, num_heads, rows, head_dim = query.shape
     group = rows // q_len
-    out_part, lse_part = ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
-                                                 block_m=block_m, **kwargs)
+    if share > 1:
+        if batch % share:
+            raise ValueError(f"share={share} does not divide the batch of {batch} rows")
+        contexts = batch // share
+        stacked = query.reshape(contexts, share, num_heads, rows, head_dim).transpose(1, 2)
+        stacked = stacked.reshape(contexts, num_heads, share * rows, head_dim)
+        out_part, lse_part = ragged_context_partials(
+            stacked, keys, values, cu_seqlens, src_rows[::share].contiguous(), max_seqlen, scaling,
+            block_m=shared_block_m(share * rows), **kwargs,
+        )
+    else:
+        out_part, lse_part = ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
+                                                     block_m=block_m, **kwargs)
     out = torch.empty(batch, q_len, num_heads * group, head_dim, dtype=query.dtype, device=query.device)
     valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
     tail_len = tail_keys.shape[2]
@@ -363,12 +387,18 @@ def ragged_attention_with_tail(
         out_part.stride(0), out_part.stride(1), out_part.stride(2), out_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        num_heads, rows, q_len, group, tail_len, out_part.shape[2],
+        num_heads, rows, q_len, group, tail_len, out_part.shape[2], share,
         HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
         HAS_VALID=tail_valid is not None, HAS_END=tail_end is not None,
         IEEE=keys.dtype == torch.float32, num_warps=4,
     )
     return out
+
+
+def shared_block_m(rows: int) -> int:
+    """Query rows per program of a shared context's split kernel: all of them up to 64 (each key block is then loaded
+    once for every row), in blocks of 64 beyond (the blocks of one split read the same keys, mostly from L2)."""
+    return min(64, max(16, 1 << (rows - 1).bit_length()))
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -290,3 +290,40 @@ def test_predictor_compress_and_evicting_prefill_on_cuda_match_the_cpu(arch):
     for (cpu_keep, cpu_logits), (gpu_keep, gpu_logits) in zip(cpu, gpu):
         assert (cpu_keep != gpu_keep).float().mean() < 1e-3  # fp32 near-ties may flip a pair
         torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_shared_questions_on_cuda_equal_each_question_alone_eager_and_compiled(arch):
+    """Shared-context rows (the Triton kernels' stacked-query path) give each question's own tokens; made static,
+    generate's compiled decode steps give them too, and a second document of the same bucket compiles nothing new."""
+    from kvzip_cache.templates import left_pad
+
+    torch._dynamo.reset()
+    model, _ = _on_gpu(arch, torch.float32)
+    ids, mask = left_pad([torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 8, 3)],
+                         pad_id=0)
+    ids, mask = ids.cuda(), mask.cuda()
+    graphs = []
+    for doc, length in enumerate((300, 280)):  # one length bucket (512)
+        cache = KVzipCache(model)
+        cache.prefill(model, _ids(length, 20 + doc), context_start=7, chunk_size=128)
+        cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
+        alone = []
+        for b in range(len(ids)):
+            out = model.generate(**cache.inputs_for(ids[b : b + 1], mask[b : b + 1]), past_key_values=cache,
+                                 max_new_tokens=10, do_sample=False, pad_token_id=0)
+            alone.append(out)
+            cache.rollback()
+        inputs = cache.inputs_for(ids, mask, shared=True)
+        shared = model.generate(**inputs, past_key_values=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(shared, torch.cat(alone))
+        cache.rollback()
+        cache.inputs_for(ids, mask, shared=True)
+        cache.make_static(16)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            got = model.generate(**inputs, past_key_values=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            cache.rollback()
+            assert torch.equal(got, shared)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    assert graphs[0] > 0 and graphs[1] == 0, graphs

@@ -123,6 +123,56 @@ def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q
             torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(  # (src rows, q_len, GQA group): one context for 5 rows; 2 contexts x 3 rows; 64 rows
+    "src_rows,q_len,group",
+    [((0,) * 5, 1, 4), ((1, 1, 1, 0, 0, 0), 3, 2), ((0,) * 64, 1, 4)],
+)
+def test_shared_context_attention_matches_reference_backend(dtype, src_rows, q_len, group):
+    """Rows sharing a compressed row read it once (queries stacked, share > 1): same output as the reference and as
+    the per-row kernels, with padded tails, empty heads and a static tail."""
+    from kvzip_cache.backends import triton_backend
+    from kvzip_cache.states import CompressedContext, RaggedKV, shared_run_length
+
+    head_dim, num_heads, batch = 64, 2, len(src_rows)
+    gen = torch.Generator().manual_seed(batch * 10 + q_len)
+    keys, values, offsets = _flat_context([0, 150, 33, 129], head_dim, dtype, gen)
+    counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
+                                        counts.to(DEVICE), num_heads)
+    share = shared_run_length(src_rows)
+    assert share == (5 if batch == 5 else 3 if batch == 6 else 64)
+    tail = q_len + 20  # rows of one context have different tails (own questions, own padding)
+    buffer_k = torch.randn(batch, num_heads, tail + 3, head_dim, generator=gen).to(DEVICE, dtype)
+    buffer_v = torch.randn(batch, num_heads, tail + 3, head_dim, generator=gen).to(DEVICE, dtype)
+    index = torch.tensor(src_rows, dtype=torch.int32, device=DEVICE)
+    kv = RaggedKV(ctx, src_rows, index, buffer_k[:, :, :tail], buffer_v[:, :, :tail], length=400, share=share)
+    static = RaggedKV(ctx, src_rows, index, buffer_k, buffer_v, length=403, tail_end=torch.tensor(tail, device=DEVICE),
+                      share=share)
+    query = torch.randn(batch, num_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
+    valid = torch.ones(batch, tail, dtype=torch.bool, device=DEVICE)
+    valid[1, :7] = False
+    valid[-1, :tail - q_len] = False  # a row that sees nothing of its tail but its own tokens
+    expected = reference.ragged_attention(query, kv, 0.125, valid)
+    per_row = triton_backend.ragged_attention(query, kv, 0.125, valid, shared=False)
+    padded_valid = torch.cat([valid, torch.ones(batch, 3, dtype=torch.bool, device=DEVICE)], 1)
+    for got in (triton_backend.ragged_attention(query, kv, 0.125, valid),
+                triton_backend.ragged_attention(query, static, 0.125, padded_valid),
+                reference.ragged_attention(query, static, 0.125, padded_valid), per_row):
+        assert got.shape == expected.shape and not got.isnan().any()
+        torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_shared_run_length():
+    from kvzip_cache.states import shared_run_length
+
+    assert shared_run_length((0, 0, 0, 0)) == 4
+    assert shared_run_length((0, 0, 1, 1, 2, 2)) == 2
+    assert shared_run_length((0, 0, 1, 1, 1, 1)) == 2  # runs of 2 (two of them read row 1)
+    for rows in ((0,), (0, 1), (0, 0, 1), (1, 0, 0, 1), (0, 0, 0, 1, 1)):
+        assert shared_run_length(rows) == 1
+
+
 @pytest.mark.parametrize("head_dim", [8, 15, 257, 512])
 def test_unsupported_head_dim_names_the_reference_backend(head_dim):
     """Outside 16..256 both kernels refuse before launching, and say which backend to use instead."""

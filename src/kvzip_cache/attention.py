@@ -34,8 +34,9 @@ def kvzip_mask(
 
     ``kv_length`` is the cache's logical length plus the new tokens (sliding layers: their window plus the new
     tokens), so the mask's last column is the last new token, as in transformers' flash-attention mask. A static
-    cache (`KVzipCache.make_static`) asks for its whole capacity instead: the mask is padded with False on the right
-    (slots not written yet), so that it keeps one shape from step to step.
+    cache (`KVzipCache.make_static`) asks for a fixed width instead (its context's length bucket plus the tail's
+    capacity): the mask is padded with False on the right (slots not written yet), so that it keeps one shape from
+    step to step and from document to document.
     """
     if attention_mask is None:
         return None
@@ -91,11 +92,10 @@ def kvzip_attention(
         _check_mask_width(attention_mask, key.shape[-2])
         out = backend.dense(query, key, value, scaling, attention_mask, sliding_window, getattr(module, "is_causal", True))
     elif isinstance(key, RaggedKV):
-        tail_len = key.tail_keys.shape[-2]
         tail_valid = None
         if attention_mask is not None:
             _check_mask_width(attention_mask, key.length)
-            tail_valid = attention_mask[:, -tail_len:]
+            tail_valid = key.tail_mask(attention_mask)
         out = backend.ragged(query, key, scaling, tail_valid)
     elif isinstance(key, ScoringKV):
         _check_mask_width(attention_mask, key.keys.shape[-2])

@@ -901,6 +901,12 @@ def main(argv=None) -> None:
                         help="seconds for the whole capacity run, loading included: no try starts after them")
     parser.add_argument("--capacity-dense", choices=("kvzip", "dynamic"), default="kvzip",
                         help="the dense cache of the capacity run: a plain KVzipCache or DynamicCache + SDPA")
+    parser.add_argument("--shared", type=int, nargs="+", default=None, metavar="QUESTIONS",
+                        help="instead: QUESTIONS questions about one context decoded together (compiled), against "
+                             "one question, per-row context reads and sequential questions "
+                             "(kvzip_cache.bench_shared); writes shared.json, shared.md")
+    parser.add_argument("--compile-reuse", action="store_true",
+                        help="with --shared: also time the first generate on a second document of the same bucket")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -908,6 +914,12 @@ def main(argv=None) -> None:
     if args.capacity:
         write_capacity_report(run_capacity(args), args.out)
         print(f"wrote {args.out}/capacity.json, capacity.md")
+        return
+    if args.shared:
+        from .bench_shared import run_shared, write_shared_report
+
+        write_shared_report(run_shared(args), args.out)
+        print(f"wrote {args.out}/shared.json, shared.md")
         return
     if args.compiled:
         from .bench_compiled import run_compiled, write_compiled_report

@@ -69,6 +69,9 @@ class CompressReport:
         )
 
 
+# Static tails are sized in multiples of this, so that nearby max_new_tokens share a compiled graph.
+_TAIL_BUCKET = 64
+
 class KVzipCache(Cache):
     """A transformers `Cache` with KVzip compression. See the module docstring for the life cycle.
 
@@ -496,6 +499,12 @@ class KVzipCache(Cache):
         ``model.forward`` yourself with ``mode="reduce-overhead"``. Call it after `compress`; the cache cannot be
         re-compressed or grow its batch afterwards. Sliding-window layers (Gemma3) keep their window in fixed buffers;
         they need a context at least as long as the window.
+
+        Compile once: the tail's room is ``max_new_tokens`` rounded up to a multiple of 64, and what a decode step
+        sees of the context is bucketed (`length_bucket`: its longest segment and the mask's width, to powers of
+        two; the number of kept pairs is a dynamic dimension; its length is on the device). A second document whose
+        lengths fall in the same buckets, made static with the same ``max_new_tokens`` and batch, reuses the compiled
+        decode graph of the first.
         """
         if not self.is_compressed:
             raise RuntimeError(
@@ -503,10 +512,11 @@ class KVzipCache(Cache):
             )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
+        capacity = -(-max_new_tokens // _TAIL_BUCKET) * _TAIL_BUCKET
         for layer in self.layers:  # every check first, so that a refusal leaves the cache as it was
-            layer.check_static(max_new_tokens)
+            layer.check_static(capacity)
         for layer in self.layers:
-            layer.make_static(max_new_tokens)
+            layer.make_static(capacity)
 
     def _check_room(self, new_tokens: int) -> None:
         layer = self.layers[self._first_full]
@@ -528,23 +538,72 @@ class KVzipCache(Cache):
         for layer in self.layers:
             layer.rollback(self.context_length, self.input_ids.shape[0])
 
-    def inputs_for(self, query_ids: torch.Tensor, query_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``generate`` inputs for a question after the context: ``{"input_ids", "attention_mask"}``.
+    def inputs_for(self, query_ids: torch.Tensor, query_mask: torch.Tensor | None = None,
+                   shared: bool = False) -> dict[str, torch.Tensor]:
+        """``generate`` inputs for questions after the context: ``{"input_ids", "attention_mask"}``.
 
-        ``query_ids``: ``[B, n]`` (or ``[1, n]`` broadcast to every row); ``query_mask`` is its padding mask.
+        ``query_ids``: ``[B, n]`` left-padded (`encode_queries`); ``query_mask`` is its padding mask.
+
+        - ``shared=False``: one question per context row (B = the prefill's rows; ``[1, n]`` is broadcast).
+        - ``shared=True``: several questions per stored context, answered together. With C context rows, B must be
+          ``C * R``: rows ``c * R .. c * R + R - 1`` ask about context ``c``. The cache's rows are repeated R times
+          without copying the context (only each row's tail, and Gemma3's small sliding windows, are per row), and
+          every decode step reads each context once for its R rows. Needs a compressed cache (``ratio=1.0`` keeps
+          every pair); `rollback` returns to the C rows, except for a static cache, whose batch is fixed (make it
+          static after this call, and ask the next R questions the same way).
         """
         if self.input_ids is None:
             raise RuntimeError("inputs_for() needs a prefilled cache")
-        batch = self.input_ids.shape[0]
+        rows = self.input_ids.shape[0]
         query_ids = query_ids.to(self.input_ids.device)
-        if query_ids.shape[0] == 1 and batch > 1:
-            query_ids = query_ids.expand(batch, -1)
-        if query_ids.shape[0] != batch:
-            raise ValueError(f"query_ids has {query_ids.shape[0]} rows but the cache holds {batch}")
+        if query_ids.dim() != 2:
+            raise ValueError(f"query_ids must be [batch, tokens]; got shape {tuple(query_ids.shape)}")
+        context_ids, context_mask = self.input_ids, self.attention_mask.long()
+        if shared:
+            repeats = self._share_rows(query_ids.shape[0])
+            context_ids = context_ids.repeat_interleave(repeats, dim=0)
+            context_mask = context_mask.repeat_interleave(repeats, dim=0)
+        elif query_ids.shape[0] == 1 and rows > 1:
+            query_ids = query_ids.expand(rows, -1)
+        if query_ids.shape[0] != context_ids.shape[0]:
+            raise ValueError(
+                f"query_ids has {query_ids.shape[0]} rows but the cache holds {rows} contexts; pass one question per "
+                "context, or several per context with shared=True"
+            )
         if query_mask is None:
             query_mask = torch.ones_like(query_ids)
-        mask = torch.cat([self.attention_mask.long(), query_mask.to(self.input_ids.device).long().expand_as(query_ids)], 1)
-        return {"input_ids": torch.cat([self.input_ids, query_ids], dim=1), "attention_mask": mask}
+        mask = torch.cat([context_mask, query_mask.to(self.input_ids.device).long().expand_as(query_ids)], 1)
+        return {"input_ids": torch.cat([context_ids, query_ids], dim=1), "attention_mask": mask}
+
+    def _share_rows(self, batch: int) -> int:
+        """Lay the cache's rows out for ``batch`` shared questions (R per context row); return R. Changes nothing
+        when it refuses."""
+        contexts = self.input_ids.shape[0]
+        if not self.is_compressed:
+            raise RuntimeError(
+                "shared=True needs a compressed cache (the context is stored once and read by every question): "
+                "call cache.compress(...) first (ratio=1.0 keeps every pair)"
+            )
+        if batch < 1 or batch % contexts:
+            raise ValueError(
+                f"{batch} questions for {contexts} stored contexts: shared=True takes the same number R of questions "
+                f"per context, rows c*R .. c*R+R-1 asking about context c (pad with a repeated question if needed)"
+            )
+        repeats = batch // contexts
+        layer = self.layers[self._first_full]
+        current = layer.src_rows
+        wanted = tuple(row for row in range(contexts) for _ in range(repeats))
+        if current == wanted:
+            return repeats  # already laid out (a static cache, or a second call before generate)
+        if current != tuple(range(contexts)) or int(layer.get_seq_length()) != self.context_length:
+            raise RuntimeError(
+                f"the cache serves {len(current)} rows with tokens after the context; call cache.rollback() before "
+                "asking new questions" + (" (a static cache's batch is fixed: ask as many questions per context as "
+                                           "when it was made static)" if self.is_static else "")
+            )
+        if repeats > 1:
+            self.batch_repeat_interleave(repeats)
+        return repeats
 
     # ------------------------------------------------------------------------------------------------ scoring
     @contextmanager

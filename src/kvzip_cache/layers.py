@@ -20,13 +20,24 @@ not the number of pairs kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .states import CompressedContext, RaggedKV, ScoringKV
+from .states import CompressedContext, RaggedKV, ScoringKV, shared_run_length
 
 # Smallest tail allocation: a question plus a short answer fits without regrowing.
 _MIN_TAIL_CAPACITY = 64
+
+
+def length_bucket(length: int) -> int:
+    """The static bound a length is rounded up to (the next power of two, at least 64).
+
+    A static layer sizes what a compiled decode step sees by it (the context's longest segment, the padding mask's
+    context part), so that every document whose lengths fall in the same buckets reuses one compiled graph.
+    """
+    return max(64, 1 << (max(length, 1) - 1).bit_length())
 
 
 class KVzipLayer(DynamicLayer):
@@ -48,6 +59,12 @@ class KVzipLayer(DynamicLayer):
         self._spare_keys: torch.Tensor | None = None  # [B, H, cached + spare, D] backing self.keys, see reserve()
         self._spare_values: torch.Tensor | None = None
         self.tail_end: torch.Tensor | None = None  # static mode: 0-dim int64 device tensor, written tail slots
+        self.context_end: torch.Tensor | None = None  # static mode: context_length on the device
+        # Static mode: the padding mask's width, the context's length bucket plus the tail's capacity (the same for
+        # every document in the bucket; `RaggedKV.tail_mask` finds the tail's columns on the device).
+        self.static_mask_width = 0
+        self.share = 1  # shared_run_length(src_rows)
+        self._static_rows: tuple[int, ...] = ()  # static mode: the rows rollback() returns to
         self.is_compileable = False  # per instance: True once static
 
     @property
@@ -83,6 +100,7 @@ class KVzipLayer(DynamicLayer):
             tail_keys=self.tail_keys[:, :, : self.tail_length],
             tail_values=self.tail_values[:, :, : self.tail_length],
             length=self.cumulative_length,
+            share=self.share,
         )
         return view, view
 
@@ -90,13 +108,15 @@ class KVzipLayer(DynamicLayer):
         """Tokens seen (logical length). A static layer returns a 0-dim device tensor, as transformers'
         `StaticLayer` does, so that compiled code never reads it on the host."""
         if self.is_static:
-            return self.tail_end + self.context_length
+            return self.tail_end + self.context_end
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.is_static:
-            return self.context_length + self.tail_keys.shape[2], 0  # fixed: the mask covers the whole capacity
+            return self.static_mask_width, 0  # fixed: the context's bucket and the tail's capacity
         return self.cumulative_length + query_length, 0
+
+
 
     def get_max_length(self) -> int:
         return self.context_length + self.tail_keys.shape[2] if self.is_static else -1
@@ -110,7 +130,8 @@ class KVzipLayer(DynamicLayer):
         self.context, self.context_length, self.src_rows, self.src_index = None, 0, (), None
         self.tail_keys = self.tail_values = None
         self.tail_length = 0
-        self.tail_end, self.is_compileable = None, False
+        self.tail_end, self.context_end, self.is_compileable = None, None, False
+        self.share, self._static_rows, self.static_mask_width = 1, (), 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end: ``-n`` removes n tokens; a positive n is the length to keep (legacy)."""
@@ -302,7 +323,11 @@ class KVzipLayer(DynamicLayer):
         self.check_static(capacity)
         if self.is_static:
             return
-        ctx = self.context
+        # What a compiled step sees must not depend on the document beyond its length bucket: the bound on a
+        # segment's length (which sizes the kernels' grids) is the context's bucket, the number of kept pairs is a
+        # dynamic dimension, and the context length lives on the device. A second document in the same bucket then
+        # reuses the first one's graph.
+        self.context = ctx = dataclasses.replace(self.context, max_seqlen=length_bucket(self.context_length))
         shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
         tail_keys, tail_values = ctx.keys.new_zeros(shape), ctx.values.new_zeros(shape)
         if self.tail_length:
@@ -310,10 +335,17 @@ class KVzipLayer(DynamicLayer):
             tail_values[:, :, : self.tail_length] = self.tail_values[:, :, : self.tail_length]
         self.tail_keys, self.tail_values = tail_keys, tail_values
         self.tail_end = torch.tensor(self.tail_length, dtype=torch.long, device=ctx.keys.device)
+        self.context_end = torch.tensor(self.context_length, dtype=torch.long, device=ctx.keys.device)
+        self.static_mask_width = length_bucket(self.context_length) + capacity
+        self._static_rows = self.src_rows
         self.is_compileable = True
         # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.
-        for tensor in (ctx.keys, ctx.values, ctx.cu_seqlens, self.src_index, tail_keys, tail_values, self.tail_end):
+        for tensor in (ctx.keys, ctx.values, ctx.cu_seqlens, self.src_index, tail_keys, tail_values, self.tail_end,
+                       self.context_end):
             torch._dynamo.mark_static_address(tensor)
+        if ctx.keys.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
+            torch._dynamo.mark_dynamic(ctx.keys, 0)
+            torch._dynamo.mark_dynamic(ctx.values, 0)
 
     def check_static(self, capacity: int) -> None:
         """Raise unless `make_static(capacity)` can succeed (changes nothing)."""
@@ -340,8 +372,10 @@ class KVzipLayer(DynamicLayer):
             src_index=self.src_index,
             tail_keys=self.tail_keys,
             tail_values=self.tail_values,
-            length=self.context_length + self.tail_keys.shape[2],
+            length=self.static_mask_width,
             tail_end=self.tail_end,
+            context_end=self.context_end,
+            share=self.share,
         )
         return view, view
 
@@ -355,7 +389,7 @@ class KVzipLayer(DynamicLayer):
         if self.is_static:
             self.tail_end.zero_()  # the buffers stay where they are: a captured graph keeps reading them
             self.tail_length, self.cumulative_length = 0, length
-            self._set_src_rows(tuple(range(len(self.src_rows))))
+            self._set_src_rows(self._static_rows)  # the fixed batch keeps the rows it was made static with
             return
         if self.is_compressed:
             # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
@@ -385,6 +419,7 @@ class KVzipLayer(DynamicLayer):
     # ------------------------------------------------------------------------------------------------- internals
     def _set_src_rows(self, rows: tuple[int, ...]) -> None:
         self.src_rows = rows
+        self.share = shared_run_length(rows)
         index = torch.tensor(rows, dtype=torch.int32)
         if self.is_static:  # same batch size; the tensor keeps its address (a captured graph reads it)
             self.src_index.copy_(index)
@@ -462,6 +497,12 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         if self.is_static:
             return
         self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+        if self._snapshot is not None and self._snapshot[0].shape[0] != self.keys.shape[0]:
+            # The rows were repeated (shared questions) before the batch was fixed: rollback() returns to the
+            # prefill's window, once per row of the fixed batch.
+            keys, values, cumulative = self._snapshot
+            repeats = self.keys.shape[0] // keys.shape[0]
+            self._snapshot = (keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0), cumulative)
         self.length = torch.tensor(self.cumulative_length, dtype=torch.long, device=self.keys.device)
         self.is_compileable = True
         for tensor in (self.keys, self.values, self.length):

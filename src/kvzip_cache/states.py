@@ -11,6 +11,7 @@ Shapes use: B = batch, H = KV heads, D = head_dim, S = segments (= B0 * H for th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -94,10 +95,15 @@ class RaggedKV:
         tail_keys: ``[B, H, t, D]``, tokens appended after compression, including the ones of this step (last).
         tail_values: ``[B, H, t, D]``.
         length: the width of the padding mask: the logical sequence length (context + tail), or, for a static
-            layer, the context length plus the tail's capacity.
+            layer, the context length rounded up to its bucket plus the tail's capacity (a fixed width, so that
+            documents of similar length share one compiled graph).
         tail_end: None, or (static layer, see `KVzipLayer.make_static`) a 0-dim int64 device tensor: only the first
             ``tail_end`` of the ``t`` tail slots are written, and this step's tokens are the last of them. Kept on the
             device so that a compiled decode step never reads it on the host.
+        context_end: None, or (static layer) the context's logical length as a 0-dim int64 device tensor: the
+            first tail slot's position, kept on the device for the same reason.
+        share: ``R > 1`` when rows ``c * R .. c * R + R - 1`` all read one compressed row (`shared_run_length` of
+            ``src_rows``): backends may then read that context once for the R rows.
     """
 
     context: CompressedContext
@@ -107,6 +113,20 @@ class RaggedKV:
     tail_values: torch.Tensor
     length: int
     tail_end: torch.Tensor | None = None
+    context_end: torch.Tensor | None = None
+    share: int = 1
+
+    def tail_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The ``[B, t]`` columns of a ``[B, length]`` padding mask that cover the tail.
+
+        Dynamic view: the last ``t`` columns. Static view: the mask is padded to a bucketed width (see
+        `KVzipLayer.make_static`), and the tail starts at the context length, which is read on the device.
+        """
+        tail_len = self.tail_keys.shape[-2]
+        if self.context_end is None:
+            return attention_mask[:, -tail_len:]
+        columns = self.context_end + torch.arange(tail_len, device=attention_mask.device)
+        return attention_mask.gather(1, columns.expand(attention_mask.shape[0], -1))
 
     def written(self, tail_valid: torch.Tensor | None = None) -> tuple[RaggedKV, torch.Tensor | None]:
         """This view, and its ``[B, t]`` tail padding mask, cut to the written tail slots (a static layer's view
@@ -114,9 +134,30 @@ class RaggedKV:
         if self.tail_end is None:
             return self, tail_valid
         end = int(self.tail_end)
+        width = self.length - self.tail_keys.shape[-2] if self.context_end is None else int(self.context_end)
         view = RaggedKV(self.context, self.src_rows, self.src_index, self.tail_keys[:, :, :end],
-                        self.tail_values[:, :, :end], self.length - self.tail_keys.shape[-2] + end)
+                        self.tail_values[:, :, :end], width + end, share=self.share)
         return view, None if tail_valid is None else tail_valid[:, :end]
+
+
+@functools.lru_cache(maxsize=1024)
+def shared_run_length(src_rows: tuple[int, ...]) -> int:
+    """``R > 1`` when the batch rows come in runs of ``R`` consecutive rows that read the same compressed row, else 1.
+
+    Rows ``c * R .. c * R + R - 1`` reading one compressed row is the layout of `KVzipCache.inputs_for` with
+    ``shared=True`` (and of `batch_repeat_interleave`): the backends then read that row's context once for all ``R``
+    rows (a shared-prefix, or cascade, attention) instead of once per row.
+    """
+    batch = len(src_rows)
+    run = 1
+    while run < batch and src_rows[run] == src_rows[0]:
+        run += 1
+    if run == 1 or batch % run:
+        return 1
+    for start in range(0, batch, run):
+        if any(row != src_rows[start] for row in src_rows[start : start + run]):
+            return 1
+    return run
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ themselves here and are picked per device.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -54,6 +55,15 @@ def _register_triton() -> None:
             scoring=triton_backend.scoring_attention,
             supports=lambda device: device.type == "cuda",
         ))
+        # The same kernels reading a shared context once per row (never picked unless named): the benchmark's
+        # baseline for `KVzipCache.inputs_for(..., shared=True)`.
+        register_backend(AttentionBackend(
+            name="triton-per-row",
+            dense=reference.dense_attention,
+            ragged=functools.partial(triton_backend.ragged_attention, shared=False),
+            scoring=triton_backend.scoring_attention,
+            supports=lambda device: device.type == "cuda",
+        ), first=False)
 
 
 def register_backend(backend: AttentionBackend, *, first: bool = True) -> None:

@@ -193,16 +193,52 @@ def ragged_attention(
 
     allowed = causal_allowed(q_len, tail_len, query.device, tail_valid, end=kv.tail_end).unsqueeze(1)  # [B|1,1,1,q,t]
     out, lse = attend(grouped, kv.tail_keys.unsqueeze(2), kv.tail_values.unsqueeze(2), scaling, allowed)
+    if kv.tail_end is not None:
+        ctx_out, ctx_lse = _static_context_attention(grouped, kv, scaling)
+        out = merge_attention(ctx_out, ctx_lse, out, lse)
+        return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
 
+    # Rows reading the same compressed row attend to its segments together (one matmul per segment for all of them).
     ctx, offsets = kv.context, kv.context.offsets
+    readers: dict[int, list[int]] = {}
     for b, src in enumerate(kv.src_rows):
+        readers.setdefault(src, []).append(b)
+    for src, rows in readers.items():
+        index = torch.tensor(rows, device=query.device)
         for h in range(num_heads):
             start, end = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
             if end == start:
                 continue  # this head kept no context pair
-            seg_out, seg_lse = attend(grouped[b, h], ctx.keys[start:end], ctx.values[start:end], scaling)
-            out[b, h] = merge_attention(seg_out, seg_lse, out[b, h], lse[b, h])
+            seg_out, seg_lse = attend(grouped[index, h], ctx.keys[start:end], ctx.values[start:end], scaling)
+            out[index, h] = merge_attention(seg_out, seg_lse, out[index, h], lse[index, h])
     return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
+
+
+def _static_context_attention(grouped: torch.Tensor, kv: RaggedKV, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context part of a static view without host offsets (so one compiled graph serves every document).
+
+    Each (row, KV head)'s segment is gathered into ``ctx.max_seqlen`` slots (a bucketed bound, see
+    `KVzipLayer.make_static`) using the device-side ``cu_seqlens``; slots past the segment's end are masked.
+
+    Args:
+        grouped: ``[B, H, g, q, D]`` queries.
+
+    Returns:
+        ``(out [B, H, g, q, D] float32, lse [B, H, g, q])``; an empty segment gives out 0 and lse -inf.
+    """
+    ctx = kv.context
+    batch, num_heads = grouped.shape[:2]
+    if ctx.keys.shape[0] == 0:
+        return torch.zeros_like(grouped, dtype=torch.float32), grouped.new_full(grouped.shape[:-1], float("-inf"),
+                                                                                  dtype=torch.float32)
+    segment = kv.src_index.long()[:, None] * num_heads + torch.arange(num_heads, device=grouped.device)  # [B, H]
+    cu = ctx.cu_seqlens.long()
+    start, length = cu[segment], cu[segment + 1] - cu[segment]
+    slots = torch.arange(max(ctx.max_seqlen, 1), device=grouped.device)
+    valid = slots < length[..., None]  # [B, H, L]
+    index = (start[..., None] + slots).clamp(max=ctx.keys.shape[0] - 1)
+    keys, values = ctx.keys[index], ctx.values[index]  # [B, H, L, D]
+    return attend(grouped, keys.unsqueeze(2), values.unsqueeze(2), scaling, valid[:, :, None, None, :])
 
 
 def restricted_max_scores(

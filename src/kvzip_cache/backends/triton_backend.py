@@ -1,7 +1,8 @@
 """CUDA backend: Triton kernels for the compressed context and for scoring; SDPA for dense attention.
 
 - ragged: `ragged_attention_with_tail`: split-K over each (row, KV head)'s kept pairs (GQA group folded into the
-  query rows), then one kernel for the dense tail and the log-sum-exp merge (two launches per layer).
+  query rows; rows sharing one compressed context stacked too, so it is read once), then one kernel for the dense
+  tail and the log-sum-exp merge (two launches per layer).
 - scoring: the output through SDPA; the scores through `restricted_max_scores_triton` (two tiled passes, no
   ``[q, keys]`` matrix in memory). KVzip+ scores use the reference's PyTorch function (no kernel).
 - dense: the reference's (SDPA, with a lower-right causal bias instead of a materialised mask when unpadded).
@@ -28,9 +29,13 @@ def _on(device: torch.device):
 
 
 def ragged_attention(
-    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None
+    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None, shared: bool = True
 ) -> torch.Tensor:
     """Same contract as `reference.ragged_attention`: two kernel launches (context splits, then tail + merge).
+
+    Rows that share a compressed row (``kv.share > 1``: `KVzipCache.inputs_for(..., shared=True)`, beams, repeated
+    rows) read its context once per step for all of them; ``shared=False`` reads it once per row (the
+    "triton-per-row" backend, kept as the baseline the benchmark compares with).
 
     The kernels serve decode steps and questions; more than `reference.LARGE_QUERY` queries (a head-dropping
     prefill's chunks) go to `reference.segment_attention` (the tail kernel has no causal block skipping, and it
@@ -46,6 +51,7 @@ def ragged_attention(
         return ragged_attention_with_tail(
             grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
             kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
+            share=kv.share if shared else 1,
         )
 
 
