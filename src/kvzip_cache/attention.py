@@ -120,7 +120,8 @@ def _out_weight(module: torch.nn.Module) -> torch.Tensor:
             f"KVzip+ scores need the attention module's output projection as module.o_proj.weight "
             f"[hidden, heads x head_dim]; {type(module).__name__} has none. Score with target='kvzip' instead."
         )
-    return weight
+    # Tensor parallelism: o_proj is split by input column, and this rank's shard holds exactly its query heads.
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def _check_mask_width(mask: torch.Tensor | None, width: int) -> None:

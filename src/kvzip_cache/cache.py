@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .config import layer_types, text_config
 from .eviction import PrefillEviction
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
+from .parallel import TensorParallel, tensor_parallel_of
 from .scorers.predictor import ScorePredictor
 from .scorers.rotary import rotary_tables
 from .scoring import RECONSTRUCTION_TARGETS, score_by_reconstruction
@@ -92,6 +94,11 @@ class KVzipCache(Cache):
         config = text_config(model_or_config)
         self.layer_types = layer_types(config)
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        # A tensor-parallel model: this rank caches a block of the KV heads; scores and masks stay global.
+        is_model = hasattr(model_or_config, "config")
+        self.tensor_parallel: TensorParallel | None = (
+            tensor_parallel_of(model_or_config, self.num_kv_heads) if is_model else None
+        )
         layers = [
             KVzipLayer() if kind == _FULL else KVzipSlidingLayer(sliding_window=config.sliding_window)
             for kind in self.layer_types
@@ -115,6 +122,37 @@ class KVzipCache(Cache):
     def compressible_layers(self) -> list[int]:
         """Indices of the full-attention layers (the only ones scored and evicted)."""
         return [i for i, kind in enumerate(self.layer_types) if kind == _FULL]
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads per layer cached by this process (``num_kv_heads`` over the tensor-parallel size)."""
+        tp = self.tensor_parallel
+        return self.num_kv_heads if tp is None else tp.local_kv_heads
+
+    def _local_heads(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's KV heads of a tensor over all heads (the tensor itself without tensor parallelism)."""
+        return tensor if self.tensor_parallel is None else self.tensor_parallel.local(tensor, dim)
+
+    def _check_parallel(self, model, call: str, *values) -> None:
+        """Refuse a model whose tensor parallelism differs from the cache's, and (tensor parallel) calls whose
+        arguments differ between ranks: every rank must run the same forward passes, so a divergence would hang
+        or corrupt. Runs before any other check, so that a refusal is raised on every rank alike."""
+        size = getattr(model, "_tp_size", None) or 1
+        mine = 1 if self.tensor_parallel is None else self.tensor_parallel.world_size
+        if size != mine:
+            raise ValueError(
+                f"the model is split over {size} tensor-parallel ranks but this cache was made for {mine}: create "
+                "the cache from the loaded model, KVzipCache(model), after the process group and the model exist"
+            )
+        if self.tensor_parallel is None:
+            return
+        numbers = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else
+                   float(zlib.crc32(str(v).encode())) for v in values]  # crc32: the same in every process
+        if not self.tensor_parallel.agree(torch.tensor(numbers, dtype=torch.float64).nan_to_num(nan=-1.0)):
+            raise ValueError(
+                f"the tensor-parallel ranks called {call} with different arguments; every rank must make the same "
+                "calls with the same inputs (they run each forward pass together)"
+            )
 
     @property
     def context_offset(self) -> int:
@@ -198,6 +236,11 @@ class KVzipCache(Cache):
                 of each chunk's context pairs kept.
             level: with ``predictor``: ``"pair"`` or ``"pair-uniform"`` (the budget within each chunk).
         """
+        fingerprint = (input_ids.shape, int(input_ids.sum()), int((input_ids * torch.arange(
+            input_ids.shape[-1], device=input_ids.device)).sum())) if isinstance(input_ids, torch.Tensor) else ()
+        self._check_parallel(model, "prefill()", *fingerprint, chunk_size, ratio, level, predictor is None,
+                             head_scores is None, str(context_start.tolist() if isinstance(context_start, torch.Tensor)
+                                                      else context_start))
         check_model(model)
         if self.get_seq_length() > 0 or self.input_ids is not None:
             raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
@@ -291,7 +334,7 @@ class KVzipCache(Cache):
             heads = kept_heads[idx].to(mask.device)
             if bool(heads.all()):
                 continue  # nothing to drop: stays dense until the final compress
-            keep = real & (heads[None, :, None] | in_prefix[:, None, :])  # [B, H, t]
+            keep = self._local_heads(real & (heads[None, :, None] | in_prefix[:, None, :]), dim=1)  # [B, H, t]
             layer = self.layers[idx]
             if layer.is_compressed:
                 layer.absorb_tail(keep)
@@ -339,6 +382,8 @@ class KVzipCache(Cache):
             a `CompressReport`.
         """
         started = time.perf_counter()
+        self._check_parallel(model, "compress()", ratio, level, chunk_size, predictor is None, str(score),
+                             head_scores is None)
         if level == "predicted":
             if predictor is None:
                 raise ValueError("level='predicted' needs predictor=ScorePredictor.from_pretrained(...)")
@@ -358,6 +403,8 @@ class KVzipCache(Cache):
             elif self.scores is None:
                 tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
                 self.scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress, target=source)
+                if self.tensor_parallel is not None:  # each rank scored its own heads: rank order = head order
+                    self.scores = self.tensor_parallel.gather(self.scores, dim=2)
             scores = self.scores
             if self.keep_mask is None:
                 keep = select_pairs(scores, ratio, level)
@@ -436,7 +483,7 @@ class KVzipCache(Cache):
         layer_kv = {idx: (self.layers[idx].keys[:, :, base:], self.layers[idx].values[:, :, base:])
                     for idx in self.compressible_layers}
         scores = torch.full(selectable.shape, float("nan"), dtype=torch.float32, device=selectable.device)
-        for idx, predicted in predictor.predict_layers(model, layer_kv, positions).items():
+        for idx, predicted in predictor.predict_layers(model, layer_kv, positions, self.tensor_parallel).items():
             scores[idx] = predicted.to(scores.device)
         return scores.masked_fill_(~selectable, float("nan"))
 
@@ -479,7 +526,7 @@ class KVzipCache(Cache):
         for idx in self.compressible_layers:
             full_keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
             full_keep[:, :, base:] |= keep_mask[idx]
-            self.layers[idx].evict(full_keep)
+            self.layers[idx].evict(self._local_heads(full_keep, dim=1))
         self.keep_mask = keep_mask
         if self.compressed_with is None:
             self.compressed_with = ("custom", float(keep_mask.sum()) / max(int(selectable.sum()), 1))

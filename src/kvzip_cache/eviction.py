@@ -35,6 +35,7 @@ class PrefillEviction:
         self.positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the prefill's position ids
         self.base = int(starts.min())
         self.layers = cache.compressible_layers
+        self.parallel = cache.tensor_parallel  # the layers hold this rank's heads; scores and selection are global
         batch, seq = mask.shape
         shape = (len(cache.layers), batch, cache.num_kv_heads, seq - self.base)
         self.scores = torch.full(shape, float("nan"), dtype=torch.float32, device=mask.device)
@@ -53,7 +54,7 @@ class PrefillEviction:
                 chunk_kv[idx] = layer.tail_keys[:, :, : layer.tail_length], layer.tail_values[:, :, : layer.tail_length]
             else:  # the first chunk: the layer is still dense and holds exactly [0, hi)
                 chunk_kv[idx] = layer.keys[:, :, lo:hi], layer.values[:, :, lo:hi]
-        predicted = self.predictor.predict_layers(self.model, chunk_kv, self.positions[:, lo:hi])
+        predicted = self.predictor.predict_layers(self.model, chunk_kv, self.positions[:, lo:hi], self.parallel)
         num_layers, batch, num_heads, _ = self.scores.shape
         chunk_scores = torch.full((num_layers, batch, num_heads, hi - lo), float("nan"), dtype=torch.float32,
                                   device=self.mask.device)
@@ -64,6 +65,8 @@ class PrefillEviction:
         prefix = (real & ~in_context)[:, None, :]  # protected prefix: always kept; padding: never
         for idx in self.layers:
             layer_keep = keep[idx] | prefix
+            if self.parallel is not None:
+                layer_keep = self.parallel.local(layer_keep, dim=1)
             layer = cache.layers[idx]
             if layer.is_compressed:
                 layer.absorb_tail(layer_keep)

@@ -91,7 +91,7 @@ def score_by_reconstruction(
 
     Returns:
         ``[num_layers, batch, num_kv_heads, context_len]`` float32, NaN where nothing is scored (sliding layers,
-        padding, protected prefix).
+        padding, protected prefix). Under tensor parallelism, this rank's heads only (``cache.local_kv_heads``).
     """
     if target not in RECONSTRUCTION_TARGETS:
         raise ValueError(f"unknown score target {target!r}; choose one of {list(RECONSTRUCTION_TARGETS)}")
@@ -99,7 +99,7 @@ def score_by_reconstruction(
     batch, seq = cache.attention_mask.shape
     base = cache.context_offset
     scores = torch.full(
-        (len(cache.layers), batch, cache.num_kv_heads, seq - base), float("nan"), dtype=torch.float32, device=device
+        (len(cache.layers), batch, cache.local_kv_heads, seq - base), float("nan"), dtype=torch.float32, device=device
     )
     compressible = cache.compressible_layers
     norms = _input_layernorms(model, compressible) if target == "kvzip+" else None

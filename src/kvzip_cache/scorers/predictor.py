@@ -37,6 +37,7 @@ from torch import nn
 from .._version import __version__
 from ..artifacts import make_readable, resolve_artifact
 from ..config import config_fingerprint, full_attention_layers, kv_shape, text_config
+from ..parallel import TensorParallel
 from ..scoring import RECONSTRUCTION_TARGETS
 from .rotary import rotary_tables, unrotate
 
@@ -92,12 +93,24 @@ class LayerPredictor(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_kv_heads))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, parallel: TensorParallel | None = None) -> torch.Tensor:
+        """``[..., F]`` features -> ``[..., H]`` predicted log scores.
+
+        ``parallel``: tensor parallelism, ``features`` holding only this rank's KV heads' columns (``[..., F / W]``).
+        The first layer is then row-parallel: each rank multiplies its columns, one all-reduce sums the partial
+        pre-activations (``[..., hidden]``, much smaller than the features), and every rank gets all heads' outputs.
+        """
         first = self.net if isinstance(self.net, nn.Linear) else self.net[0]
         # the standardisation folded into the first layer: W (x - m) / s + b = (W / s) x + (b - (W / s) m), so the
         # [N, F] features are read once instead of going through a subtraction and a division first
-        weight = first.weight / self.std
-        hidden = nn.functional.linear(features, weight, first.bias - weight @ self.mean)
+        weight, mean = first.weight / self.std, self.mean
+        if parallel is None:
+            hidden = nn.functional.linear(features, weight, first.bias - weight @ mean)
+        else:
+            columns = features.shape[-1]
+            weight, mean = weight[:, parallel.rank * columns : (parallel.rank + 1) * columns], mean.narrow(
+                0, parallel.rank * columns, columns)
+            hidden = parallel.all_reduce(nn.functional.linear(features, weight, -(weight @ mean))) + first.bias
         return hidden if first is self.net else self.net[2](self.net[1](hidden))
 
 
@@ -187,18 +200,20 @@ class ScorePredictor:
 
     @torch.no_grad()
     def predict(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None) -> torch.Tensor:
+                sin: torch.Tensor | None, parallel: TensorParallel | None = None) -> torch.Tensor:
         """Predicted log scores of one layer's cached pairs.
 
         Args:
             layer_idx: a full-attention layer.
-            keys: ``[B, H, t, D]`` as cached (post-RoPE).
-            values: ``[B, H, t, D]``.
+            keys: ``[B, H, t, D]`` as cached (post-RoPE); under tensor parallelism this rank's ``H / W`` heads.
+            values: ``[B, H, t, D]``, likewise.
             cos: ``[B, t, R]`` RoPE table at the pairs' positions (`rotary_tables`).
             sin: ``[B, t, R]``, likewise.
+            parallel: the cache's `TensorParallel`, or None (see `LayerPredictor.forward`).
 
         Returns:
-            ``[B, H, t]`` float32, higher = more important (comparable across layers: one pair-level top-k).
+            ``[B, H, t]`` float32 for ALL the model's KV heads (also under tensor parallelism), higher = more
+            important (comparable across layers: one pair-level top-k).
         """
         module = self.layers.get(layer_idx)
         if module is None:
@@ -212,17 +227,18 @@ class ScorePredictor:
             block_cos = None if cos is None else cos[:, lo:hi]
             block_sin = None if sin is None else sin[:, lo:hi]
             features = pair_features(self.features, keys[:, :, lo:hi], values[:, :, lo:hi], block_cos, block_sin)
-            out[:, :, lo:hi] = module(features).transpose(1, 2)
+            out[:, :, lo:hi] = module(features, parallel).transpose(1, 2)
         return out
 
     def predict_layers(self, model, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                       positions: torch.Tensor) -> dict[int, torch.Tensor]:
+                       positions: torch.Tensor, parallel: TensorParallel | None = None) -> dict[int, torch.Tensor]:
         """`predict` for several layers' pairs at the same positions (the RoPE tables are computed once).
 
         Args:
             model: the model the keys come from (its rotary embedding undoes RoPE).
             layer_kv: ``{layer index: (keys, values)}``, each ``[B, H, t, D]`` as cached.
             positions: ``[B, t]`` int64 position ids of the pairs.
+            parallel: the cache's `TensorParallel` (the keys are this rank's heads), or None.
 
         Returns:
             ``{layer index: [B, H, t] float32}`` predicted log scores, each on its keys' device.
@@ -234,7 +250,7 @@ class ScorePredictor:
         for idx, (keys, values) in layer_kv.items():
             device = keys.device
             predicted[idx] = self.predict(idx, keys, values, None if cos is None else cos.to(device),
-                                          None if sin is None else sin.to(device))
+                                          None if sin is None else sin.to(device), parallel)
         return predicted
 
     # ----------------------------------------------------------------------------------------------------- checks
