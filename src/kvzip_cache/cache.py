@@ -148,7 +148,9 @@ class KVzipCache(Cache):
             return
         numbers = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else
                    float(zlib.crc32(str(v).encode())) for v in values]  # crc32: the same in every process
-        if not self.tensor_parallel.agree(torch.tensor(numbers, dtype=torch.float64).nan_to_num(nan=-1.0)):
+        # On the model's device: NCCL reduces only CUDA tensors (gloo takes CPU ones).
+        values = torch.tensor(numbers, dtype=torch.float64, device=getattr(model, "device", "cpu")).nan_to_num(nan=-1.0)
+        if not self.tensor_parallel.agree(values):
             raise ValueError(
                 f"the tensor-parallel ranks called {call} with different arguments; every rank must make the same "
                 "calls with the same inputs (they run each forward pass together)"
