@@ -26,11 +26,12 @@ from transformers.cache_utils import Cache
 from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
 from .compat import cache_kwarg
 from .config import FULL as _FULL
-from .config import layer_types, text_config
+from .config import config_fields, config_fingerprint, layer_types, text_config
 from .eviction import PrefillEviction
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
 from .parallel import TensorParallel, tensor_parallel_of
+from .persistence import load_cache, save_cache
 from .scorers.predictor import ScorePredictor
 from .scorers.rotary import rotary_tables
 from .scoring import RECONSTRUCTION_TARGETS, score_by_reconstruction
@@ -93,6 +94,8 @@ class KVzipCache(Cache):
     def __init__(self, model_or_config) -> None:
         config = text_config(model_or_config)
         self.layer_types = layer_types(config)
+        # The architecture this cache is for (saved files and head scores record the same fingerprint).
+        self.fingerprint, self.config_fields = config_fingerprint(model_or_config), config_fields(model_or_config)
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         # A tensor-parallel model: this rank caches a block of the KV heads; scores and masks stay global.
         is_model = hasattr(model_or_config, "config")
@@ -653,6 +656,31 @@ class KVzipCache(Cache):
         if repeats > 1:
             self.batch_repeat_interleave(repeats)
         return repeats
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save(self, path, *, scores: bool = True):
+        """Write this compressed cache to one safetensors file at ``path`` (atomically); returns the path.
+
+        The file holds the kept pairs exactly (plus the context ids, masks, scores and keep mask) and is about
+        ``kv_bytes()`` large; ``KVzipCache.load(path, model)`` restores it in any process. Call it after
+        `compress` and before asking questions (or after `rollback`). ``scores=False`` leaves the scores out
+        (smaller; the loaded cache cannot be re-compressed). See `kvzip_cache.persistence`.
+        """
+        return save_cache(self, path, scores=scores)
+
+    @classmethod
+    def load(cls, path, model, device=None, dtype: torch.dtype | None = None, verify: bool = True) -> KVzipCache:
+        """A cache restored from a file written by `save`, for ``model`` (the one that compressed it).
+
+        ``device`` (default: the model's) and ``dtype`` (default: the saved one) say where the keys and values go.
+        Refuses, naming the mismatch, a file for another model, of a newer format, truncated or corrupted
+        (``verify`` checks every tensor's CRC-32). The loaded cache behaves as the saved one: ``generate``,
+        `rollback`, a second `compress` at a smaller ratio, `make_static`.
+        """
+        check_model(model)
+        cache = cls(model)
+        load_cache(cache, path, model, device=device, dtype=dtype, verify=verify)
+        return cache
 
     # ------------------------------------------------------------------------------------------------ scoring
     @contextmanager

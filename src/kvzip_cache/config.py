@@ -22,13 +22,18 @@ def text_config(model_or_config):
     return config.get_text_config(decoder=True)
 
 
-def config_fingerprint(model_or_config) -> str:
-    """Short hash of the architecture fields of a model's text config (same for a model and its fine-tunes)."""
+def config_fields(model_or_config) -> dict:
+    """The architecture fields of a model's text config that `config_fingerprint` hashes (JSON-able values)."""
     config = text_config(model_or_config)
     fields = {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
     if fields["num_key_value_heads"] is None:
         fields["num_key_value_heads"] = fields["num_attention_heads"]
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(fields, default=str))
+
+
+def config_fingerprint(model_or_config) -> str:
+    """Short hash of the architecture fields of a model's text config (same for a model and its fine-tunes)."""
+    return hashlib.sha256(json.dumps(config_fields(model_or_config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def layer_types(config) -> list[str]:

@@ -402,6 +402,24 @@ class KVzipLayer(DynamicLayer):
             self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
         self.cumulative_length = length
 
+    # ------------------------------------------------------------------------------------------ save / load
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The compressed context as plain tensors (`kvzip_cache.persistence` writes them): ``keys`` and ``values``
+        ``[N, D]``, ``cu_seqlens`` ``[S + 1]``, ``positions`` ``[N]``. Needs a compressed layer with an empty tail."""
+        ctx = self.context
+        return {"keys": ctx.keys, "values": ctx.values, "cu_seqlens": ctx.cu_seqlens, "positions": ctx.positions}
+
+    def import_state(self, state: dict[str, torch.Tensor], num_heads: int, context_length: int) -> None:
+        """Become the compressed layer `export_state` described (rows ``0..B-1``, empty tail)."""
+        self.reset()
+        keys, cu = state["keys"], state["cu_seqlens"].long()
+        self.lazy_initialization(keys[None, None], state["values"][None, None])  # dtype, device, is_initialized
+        self.keys = self.values = None  # as after evict(): the context lives in the ragged store
+        self.context = CompressedContext.from_counts(keys, state["values"], state["positions"], cu[1:] - cu[:-1],
+                                                     num_heads)
+        self.context_length = self.cumulative_length = context_length
+        self._set_src_rows(tuple(range(self.context.num_rows)))
+
     def kv_bytes(self) -> int:
         """Bytes allocated for keys and values (spare tail capacity counts)."""
         total = 0
@@ -568,6 +586,19 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def metadata_bytes(self) -> int:
         return 0
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The window the prefill left (what `rollback` returns to): ``keys``, ``values`` ``[B, H, w, D]``."""
+        keys, values, _ = self._snapshot
+        return {"keys": keys, "values": values}
+
+    def import_state(self, state: dict[str, torch.Tensor], cumulative_length: int) -> None:
+        """Become the layer `export_state` described, right after its prefill."""
+        self.reset()
+        self.lazy_initialization(state["keys"], state["values"])
+        self.keys, self.values = state["keys"].clone(), state["values"].clone()
+        self.cumulative_length = cumulative_length
+        self.take_snapshot()
 
 
 def _refuse_batch_change(layer, repeats: int) -> None:

@@ -1,0 +1,178 @@
+"""Compressed contexts that outlive the process: one safetensors file per `KVzipCache`.
+
+    cache.save("report.kvzip")                                  # after compress(); atomic
+    cache = KVzipCache.load("report.kvzip", model)             # another process, another day
+
+The file holds the ragged layout exactly: per full-attention layer the kept keys and values ``[N, D]``, their
+per-(row, KV head) offsets ``cu_seqlens`` and positions; per sliding-window layer the window the prefill left; the
+context's ids, padding mask and ``context_start``; the scores and keep mask. Its metadata (string pairs in the
+safetensors header) records the format version, the library version, the model's architecture fields and their
+fingerprint, the dtype, the compression (level, ratio, score source), every layer's lengths, and a CRC-32 of every
+tensor, so that a corrupted file is refused rather than loaded as garbage. Only safetensors is read: nothing is
+unpickled.
+
+Writes go to a temporary file in the same folder, which is renamed over the target only once complete, so an
+interrupted save never leaves a file that loads as something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .config import FULL
+
+FORMAT = "kvzip-cache"
+FORMAT_VERSION = 1
+
+
+def _crc(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().cpu()
+    return format(zlib.crc32(data.view(torch.uint8).numpy().reshape(-1)), "08x") if data.numel() else "00000000"
+
+
+def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
+    """Write a compressed ``cache`` (no tokens after the context) to ``path``; returns the path.
+
+    ``scores=False`` leaves out the scores (float32, one per context pair): the file is then the kept KV plus its
+    bookkeeping, and the loaded cache cannot be re-compressed (a second compress needs the scores).
+    """
+    _check_saveable(cache)
+    tensors: dict[str, torch.Tensor] = {
+        "input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "context_start": cache.context_start,
+        "keep_mask": cache.keep_mask,
+    }
+    if scores and cache.scores is not None:
+        tensors["scores"] = cache.scores
+    layers = []
+    for idx, (kind, layer) in enumerate(zip(cache.layer_types, cache.layers)):
+        for name, tensor in layer.export_state().items():
+            tensors[f"layers.{idx}.{name}"] = tensor
+        layers.append({"kind": kind, "length": layer.context_length if kind == FULL else layer.cumulative_length})
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    level, ratio = cache.compressed_with
+    dtype = next(t for name, t in tensors.items() if name.endswith(".keys")).dtype
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "library_version": __version__,
+        "fingerprint": cache.fingerprint,
+        "config": json.dumps(cache.config_fields),
+        "dtype": str(dtype).removeprefix("torch."),
+        "level": level,
+        "ratio": repr(float(ratio)),
+        "score_source": cache.score_source or "",
+        "num_kv_heads": str(cache.num_kv_heads),
+        "layers": json.dumps(layers),
+        "crc32": json.dumps({name: _crc(tensor) for name, tensor in tensors.items()}),
+    }
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)  # atomic on POSIX and Windows: the target is the old file or the whole new one
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _check_saveable(cache) -> None:
+    if cache.input_ids is None or not cache.is_compressed:
+        raise RuntimeError("save() needs a compressed cache: prefill and compress it first (ratio=1.0 keeps every pair)")
+    if cache.tensor_parallel is not None:
+        raise NotImplementedError("saving a tensor-parallel cache (one shard per rank) is not supported yet")
+    if int(cache.get_seq_length()) != cache.context_length:
+        raise RuntimeError("tokens were appended after the context; call cache.rollback() before save()")
+    rows = tuple(range(cache.input_ids.shape[0]))
+    if any(getattr(layer, "src_rows", rows) != rows for layer in cache.layers if getattr(layer, "context", None)):
+        raise RuntimeError(
+            "the cache's rows were repeated (inputs_for(shared=True), batch_repeat_interleave or beams): call "
+            "cache.rollback() before save() (a static cache keeps its repeated rows: save it before expanding them)"
+        )
+
+
+def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: torch.dtype | None = None,
+               verify: bool = True) -> None:
+    """Fill the new, empty ``cache`` (made for ``model``) from the file at ``path``.
+
+    ``device``: where the tensors go (default: the model's device); ``dtype``: the keys' and values' dtype (default:
+    the saved one). ``verify``: check every tensor's CRC-32 (reads each once more; off only for trusted files).
+    Raises ValueError, naming what is wrong, for a file that is not a kvzip cache, is truncated or corrupted, was
+    written by a newer format, or was made for another model; the cache is then left empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved cache at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            _check_metadata(metadata, cache, path)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for broken files
+        raise ValueError(f"{path} is not a readable kvzip cache file (truncated or corrupted?): {error}") from error
+    if verify:
+        expected = json.loads(metadata["crc32"])
+        damaged = sorted(name for name, tensor in tensors.items() if expected.get(name) != _crc(tensor))
+        if damaged or set(expected) != set(tensors):
+            raise ValueError(f"{path} is corrupted: the checksums of {damaged or 'its tensor list'} do not match")
+    device = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
+    layers = json.loads(metadata["layers"])
+    if len(layers) != len(cache.layers) or [entry["kind"] for entry in layers] != cache.layer_types:
+        raise ValueError(f"{path} holds {len(layers)} layers of other types than the model's {len(cache.layers)}")
+
+    def kv(name: str) -> torch.Tensor:
+        tensor = tensors[name].to(device)
+        return tensor.to(dtype) if dtype is not None else tensor
+
+    try:
+        for idx, (entry, layer) in enumerate(zip(layers, cache.layers)):
+            prefix = f"layers.{idx}."
+            state = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+            state.update({name: kv(prefix + name) for name in ("keys", "values")})
+            if entry["kind"] == FULL:
+                state = {name: tensor.to(device) for name, tensor in state.items()}
+                layer.import_state(state, cache.num_kv_heads, entry["length"])
+            else:
+                layer.import_state(state, entry["length"])
+        cache.input_ids = tensors["input_ids"].to(device)
+        cache.attention_mask = tensors["attention_mask"].to(device)
+        cache.context_start = tensors["context_start"].to(device)
+        cache.keep_mask = tensors["keep_mask"].to(device)
+        cache.scores = tensors["scores"].to(device) if "scores" in tensors else None
+        cache.compressed_with = (metadata["level"], float(metadata["ratio"]))
+        cache.score_source = metadata["score_source"] or None
+    except BaseException:
+        cache.reset()  # never a half-loaded cache
+        raise
+
+
+def _check_metadata(metadata: dict[str, str], cache, path: Path) -> None:
+    """Refuse, saying why, a file that is not a cache of this format version for this model."""
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a saved KVzipCache (no {FORMAT!r} metadata)")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written in cache format {version} by kvzip-cache {metadata.get('library_version')}; this "
+            f"kvzip-cache ({__version__}) reads format {FORMAT_VERSION} and older: upgrade kvzip-cache"
+        )
+    if metadata.get("fingerprint") != cache.fingerprint:
+        theirs, ours = json.loads(metadata.get("config", "{}")), cache.config_fields
+        differ = [f"{name} {theirs.get(name)!r} vs {ours.get(name)!r}" for name in ours if theirs.get(name) != ours.get(name)]
+        raise ValueError(
+            f"{path} was saved from another model ({'; '.join(differ) or 'config fingerprint differs'}); load it "
+            "with the model that compressed it"
+        )
+    if int(metadata.get("num_kv_heads", -1)) != cache.num_kv_heads:
+        raise ValueError(f"{path} holds {metadata.get('num_kv_heads')} KV heads per layer, the model "
+                         f"{cache.num_kv_heads}")
+
