@@ -177,3 +177,55 @@ def test_attention_mask_must_cover_the_whole_sequence(prefilled):
             question = _ids(4, 1)
             model(question, attention_mask=torch.tensor([[0, 1, 1, 1]]), past_key_values=cache,
                   position_ids=torch.arange(30, 34)[None])
+
+
+def _snapshot(cache):
+    """What a refused call must leave unchanged: lengths, rows, stored pairs and masks."""
+    layers = [(layer.get_seq_length(), getattr(layer, "src_rows", None),
+               None if getattr(layer, "context", None) is None else layer.context.keys.clone()) for layer in cache.layers]
+    return cache.kv_bytes(), layers, None if cache.keep_mask is None else cache.keep_mask.clone()
+
+
+def _same(a, b):
+    assert a[0] == b[0]
+    assert (a[2] is None and b[2] is None) or torch.equal(a[2], b[2])
+    for (length, rows, keys), (length2, rows2, keys2) in zip(a[1], b[1]):
+        assert length == length2 and rows == rows2
+        assert (keys is None and keys2 is None) or torch.equal(keys, keys2)
+
+
+def test_generate_with_only_the_question_says_to_pass_the_context_too(prefilled):
+    model, cache = prefilled
+    cache.compress(model, 0.5, tokenizer=TOK, chunk_size=16)
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"no new tokens after the 30 cached ones.*cache\.inputs_for"):
+        model.generate(_ids(5, 1), past_key_values=cache, max_new_tokens=3)
+    _same(_snapshot(cache), before)
+    _assert_intact(model, cache, compressed=True)
+
+
+def test_a_compressed_cache_met_by_another_attention_says_to_use_kvzip(prefilled):
+    model, cache = prefilled
+    cache.compress(model, 0.5, tokenizer=TOK, chunk_size=16)
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(AttributeError, match=r"attn_implementation='kvzip'.*set_attn_implementation"):
+            model.generate(**cache.inputs_for(_ids(5, 2)), past_key_values=cache, max_new_tokens=3)
+    finally:
+        model.set_attn_implementation("kvzip")
+    cache.rollback()
+    _assert_intact(model, cache, compressed=True)
+
+
+def test_another_models_compress_or_prefill_is_refused_naming_what_differs(prefilled):
+    model, cache = prefilled
+    other, _ = make_pair("qwen3")  # the same sizes, another architecture: it would score garbage silently
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"another architecture.*model_type 'llama' vs 'qwen3'"):
+        cache.compress(other, 0.5, tokenizer=TOK, chunk_size=16)
+    _same(_snapshot(cache), before)
+    fresh = KVzipCache(model)
+    with pytest.raises(ValueError, match="another architecture"):
+        fresh.prefill(other, _ids(30), context_start=3)
+    assert fresh.get_seq_length() == 0 and fresh.input_ids is None
+    _assert_intact(model, cache)

@@ -1,5 +1,7 @@
 """The CUDA (Triton) backend end to end, against the reference backend and DynamicCache. Run with -m gpu."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
@@ -327,3 +329,24 @@ def test_shared_questions_on_cuda_equal_each_question_alone_eager_and_compiled(a
             assert torch.equal(got, shared)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
     assert graphs[0] > 0 and graphs[1] == 0, graphs
+
+
+def test_saved_cache_loads_on_cuda_and_from_cuda_to_cpu(tmp_path):
+    """A cache compressed on the GPU, saved and loaded back on the GPU gives its tokens; loaded onto the CPU (the
+    reference backend) it gives them too (float32)."""
+    model, _ = _on_gpu("gemma3", torch.float32)
+    cache = KVzipCache(model)
+    cache.prefill(model, _ids(300, 30), context_start=7, chunk_size=128)
+    cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
+    path = cache.save(tmp_path / "c.kvzip")
+    question = _ids(6, 31)
+    expected = model.generate(**cache.inputs_for(question), past_key_values=cache, max_new_tokens=10, do_sample=False)
+    loaded = KVzipCache.load(path, model)
+    assert loaded.layers[loaded.compressible_layers[0]].context.keys.is_cuda
+    got = model.generate(**loaded.inputs_for(question), past_key_values=loaded, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, expected)
+    cpu_model = copy.deepcopy(model).to("cpu")
+    on_cpu = KVzipCache.load(path, cpu_model, device="cpu")
+    got = cpu_model.generate(**on_cpu.inputs_for(question.cpu()), past_key_values=on_cpu, max_new_tokens=10,
+                             do_sample=False)
+    assert torch.equal(got, expected.cpu())

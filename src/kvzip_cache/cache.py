@@ -136,6 +136,19 @@ class KVzipCache(Cache):
         """This rank's KV heads of a tensor over all heads (the tensor itself without tensor parallelism)."""
         return tensor if self.tensor_parallel is None else self.tensor_parallel.local(tensor, dim)
 
+    def _check_same_model(self, model, call: str) -> None:
+        """Refuse a model of another architecture than the one this cache was made for (its config fingerprint,
+        the one head scores and saved caches record)."""
+        theirs = config_fingerprint(model)
+        if theirs != self.fingerprint:
+            fields = config_fields(model)
+            differ = [f"{name} {self.config_fields.get(name)!r} vs {fields.get(name)!r}" for name in fields
+                      if fields.get(name) != self.config_fields.get(name)]
+            raise ValueError(
+                f"{call} got a model of another architecture than this cache was made for ({'; '.join(differ)}): "
+                "use the model that filled the cache, or a new KVzipCache(model) for this one"
+            )
+
     def _check_parallel(self, model, call: str, *values) -> None:
         """Refuse a model whose tensor parallelism differs from the cache's, and (tensor parallel) calls whose
         arguments differ between ranks: every rank must run the same forward passes, so a divergence would hang
@@ -194,6 +207,17 @@ class KVzipCache(Cache):
             self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
         return layer.update(key_states, value_states)
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # transformers builds the mask before any layer runs: the first place a forward with no new tokens shows.
+        # (generate feeds only the ids after the cached length, so passing the question alone leaves nothing.)
+        if isinstance(query_length, int) and query_length == 0 and self.input_ids is not None:
+            raise ValueError(
+                f"no new tokens after the {self.context_length} cached ones: the input ids must be the whole sequence "
+                "[context; question], as with any transformers cache. Use "
+                "model.generate(**cache.inputs_for(query_ids, query_mask), past_key_values=cache)"
+            )
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def reset(self) -> None:
         super().reset()
         self._clear_context()
@@ -247,6 +271,7 @@ class KVzipCache(Cache):
                              head_scores is None, str(context_start.tolist() if isinstance(context_start, torch.Tensor)
                                                       else context_start))
         check_model(model)
+        self._check_same_model(model, "prefill()")
         if self.get_seq_length() > 0 or self.input_ids is not None:
             raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -439,6 +464,7 @@ class KVzipCache(Cache):
         if self.input_ids is None:
             raise RuntimeError("compress() needs a prefilled cache: call cache.prefill(model, input_ids) first")
         check_model(model)
+        self._check_same_model(model, "compress()")
         if not self.compressible_layers:
             raise ValueError(
                 "every layer of this model uses sliding-window attention, so there is nothing KVzip can evict "

@@ -17,6 +17,20 @@ from dataclasses import dataclass
 import torch
 
 
+class _KVzipView:
+    """Base of the views a cache layer hands to the attention: other attention functions get a message that says
+    what to do instead of an AttributeError deep inside the model."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends probe for dunders: a plain AttributeError
+            raise AttributeError(name)
+        raise AttributeError(
+            f"the attention function read {type(self).__name__}.{name}: a compressed KVzipCache hands its layers' "
+            "keys to the 'kvzip' attention only. Load the model with attn_implementation='kvzip' (after `import "
+            "kvzip_cache`) or call model.set_attn_implementation('kvzip') before generating from this cache."
+        )
+
+
 @dataclass(frozen=True)
 class CompressedContext:
     """The kept context of one layer: every (sequence, KV head) keeps its own number of pairs.
@@ -82,7 +96,7 @@ class CompressedContext:
 
 
 @dataclass(frozen=True)
-class RaggedKV:
+class RaggedKV(_KVzipView):
     """Keys/values of a compressed layer as seen by one forward step.
 
     Row ``b`` of the batch attends to the compressed segments of row ``src_rows[b]`` (beams and repeated rows share
@@ -161,7 +175,7 @@ def shared_run_length(src_rows: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True)
-class ScoringKV:
+class ScoringKV(_KVzipView):
     """Keys/values of a full layer during one reconstruction pass (nothing is kept in the cache).
 
     The queries of the pass attend to ``[cached row | new tokens]`` as usual; in addition the backend writes, for
