@@ -7,15 +7,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 R=docs/results
 ALL="full kvzip kvzip-head random streaming snapkv h2o"
+# The methods of the predictor issue (#13), added to these runs later (resuming keeps the earlier rows); the
+# predicted ones use the predictor shipped for --model (scores/predictors.json).
+NEW="predicted predicted-prefill kvzip+"
 # Ratio 1.0 evicts nothing: every method equals `full` there (a test checks it), so most sweeps skip it.
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task squad --num-contexts 4 --max-questions 8 \
-    --methods $ALL --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-squad
+    --methods $ALL $NEW --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-squad
 $PY -m kvzip_cache.eval --model smollm2-135m --task squad --num-contexts 3 --max-questions 8 \
-    --methods $ALL kvzip-uniform --ratios 0.5 0.3 0.2 0.1 --out $R/smollm2-squad
+    --methods $ALL kvzip-uniform kvzip+ predicted predicted-prefill --ratios 0.5 0.3 0.2 0.1 --out $R/smollm2-squad
 $PY -m kvzip_cache.eval --model smollm2-135m --task needle --num-contexts 3 \
-    --methods full kvzip kvzip-uniform kvzip-head random streaming snapkv h2o --out $R/smollm2-needle
+    --methods full kvzip kvzip-uniform kvzip-head random streaming snapkv h2o kvzip+ predicted predicted-prefill \
+    --out $R/smollm2-needle
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task needle --num-contexts 2 \
-    --methods $ALL --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-needle
+    --methods $ALL $NEW --ratios 0.5 0.3 0.1 --out $R/qwen2.5-coder-1.5b-needle
 $PY -m kvzip_cache.eval --model gemma3-270m --task needle --num-contexts 2 \
     --methods full kvzip streaming snapkv h2o --ratios 0.5 0.3 0.1 --out $R/gemma3-270m-needle
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task gsm8k --num-contexts 3 \
