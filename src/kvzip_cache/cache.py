@@ -207,6 +207,12 @@ class KVzipCache(Cache):
             self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
         return layer.update(key_states, value_states)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end (``-n`` removes n), in every layer or in none: each layer checks first."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # transformers builds the mask before any layer runs: the first place a forward with no new tokens shows.
         # (generate feeds only the ids after the cached length, so passing the question alone leaves nothing.)

@@ -137,6 +137,7 @@ class KVzipLayer(DynamicLayer):
         """Drop tokens from the end: ``-n`` removes n tokens; a positive n is the length to keep (legacy)."""
         if self.is_static:
             self._sync_static_length()
+        self.check_crop(tokens_to_remove)
         keep = self.cumulative_length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
         if keep >= self.cumulative_length:
             return
@@ -144,15 +145,20 @@ class KVzipLayer(DynamicLayer):
             super().crop(keep - self.cumulative_length)
             self.cumulative_length = keep
             return
-        if keep < self.context_length:
-            raise ValueError(
-                f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
-                "can only be dropped as a whole (cache.reset())"
-            )
         self.tail_length = keep - self.context_length
         self.cumulative_length = keep
         if self.is_static:
             self.tail_end.fill_(self.tail_length)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing)."""
+        length = int(self.get_seq_length())
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        if self.is_compressed and keep < min(length, self.context_length):
+            raise ValueError(
+                f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
+                "can only be dropped as a whole (cache.reset())"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_compressed:
@@ -560,9 +566,20 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.cumulative_length = cumulative
 
     def crop(self, tokens_to_remove: int) -> None:
+        self.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing)."""
         if self.is_static:
             raise RuntimeError("a static cache's sliding layers cannot be cropped; use cache.rollback()")
-        super().crop(tokens_to_remove)
+        removes = tokens_to_remove < 0 or 0 < tokens_to_remove < self.get_seq_length()
+        if removes and self.get_seq_length() >= self.sliding_window and not getattr(self, "record_past", False):
+            raise ValueError(
+                f"cannot crop: this model's sliding-window layers keep only their last {self.sliding_window} tokens, "
+                "and the window has filled, so the tokens before it are gone. Use cache.rollback() to return to the "
+                "context"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_static:
