@@ -431,6 +431,8 @@ class KVzipCache(Cache):
         selectable = self._selectable()
         if level == "head":
             keep = select_heads(selectable, torch.as_tensor(head_scores), ratio)
+            if self.keep_mask is not None:  # re-selection (or after a custom evict): evicted pairs stay evicted
+                keep &= self.keep_mask
             scores = torch.as_tensor(head_scores, dtype=torch.float32).to(keep.device)[:, None, :, None]
             scores = scores.expand_as(keep).masked_fill(~selectable, float("nan"))
         else:
