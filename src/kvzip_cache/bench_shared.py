@@ -59,6 +59,11 @@ class SharedRow:
     notes: list[str] = field(default_factory=list)
 
 
+def _room(args) -> int:
+    """Static tail room: the question, the decoded tokens and a little slack."""
+    return args.question_tokens + args.decode_steps + 8
+
+
 def _static_copy(base: KVzipCache, model, questions: int, room: int, tokens: int) -> tuple[KVzipCache, torch.Tensor]:
     """A static copy of the compressed ``base`` laid out for ``questions`` shared rows, and their question ids."""
     cache = copy.deepcopy(base)
@@ -71,7 +76,7 @@ def _static_copy(base: KVzipCache, model, questions: int, room: int, tokens: int
 def _decode_row(model, base, method: str, questions: int, args, single: SharedRow | None) -> tuple[SharedRow, list]:
     """Compile, then time ``--decode-steps`` one-token steps of a static copy of ``base`` (CUDA graphs)."""
     context = base.context_length
-    room = args.question_tokens + args.decode_steps + 8
+    room = _room(args)
     cache, ask = _static_copy(base, model, questions, room, args.question_tokens)
     row = SharedRow(method, context, questions, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
     with use_backend("triton-per-row") if method == "per-row" else nullcontext():
@@ -121,7 +126,7 @@ def _generate_calls(model, cache: KVzipCache, ask: torch.Tensor, steps: int) -> 
 def compile_reuse_rows(model, predictor: ScorePredictor, context: int, args) -> list[SharedRow]:
     """Two documents in one length bucket, each compressed and made static, answered with ``model.generate``."""
     rows = []
-    room = args.question_tokens + args.decode_steps + 8
+    room = _room(args)
     torch._dynamo.reset()
     for doc, length in enumerate((context, context - context // 8), start=1):  # both in length_bucket(context)
         ids = torch.randint(10, model.config.vocab_size, (1, length), device=model.device)

@@ -26,11 +26,11 @@ from transformers.cache_utils import Cache
 from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
 from .compat import cache_kwarg
 from .config import FULL as _FULL
-from .config import config_fields, config_fingerprint, layer_types, text_config
+from .config import config_fields, config_fingerprint, field_differences, layer_types, text_config
 from .eviction import PrefillEviction
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
-from .parallel import TensorParallel, tensor_parallel_of
+from .parallel import TensorParallel, tensor_parallel_of, tensor_parallel_size
 from .persistence import load_cache, save_cache
 from .scorers.predictor import ScorePredictor
 from .scorers.rotary import rotary_tables
@@ -139,21 +139,18 @@ class KVzipCache(Cache):
     def _check_same_model(self, model, call: str) -> None:
         """Refuse a model of another architecture than the one this cache was made for (its config fingerprint,
         the one head scores and saved caches record)."""
-        theirs = config_fingerprint(model)
-        if theirs != self.fingerprint:
-            fields = config_fields(model)
-            differ = [f"{name} {self.config_fields.get(name)!r} vs {fields.get(name)!r}" for name in fields
-                      if fields.get(name) != self.config_fields.get(name)]
+        if config_fingerprint(model) != self.fingerprint:
             raise ValueError(
-                f"{call} got a model of another architecture than this cache was made for ({'; '.join(differ)}): "
-                "use the model that filled the cache, or a new KVzipCache(model) for this one"
+                f"{call} got a model of another architecture than this cache was made for "
+                f"({field_differences(self.config_fields, config_fields(model))}): use the model that filled the "
+                "cache, or a new KVzipCache(model) for this one"
             )
 
     def _check_parallel(self, model, call: str, *values) -> None:
         """Refuse a model whose tensor parallelism differs from the cache's, and (tensor parallel) calls whose
         arguments differ between ranks: every rank must run the same forward passes, so a divergence would hang
         or corrupt. Runs before any other check, so that a refusal is raised on every rank alike."""
-        size = getattr(model, "_tp_size", None) or 1
+        size = tensor_parallel_size(model)
         mine = 1 if self.tensor_parallel is None else self.tensor_parallel.world_size
         if size != mine:
             raise ValueError(
@@ -162,8 +159,16 @@ class KVzipCache(Cache):
             )
         if self.tensor_parallel is None:
             return
-        numbers = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else
-                   float(zlib.crc32(str(v).encode())) for v in values]  # crc32: the same in every process
+        numbers = []
+        for value in values:
+            if isinstance(value, torch.Tensor):  # ids: their shape, sum and position-weighted sum
+                flat = value.flatten()
+                numbers += [*value.shape, float(flat.sum()),
+                            float((flat * torch.arange(flat.numel(), device=flat.device)).sum())]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.append(float(value))
+            else:
+                numbers.append(float(zlib.crc32(str(value).encode())))  # crc32: the same in every process
         # On the model's device: NCCL reduces only CUDA tensors (gloo takes CPU ones).
         values = torch.tensor(numbers, dtype=torch.float64, device=getattr(model, "device", "cpu")).nan_to_num(nan=-1.0)
         if not self.tensor_parallel.agree(values):
@@ -271,11 +276,8 @@ class KVzipCache(Cache):
                 of each chunk's context pairs kept.
             level: with ``predictor``: ``"pair"`` or ``"pair-uniform"`` (the budget within each chunk).
         """
-        fingerprint = (input_ids.shape, int(input_ids.sum()), int((input_ids * torch.arange(
-            input_ids.shape[-1], device=input_ids.device)).sum())) if isinstance(input_ids, torch.Tensor) else ()
-        self._check_parallel(model, "prefill()", *fingerprint, chunk_size, ratio, level, predictor is None,
-                             head_scores is None, str(context_start.tolist() if isinstance(context_start, torch.Tensor)
-                                                      else context_start))
+        self._check_parallel(model, "prefill()", input_ids, context_start, chunk_size, ratio, level,
+                             predictor is None, head_scores is None)
         check_model(model)
         self._check_same_model(model, "prefill()")
         if self.get_seq_length() > 0 or self.input_ids is not None:
@@ -587,8 +589,9 @@ class KVzipCache(Cache):
         they need a context at least as long as the window.
 
         Compile once: the tail's room is ``max_new_tokens`` rounded up to a multiple of 64, and what a decode step
-        sees of the context is bucketed (`length_bucket`: its longest segment and the mask's width, to powers of
-        two; the number of kept pairs is a dynamic dimension; its length is on the device). A second document whose
+        sees of the context depends only on its length bucket (`length_bucket`, the next power of two: it bounds the
+        segments' lengths for the kernels' grids and sets the mask's width; the number of kept pairs is a dynamic
+        dimension; the length itself is on the device). A second document whose
         lengths fall in the same buckets, made static with the same ``max_new_tokens`` and batch, reuses the compiled
         decode graph of the first.
         """

@@ -31,6 +31,13 @@ def config_fields(model_or_config) -> dict:
     return json.loads(json.dumps(fields, default=str))
 
 
+def field_differences(expected: dict, actual: dict) -> str:
+    """``"name expected vs actual; ..."`` for the `config_fields` that differ (refusal messages name them)."""
+    names = list(expected) + [name for name in actual if name not in expected]
+    return "; ".join(f"{name} {expected.get(name)!r} vs {actual.get(name)!r}" for name in names
+                     if expected.get(name) != actual.get(name))
+
+
 def config_fingerprint(model_or_config) -> str:
     """Short hash of the architecture fields of a model's text config (same for a model and its fine-tunes)."""
     return hashlib.sha256(json.dumps(config_fields(model_or_config), sort_keys=True).encode()).hexdigest()[:16]

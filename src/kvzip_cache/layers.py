@@ -34,8 +34,8 @@ _MIN_TAIL_CAPACITY = 64
 def length_bucket(length: int) -> int:
     """The static bound a length is rounded up to (the next power of two, at least 64).
 
-    A static layer sizes what a compiled decode step sees by it (the context's longest segment, the padding mask's
-    context part), so that every document whose lengths fall in the same buckets reuses one compiled graph.
+    A static layer sizes what a compiled decode step sees by its context's bucket (the bound on a segment's length,
+    the padding mask's context part), so that every document whose lengths fall in the same buckets reuses one compiled graph.
     """
     return max(64, 1 << (max(length, 1) - 1).bit_length())
 
@@ -154,7 +154,7 @@ class KVzipLayer(DynamicLayer):
         """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing)."""
         length = int(self.get_seq_length())
         keep = length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
-        if self.is_compressed and keep < min(length, self.context_length):
+        if self.is_compressed and keep < self.context_length:
             raise ValueError(
                 f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
                 "can only be dropped as a whole (cache.reset())"
@@ -333,7 +333,8 @@ class KVzipLayer(DynamicLayer):
         # segment's length (which sizes the kernels' grids) is the context's bucket, the number of kept pairs is a
         # dynamic dimension, and the context length lives on the device. A second document in the same bucket then
         # reuses the first one's graph.
-        self.context = ctx = dataclasses.replace(self.context, max_seqlen=length_bucket(self.context_length))
+        bucket = length_bucket(self.context_length)
+        self.context = ctx = dataclasses.replace(self.context, max_seqlen=bucket)
         shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
         tail_keys, tail_values = ctx.keys.new_zeros(shape), ctx.values.new_zeros(shape)
         if self.tail_length:
@@ -342,7 +343,7 @@ class KVzipLayer(DynamicLayer):
         self.tail_keys, self.tail_values = tail_keys, tail_values
         self.tail_end = torch.tensor(self.tail_length, dtype=torch.long, device=ctx.keys.device)
         self.context_end = torch.tensor(self.context_length, dtype=torch.long, device=ctx.keys.device)
-        self.static_mask_width = length_bucket(self.context_length) + capacity
+        self.static_mask_width = bucket + capacity
         self._static_rows = self.src_rows
         self.is_compileable = True
         # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.

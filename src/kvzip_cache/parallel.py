@@ -74,13 +74,18 @@ class TensorParallel:
         return bool(torch.equal(low, high))
 
 
+def tensor_parallel_size(model) -> int:
+    """How many tensor-parallel ranks share the model's layers (1 without tensor parallelism)."""
+    return getattr(model, "_tp_size", None) or 1
+
+
 def tensor_parallel_of(model, num_kv_heads: int) -> TensorParallel | None:
     """The `TensorParallel` layout of a model loaded with a tensor-parallel plan, or None for one process.
 
     Raises ValueError for layouts the cache cannot serve: KV heads not divisible by the tensor-parallel size, or a
     model that is both sharded by ``device_map`` and tensor parallel.
     """
-    size = getattr(model, "_tp_size", None) or 1
+    size = tensor_parallel_size(model)
     if size <= 1:
         return None
     import torch.distributed as dist

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
-from .config import FULL
+from .config import FULL, field_differences
 
 FORMAT = "kvzip-cache"
 FORMAT_VERSION = 1
@@ -166,11 +166,10 @@ def _check_metadata(metadata: dict[str, str], cache, path: Path) -> None:
             f"kvzip-cache ({__version__}) reads format {FORMAT_VERSION} and older: upgrade kvzip-cache"
         )
     if metadata.get("fingerprint") != cache.fingerprint:
-        theirs, ours = json.loads(metadata.get("config", "{}")), cache.config_fields
-        differ = [f"{name} {theirs.get(name)!r} vs {ours.get(name)!r}" for name in ours if theirs.get(name) != ours.get(name)]
+        differ = field_differences(json.loads(metadata.get("config", "{}")), cache.config_fields)
         raise ValueError(
-            f"{path} was saved from another model ({'; '.join(differ) or 'config fingerprint differs'}); load it "
-            "with the model that compressed it"
+            f"{path} was saved from another model ({differ or 'config fingerprint differs'}); load it with the model "
+            "that compressed it"
         )
     if int(metadata.get("num_kv_heads", -1)) != cache.num_kv_heads:
         raise ValueError(f"{path} holds {metadata.get('num_kv_heads')} KV heads per layer, the model "

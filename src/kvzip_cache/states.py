@@ -11,7 +11,6 @@ Shapes use: B = batch, H = KV heads, D = head_dim, S = segments (= B0 * H for th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +153,6 @@ class RaggedKV(_KVzipView):
         return view, None if tail_valid is None else tail_valid[:, :end]
 
 
-@functools.lru_cache(maxsize=1024)
 def shared_run_length(src_rows: tuple[int, ...]) -> int:
     """``R > 1`` when the batch rows come in runs of ``R`` consecutive rows that read the same compressed row, else 1.
 
