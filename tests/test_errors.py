@@ -229,3 +229,150 @@ def test_another_models_compress_or_prefill_is_refused_naming_what_differs(prefi
         fresh.prefill(other, _ids(30), context_start=3)
     assert fresh.get_seq_length() == 0 and fresh.input_ids is None
     _assert_intact(model, cache)
+
+
+# ------------------------------------------------------------------------------------ weights and tokenizer
+def test_another_fine_tune_is_refused_at_compress_and_load(prefilled, tmp_path):
+    from kvzip_cache.fingerprints import weight_digests
+
+    model, cache = prefilled
+    fine_tune, _ = make_pair("llama", seed=1)  # the same config, other weights: scores would be garbage silently
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"other weights than the one that filled this cache.*tensors differ"):
+        cache.compress(fine_tune, 0.5, tokenizer=TOK, chunk_size=16)
+    _same(_snapshot(cache), before)
+    _assert_intact(model, cache)
+    # the same checkpoint in another dtype or a copy passes (the sample is rounded to bfloat16)
+    assert weight_digests(copy.deepcopy(model).to(torch.bfloat16)) == weight_digests(model)
+    cache.compress(copy.deepcopy(model), 0.5, tokenizer=TOK, chunk_size=16)
+    path = cache.save(tmp_path / "c.kvzip")
+    with pytest.raises(ValueError, match="saved from a model with other weights"):
+        KVzipCache.load(path, fine_tune)
+    cache.reset()  # an empty cache holds nothing of the old model: the fine-tune may fill it
+    cache.prefill(fine_tune, _ids(30), context_start=3)
+    cache.compress(fine_tune, 0.5, tokenizer=TOK, chunk_size=16)
+    with pytest.raises(ValueError, match="other weights"):
+        cache.compress(model, 0.4)
+
+
+class ShiftedTokenizer(ByteTokenizer):
+    """Another tokenizer: the same interface, other ids."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ((ord(ch) + 1) % 125) for ch in text]
+
+
+def test_another_tokenizer_is_refused_on_a_later_compress(prefilled, tmp_path):
+    model, cache = prefilled
+    cache.compress(model, 0.5, tokenizer=TOK, chunk_size=16)
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"another tokenizer than the one this cache was scored with.*probe_ids"):
+        cache.compress(model, 0.3, tokenizer=ShiftedTokenizer())
+    _same(_snapshot(cache), before)
+    renamed = ByteTokenizer()
+    renamed.name_or_path = "/elsewhere/the-same-tokenizer"  # only the name differs: accepted
+    cache.compress(model, 0.4, tokenizer=renamed)
+    cache.compress(model, 0.3)  # no tokenizer: the stored scores are re-used
+    loaded = KVzipCache.load(cache.save(tmp_path / "c.kvzip"), model)  # the file keeps the tokenizer's fields
+    with pytest.raises(ValueError, match="another tokenizer"):
+        loaded.compress(model, 0.2, tokenizer=ShiftedTokenizer())
+    loaded.compress(model, 0.2, tokenizer=TOK)
+
+
+# ------------------------------------------------------------------------------------------- resource errors
+def _fail_after(monkeypatch, owner, name, calls, error):
+    """Make ``owner.name`` (a library function) raise ``error`` on its ``calls``-th call from now."""
+    original, count = getattr(owner, name), [0]
+
+    def failing(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return count
+
+
+def _probe(model, cache, length=30):
+    with torch.no_grad():
+        logits = model(_ids(3, 9), past_key_values=cache, position_ids=torch.arange(length, length + 3)[None]).logits
+    cache.rollback()
+    return logits
+
+
+def _notes(info) -> str:
+    return " ".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (injected)"), KeyboardInterrupt()],
+                         ids=["oom", "interrupt"])
+def test_an_interrupted_scoring_pass_leaves_the_cache_as_it_was(prefilled, monkeypatch, error):
+    from kvzip_cache.layers import KVzipLayer
+
+    model, cache = prefilled
+    expected = _probe(model, cache)
+    before = _snapshot(cache)
+    count = _fail_after(monkeypatch, KVzipLayer, "peek", 5, error)  # the third pass's first full layer, say
+    with pytest.raises(type(error)):
+        cache.compress(model, 0.5, tokenizer=TOK, chunk_size=8)
+    assert count[0] == 5 and cache.scores is None and cache.keep_mask is None and cache._scoring is None
+    assert cache.weight_digests is not None and cache.tokenizer_fields is None
+    _same(_snapshot(cache), before)
+    torch.testing.assert_close(_probe(model, cache), expected, rtol=0, atol=0)
+    monkeypatch.undo()
+    cache.compress(model, 0.5, tokenizer=TOK, chunk_size=8)  # and it compresses as a fresh cache does
+    fresh = KVzipCache(model)
+    fresh.prefill(model, _ids(30), context_start=3)
+    fresh.compress(model, 0.5, tokenizer=TOK, chunk_size=8)
+    assert torch.equal(cache.keep_mask, fresh.keep_mask)
+    torch.testing.assert_close(cache.scores, fresh.scores, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(_probe(model, cache), _probe(model, fresh), rtol=0, atol=0)
+
+
+def test_an_interrupted_eviction_leaves_the_cache_as_it_was_or_resets_it_saying_so(prefilled, monkeypatch):
+    from kvzip_cache.layers import KVzipLayer
+
+    model, cache = prefilled
+    cache.compress(model, 0.6, tokenizer=TOK, chunk_size=16)
+    expected, before = _probe(model, cache), _snapshot(cache)
+    _fail_after(monkeypatch, KVzipLayer, "evict", 1, torch.OutOfMemoryError("injected"))  # before any layer changed
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        cache.compress(model, 0.3)
+    assert "the cache is as it was" in _notes(info)
+    _same(_snapshot(cache), before)
+    assert cache.compressed_with == ("pair", 0.6)
+    torch.testing.assert_close(_probe(model, cache), expected, rtol=0, atol=0)
+    _fail_after(monkeypatch, KVzipLayer, "evict", 2, KeyboardInterrupt())  # after the first layer dropped pairs
+    with pytest.raises(KeyboardInterrupt) as info:
+        cache.compress(model, 0.3)
+    assert "reset to empty" in _notes(info)
+    assert cache.get_seq_length() == 0 and cache.kv_bytes() == 0 and cache.input_ids is None
+    with pytest.raises(RuntimeError, match="call cache.prefill"):
+        cache.compress(model, 0.3)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (injected)"), KeyboardInterrupt()],
+                         ids=["oom", "interrupt"])
+@pytest.mark.parametrize("kind", ["plain", "head-dropping"])
+def test_an_interrupted_chunked_prefill_resets_the_cache_saying_so(monkeypatch, error, kind):
+    from kvzip_cache.layers import KVzipLayer
+
+    model, _ = make_pair("llama")
+    extra = {"head_scores": torch.rand(3, 2, generator=torch.Generator().manual_seed(0)), "ratio": 0.5} \
+        if kind == "head-dropping" else {}
+    cache = KVzipCache(model)
+    # 3 full layers per chunk of 8: the 7th update is the third chunk's first layer
+    count = _fail_after(monkeypatch, KVzipLayer, "update", 7, error)
+    with pytest.raises(type(error)) as info:
+        cache.prefill(model, _ids(30), context_start=3, chunk_size=8, **extra)
+    assert count[0] == 7 and "the cache was reset to empty" in _notes(info)
+    assert cache.get_seq_length() == 0 and cache.kv_bytes() == 0 and cache.input_ids is None
+    assert cache.weight_digests is None and not cache.is_compressed
+    with pytest.raises(RuntimeError, match="call cache.prefill"):  # a half-filled cache is never taken as complete
+        cache.compress(model, 0.5, tokenizer=TOK)
+    monkeypatch.undo()
+    cache.prefill(model, _ids(30), context_start=3, chunk_size=8, **extra)
+    fresh = KVzipCache(model)
+    fresh.prefill(model, _ids(30), context_start=3, chunk_size=8, **extra)
+    torch.testing.assert_close(_probe(model, cache), _probe(model, fresh), rtol=0, atol=0)

@@ -28,6 +28,7 @@ from .compat import cache_kwarg
 from .config import FULL as _FULL
 from .config import config_fields, config_fingerprint, field_differences, layer_types, text_config
 from .eviction import PrefillEviction
+from .fingerprints import tokenizer_fields, tokenizer_fingerprint, weight_differences, weight_digests
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer
 from .parallel import TensorParallel, tensor_parallel_of, tensor_parallel_size
@@ -87,8 +88,19 @@ class KVzipCache(Cache):
         context_start: ``[B]`` int64, first context position of each row.
         scores: ``[L, B, H, S - min(context_start)]`` float32 KVzip scores after `compress` (NaN = not scored).
         keep_mask: same shape, bool, the context pairs kept by the last `compress`/`evict`.
+        weight_digests: a sample of the prefilling model's weights (`kvzip_cache.fingerprints.weight_digests`).
+        tokenizer_fields: the tokenizer the context was scored with (`kvzip_cache.fingerprints.tokenizer_fields`).
 
-    `prefill` sets the first three; `compress` and `evict` set the scores and the mask.
+    `prefill` sets the first three and the weight digests; `compress` and `evict` set the scores and the mask.
+
+    What the cache checks (each refusal names the fix; README "Troubleshooting" lists them): the architecture (config
+    fingerprint) at `prefill`, `compress` and `load`; the weights (a sample, so another
+    fine-tune of the same architecture is refused) at `compress` and `load`; the tokenizer at `compress` when one is
+    passed or loaded. Not checked: the model at ``generate`` (transformers hands the cache only keys and values, and
+    a check there would cost a host sync; the compress-time check already catches the usual mix-up) and at `evict`
+    (it takes no model). An interrupted `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an
+    interrupted scoring pass leaves it exactly as it was; an eviction interrupted after some layers evicted resets it.
+    The exception is re-raised with a note saying which.
     """
 
     def __init__(self, model_or_config) -> None:
@@ -118,6 +130,10 @@ class KVzipCache(Cache):
         self.keep_mask: torch.Tensor | None = None
         self.compressed_with: tuple[str, float] | None = None
         self.score_source: str | None = None  # "kvzip", "kvzip+", "predicted" or "head": where `scores` came from
+        # What filled this context besides the architecture (see `kvzip_cache.fingerprints`): a sample of the
+        # model's weights (recorded by prefill) and the tokenizer that scored it (recorded by compress).
+        self.weight_digests: dict[str, int] | None = None
+        self.tokenizer_fields: dict | None = None
         self._scoring: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -145,6 +161,33 @@ class KVzipCache(Cache):
                 f"({field_differences(self.config_fields, config_fields(model))}): use the model that filled the "
                 "cache, or a new KVzipCache(model) for this one"
             )
+
+    def _check_same_weights(self, model, call: str) -> None:
+        """Refuse a model of the same architecture but other weights (another fine-tune) than the one that filled
+        the context: its scores and answers would be garbage, silently. Compares a sample (`weight_digests`)."""
+        if self.weight_digests is None:
+            return
+        current = weight_digests(model)
+        differ = None if current is None else weight_differences(self.weight_digests, current)
+        if differ is not None:
+            raise ValueError(
+                f"{call} got a model with other weights than the one that filled this cache ({differ}; another "
+                "fine-tune of the same architecture?): use the model that prefilled the cache, or cache.reset() "
+                "and prefill again with this one"
+            )
+
+    def _check_tokenizer(self, tokenizer) -> dict:
+        """The tokenizer's `tokenizer_fields`; refuses one that differs from the tokenizer this cache was
+        scored with (the reconstruction prompts, hence the scores, depend on it)."""
+        fields = tokenizer_fields(tokenizer)
+        recorded = self.tokenizer_fields
+        if recorded is not None and tokenizer_fingerprint(fields) != tokenizer_fingerprint(recorded):
+            raise ValueError(
+                f"compress() got another tokenizer than the one this cache was scored with "
+                f"({field_differences(recorded, fields)}): pass the tokenizer of the model that filled the cache "
+                "(or none: a second compress re-uses the stored scores)"
+            )
+        return fields
 
     def _check_parallel(self, model, call: str, *values) -> None:
         """Refuse a model whose tensor parallelism differs from the cache's, and (tensor parallel) calls whose
@@ -208,9 +251,28 @@ class KVzipCache(Cache):
                 spec["buffers"].get(layer_idx), query_norms=spec["query_norms"].get(layer_idx),
             )
         layer = self.layers[layer_idx]
+        if layer_idx == 0 and not torch.compiler.is_compiling():
+            self._check_batch(key_states.shape[0])  # once per eager forward, before any layer appends
         if layer.is_static and layer_idx == self._first_full and not torch.compiler.is_compiling():
             self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
         return layer.update(key_states, value_states)
+
+    def _check_batch(self, batch: int) -> None:
+        """Refuse a forward whose batch differs from the cached rows before the first layer runs: transformers'
+        sliding layer counts the new tokens before its concatenation fails, so a later refusal would leave it
+        longer than it is (found by the call-order state machine)."""
+        first = self.layers[0]
+        if getattr(first, "context", None) is not None:
+            rows = len(first.src_rows)
+        elif getattr(first, "keys", None) is not None and first.keys.numel():
+            rows = first.keys.shape[0]
+        else:
+            return  # empty: the first forward sets the batch
+        if batch != rows:
+            raise ValueError(
+                f"batch size {batch} does not match the cache's {rows} rows; use cache.batch_repeat_interleave(n) "
+                "before generate(num_beams=n or num_return_sequences=n)"
+            )
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end (``-n`` removes n), in every layer or in none: each layer checks first."""
@@ -312,6 +374,7 @@ class KVzipCache(Cache):
         eviction = self._prefill_eviction(model, predictor, ratio, level, mask, starts) if predictor else None
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
         kwarg = cache_kwarg(model)
+        digests = weight_digests(model)
         try:
             for lo in range(0, seq, chunk_size):
                 hi = min(lo + chunk_size, seq)
@@ -327,18 +390,21 @@ class KVzipCache(Cache):
                     self._drop_heads(kept_heads, mask, starts, lo, hi)
                 if eviction is not None:
                     eviction.after_chunk(self, lo, hi)
-        except BaseException:
-            self.reset()  # never leave a half-filled cache behind
+            self.input_ids, self.attention_mask, self.context_start = input_ids, mask, starts
+            self.weight_digests = digests
+            for layer in self.layers:
+                if isinstance(layer, KVzipSlidingLayer):
+                    layer.take_snapshot()
+            if kept_heads is not None:  # the same state as compress(level="head"); the layers hold that subset
+                self.compress(model, ratio, level="head", head_scores=_head_score_tensor(model, head_scores))
+            if eviction is not None:  # the layers hold the kept pairs already; record what compress would have
+                self.scores, self.keep_mask = eviction.scores, eviction.keep_mask
+                self.compressed_with, self.score_source = (level, eviction.ratio), "predicted"
+        except BaseException as error:  # out of memory, KeyboardInterrupt, ...: never a half-filled cache
+            self.reset()
+            _add_note(error, "KVzipCache.prefill() did not finish: the cache was reset to empty (nothing of this "
+                             "prefill is kept); call prefill() again, e.g. with a smaller chunk_size")
             raise
-        self.input_ids, self.attention_mask, self.context_start = input_ids, mask, starts
-        for layer in self.layers:
-            if isinstance(layer, KVzipSlidingLayer):
-                layer.take_snapshot()
-        if kept_heads is not None:  # the same state as compress(level="head"); the layers already hold that subset
-            self.compress(model, ratio, level="head", head_scores=_head_score_tensor(model, head_scores))
-        if eviction is not None:  # the layers hold the kept pairs already; record what compress would have
-            self.scores, self.keep_mask = eviction.scores, eviction.keep_mask
-            self.compressed_with, self.score_source = (level, eviction.ratio), "predicted"
 
     def _prefill_kept_heads(self, model, head_scores, ratio) -> torch.Tensor | None:
         """``[L, H]`` bool, the heads a head-dropping prefill keeps; None for a plain prefill."""
@@ -429,6 +495,7 @@ class KVzipCache(Cache):
         ratio = self._check_compress_args(model, ratio, level, head_scores)
         source = self._score_source(model, level, predictor, score)
         head_scores = _head_score_tensor(model, head_scores)
+        scored_with = self._check_tokenizer(tokenizer) if tokenizer is not None else None
         bytes_before = self.kv_bytes()
         selectable = self._selectable()
         if level == "head":
@@ -438,14 +505,27 @@ class KVzipCache(Cache):
             scores = torch.as_tensor(head_scores, dtype=torch.float32).to(keep.device)[:, None, :, None]
             scores = scores.expand_as(keep).masked_fill(~selectable, float("nan"))
         else:
-            if self.scores is None and source == "predicted":
-                self.scores = self._predicted_scores(model, predictor, selectable)
-            elif self.scores is None:
-                tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
-                self.scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress, target=source)
-                if self.tensor_parallel is not None:  # each rank scored its own heads: rank order = head order
-                    self.scores = self.tensor_parallel.gather(self.scores, dim=2)
+            # New scores stay local until the eviction is done: an interrupted scoring pass (out of memory,
+            # KeyboardInterrupt) leaves the cache exactly as it was (scoring mode is left in scoring_pass's finally).
             scores = self.scores
+            if scores is None and source == "predicted":
+                scores = self._predicted_scores(model, predictor, selectable)
+            elif scores is None:
+                if tokenizer is None:
+                    tokenizer = _load_tokenizer(model)
+                    scored_with = self._check_tokenizer(tokenizer)
+                try:
+                    scores = score_by_reconstruction(self, model, tokenizer, chunk_size, progress, target=source)
+                except BaseException as error:
+                    try:
+                        self._release_scoring_room()
+                    except Exception:  # noqa: BLE001 - out of memory again: keep the room, report the first error
+                        pass
+                    _add_note(error, "KVzipCache.compress() stopped while scoring: the cache is as it was before the "
+                                     "call; compress again (a smaller chunk_size needs less memory)")
+                    raise
+                if self.tensor_parallel is not None:  # each rank scored its own heads: rank order = head order
+                    scores = self.tensor_parallel.gather(scores, dim=2)
             if self.keep_mask is None:
                 keep = select_pairs(scores, ratio, level)
             else:  # re-selection: evicted pairs rank last but still count, so ratios stay relative to the context
@@ -454,6 +534,8 @@ class KVzipCache(Cache):
         self.evict(keep)
         self.scores = scores
         self.compressed_with, self.score_source = (level, ratio), source
+        if self.tokenizer_fields is None and scored_with is not None:
+            self.tokenizer_fields = scored_with
         report = CompressReport(
             level=level,
             ratio=ratio,
@@ -467,6 +549,25 @@ class KVzipCache(Cache):
         logger.info("%s", report)
         return report
 
+    def _check_rows_as_prefilled(self, call: str) -> None:
+        """Refuse to re-select pairs while the rows are repeated or reordered (a crop can empty the tail and leave
+        them so): the layers would refuse one by one (found by the call-order state machine)."""
+        layer = self.layers[self._first_full] if self._first_full >= 0 else None
+        if layer is not None and layer.is_compressed and layer.src_rows != tuple(range(self.input_ids.shape[0])):
+            raise RuntimeError(
+                f"the cache serves {len(layer.src_rows)} rows made from its {self.input_ids.shape[0]} contexts "
+                f"(inputs_for(shared=True), batch_repeat_interleave or beams): call cache.rollback() before {call}"
+            )
+
+    def _release_scoring_room(self) -> None:
+        """Give back the room scoring reserved after each dense layer's pairs (`KVzipLayer.reserve`), so that an
+        interrupted compress leaves the memory as before too. One layer at a time: each copy is one layer large."""
+        for idx in self.compressible_layers:
+            layer = self.layers[idx]
+            if not layer.is_compressed and getattr(layer, "_spare_keys", None) is not None:
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+                layer._spare_keys = layer._spare_values = None
+
     def _check_compress_args(self, model, ratio, level, head_scores) -> float:
         ratio = _check_ratio(ratio)
         if level not in LEVELS:
@@ -475,6 +576,7 @@ class KVzipCache(Cache):
             raise RuntimeError("compress() needs a prefilled cache: call cache.prefill(model, input_ids) first")
         check_model(model)
         self._check_same_model(model, "compress()")
+        self._check_same_weights(model, "compress()")
         if not self.compressible_layers:
             raise ValueError(
                 "every layer of this model uses sliding-window attention, so there is nothing KVzip can evict "
@@ -485,6 +587,7 @@ class KVzipCache(Cache):
                 f"{self.get_seq_length() - self.context_length} tokens were appended after the context; "
                 "call cache.rollback() before compress()"
             )
+        self._check_rows_as_prefilled("compress()")
         if level == "head" and head_scores is None:
             raise ValueError("level='head' needs head_scores: a [num_layers, num_kv_heads] tensor")
         if self.is_compressed:
@@ -551,6 +654,7 @@ class KVzipCache(Cache):
             raise RuntimeError("evict() needs a prefilled cache: call cache.prefill(model, input_ids) first")
         if self.get_seq_length() != self.context_length:
             raise RuntimeError("tokens were appended after the context; call cache.rollback() before evict()")
+        self._check_rows_as_prefilled("evict()")
         selectable = self._selectable()
         keep_mask = torch.as_tensor(keep_mask, device=selectable.device)
         if keep_mask.shape != selectable.shape or keep_mask.dtype != torch.bool:
@@ -564,10 +668,24 @@ class KVzipCache(Cache):
         base = self.context_offset
         prefix = self.attention_mask.clone()
         prefix[torch.arange(self.context_length, device=prefix.device)[None, :] >= self.context_start[:, None]] = False
-        for idx in self.compressible_layers:
-            full_keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
-            full_keep[:, :, base:] |= keep_mask[idx]
-            self.layers[idx].evict(self._local_heads(full_keep, dim=1))
+        done, before = 0, None
+        try:
+            for idx in self.compressible_layers:
+                full_keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
+                full_keep[:, :, base:] |= keep_mask[idx]
+                before = _layer_state(self.layers[idx])
+                self.layers[idx].evict(self._local_heads(full_keep, dim=1))
+                done += 1
+        except BaseException as error:  # out of memory, KeyboardInterrupt, ...
+            if done == 0 and (before is None or _same_state(_layer_state(self.layers[idx]), before)):
+                _add_note(error, "KVzipCache: the eviction stopped before any layer changed; the cache is as it was")
+            else:
+                # Evicted pairs cannot come back, and keeping the dense copies for a rollback would double the
+                # peak memory of every compress: a cache with some layers evicted and some not is reset instead.
+                self.reset()
+                _add_note(error, "KVzipCache: the eviction stopped after some layers had dropped their pairs, which "
+                                 "cannot be restored; the cache was reset to empty: prefill it again")
+            raise
         self.keep_mask = keep_mask
         if self.compressed_with is None:
             self.compressed_with = ("custom", float(keep_mask.sum()) / max(int(selectable.sum()), 1))
@@ -734,6 +852,20 @@ class KVzipCache(Cache):
             yield
         finally:
             self._scoring = None
+
+
+def _layer_state(layer) -> tuple:
+    """What a layer's `evict` replaces; compare with `_same_state` (an evict that failed early changed none of it)."""
+    return tuple(getattr(layer, name, None) for name in ("keys", "values", "context", "context_length", "src_rows"))
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return all(x is y for x, y in zip(a[:3], b[:3])) and a[3:] == b[3:]  # tensors by identity, lengths by value
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)
 
 
 def _head_score_tensor(model, head_scores):

@@ -7,7 +7,8 @@ The file holds the ragged layout exactly: per full-attention layer the kept keys
 per-(row, KV head) offsets ``cu_seqlens`` and positions; per sliding-window layer the window the prefill left; the
 context's ids, padding mask and ``context_start``; the scores and keep mask. Its metadata (string pairs in the
 safetensors header) records the format version, the library version, the model's architecture fields and their
-fingerprint, the dtype, the compression (level, ratio, score source), every layer's lengths, and a CRC-32 of every
+fingerprint, a sample of the weights and the tokenizer's fields (`kvzip_cache.fingerprints`; absent from files of
+earlier releases, which load without those checks), the dtype, the compression (level, ratio, score source), every layer's lengths, and a CRC-32 of every
 tensor, so that a corrupted file is refused rather than loaded as garbage. Only safetensors is read: nothing is
 unpickled.
 
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .config import FULL, field_differences
+from .fingerprints import weight_differences, weight_digests
 
 FORMAT = "kvzip-cache"
 FORMAT_VERSION = 1
@@ -73,6 +75,11 @@ def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
         "layers": json.dumps(layers),
         "crc32": json.dumps({name: _crc(tensor) for name, tensor in tensors.items()}),
     }
+    # Optional keys: a reader of this format version that finds none skips the checks (no version bump needed).
+    if cache.weight_digests is not None:
+        metadata["weights"] = json.dumps(cache.weight_digests)
+    if cache.tokenizer_fields is not None:
+        metadata["tokenizer"] = json.dumps(cache.tokenizer_fields)
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -105,7 +112,8 @@ def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: tor
     ``device``: where the tensors go (default: the model's device); ``dtype``: the keys' and values' dtype (default:
     the saved one). ``verify``: check every tensor's CRC-32 (reads each once more; off only for trusted files).
     Raises ValueError, naming what is wrong, for a file that is not a kvzip cache, is truncated or corrupted, was
-    written by a newer format, or was made for another model; the cache is then left empty.
+    written by a newer format, or was made for another model (architecture, or weights: a sample of them); the cache
+    is then left empty.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,6 +127,14 @@ def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: tor
         raise
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for broken files
         raise ValueError(f"{path} is not a readable kvzip cache file (truncated or corrupted?): {error}") from error
+    digests = weight_digests(model)
+    if "weights" in metadata and digests is not None:
+        differ = weight_differences(json.loads(metadata["weights"]), digests)
+        if differ is not None:
+            raise ValueError(
+                f"{path} was saved from a model with other weights ({differ}; another fine-tune of the same "
+                "architecture?): load it with the model that compressed it"
+            )
     if verify:
         expected = json.loads(metadata["crc32"])
         damaged = sorted(name for name, tensor in tensors.items() if expected.get(name) != _crc(tensor))
@@ -150,6 +166,8 @@ def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: tor
         cache.scores = tensors["scores"].to(device) if "scores" in tensors else None
         cache.compressed_with = (metadata["level"], float(metadata["ratio"]))
         cache.score_source = metadata["score_source"] or None
+        cache.weight_digests = digests  # checked above when the file has them; else this model is taken as given
+        cache.tokenizer_fields = json.loads(metadata["tokenizer"]) if "tokenizer" in metadata else None
     except BaseException:
         cache.reset()  # never a half-loaded cache
         raise
