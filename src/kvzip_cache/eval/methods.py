@@ -69,10 +69,23 @@ def nested_masks(scores: torch.Tensor, ratios: list[float]) -> dict[float, torch
 
 # ------------------------------------------------------------------------------------------------------ scores
 def random_scores(selectable: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``[L, B, H, C]`` uniform random scores (seeded), NaN where not selectable."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.rand(selectable.shape, generator=generator)
-    return values.masked_fill(~selectable.cpu(), float("nan"))
+    """``[L, B, H, C]`` uniform random scores (seeded), NaN where not selectable.
+
+    Each row draws ``[L, H, n]`` values for its own ``n`` columns (from its first selectable one to the end: left
+    padding) with the same seed, so a context gets the same scores alone or in a padded batch.
+    """
+    selectable = selectable.cpu()
+    values = torch.full(selectable.shape, float("nan"))
+    used = selectable.any(dim=2).any(dim=0)  # [B, C]
+    for row in range(selectable.shape[1]):
+        columns = used[row].nonzero()
+        if not len(columns):
+            continue
+        first = int(columns[0])
+        generator = torch.Generator().manual_seed(seed)
+        shape = (selectable.shape[0], selectable.shape[2], selectable.shape[3] - first)
+        values[:, row, :, first:] = torch.rand(shape, generator=generator)
+    return values.masked_fill(~selectable, float("nan"))
 
 
 def streaming_scores(selectable: torch.Tensor, context_start: torch.Tensor, offset: int, sinks: int = SINK_TOKENS):
@@ -255,14 +268,17 @@ def sweep(
             yield ratio
         return
     if method in HEAD_METHODS:
-        if head_scores is None:
+        selectable = cache._selectable()
+        if head_scores is None:  # each row (context) ranks its heads by its own pair scores
             if kvzip_scores is None:
                 kvzip_scores = score_by_reconstruction(cache, model, tokenizer)
-            head_scores = head_scores_from_pairs(kvzip_scores)
-        selectable = cache._selectable()
+            per_row = [head_scores_from_pairs(kvzip_scores[:, row : row + 1]) for row in range(selectable.shape[1])]
+        else:
+            per_row = [torch.as_tensor(head_scores)] * selectable.shape[1]
         streaming = _streaming_window(cache, selectable) if method == "kvzip-head-duo" else None
         for ratio in ratios:
-            keep = select_heads(selectable, torch.as_tensor(head_scores), ratio)
+            keep = torch.cat([select_heads(selectable[:, row : row + 1], scores, ratio)
+                              for row, scores in enumerate(per_row)], dim=1)
             cache.evict(keep if streaming is None else keep | streaming)
             yield ratio
         return

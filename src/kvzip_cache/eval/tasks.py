@@ -13,8 +13,9 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..data import ESSAYS_PIP, GSM8K_PIP, essay_excerpt, package_dir
+from ..data import ESSAYS_PIP, GSM8K_PIP, essay_excerpt, package_dir, paul_graham_essays
 
 NEEDLE_CITIES = [
     "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Dakar", "Tbilisi",
@@ -111,7 +112,7 @@ TASK_MAX_NEW_TOKENS = {"needle": 32, "squad": 32, "hotpotqa": 32, "gsm8k": 256}
 
 def score(task: str, prediction: str, answers: list[str]) -> dict[str, float]:
     """``{metric: value}`` for the task's metrics."""
-    return {name: _METRIC_FNS[name](prediction, answers) for name in TASK_METRICS[task]}
+    return {name: _METRIC_FNS[name](prediction, answers) for name in task_metrics(task)}
 
 
 # --------------------------------------------------------------------------------------------------------- tasks
@@ -119,8 +120,12 @@ def needle_contexts(tokenizer, num_contexts: int, context_tokens: int, seed: int
     """Essay excerpts of about ``context_tokens`` tokens with 3 magic-number needles at 20%, 50% and 80% depth."""
     rng = random.Random(seed)
     contexts = []
+    # 50,000 characters apart (wider for long excerpts), wrapping around the ~3M characters of essays
+    stride = max(50_000, context_tokens * 8)
+    room = max(1, len(paul_graham_essays()) - stride)
     for index in range(num_contexts):
-        sentences = essay_excerpt(tokenizer, context_tokens, start_char=index * 50_000).split(". ")
+        start = index * stride % room
+        sentences = essay_excerpt(tokenizer, context_tokens, start_char=start).split(". ")
         cities = rng.sample(NEEDLE_CITIES, len(NEEDLE_DEPTHS))
         questions = []
         # insert deepest first so that earlier insertion points keep their meaning
@@ -208,22 +213,95 @@ def gsm8k_contexts(num_contexts: int) -> list[Context]:
     return contexts
 
 
+def is_user_task(task: str) -> bool:
+    """Whether ``task`` names a user's JSONL file rather than a built-in task."""
+    return task not in TASKS and task.endswith(".jsonl")
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The metrics of a task (a user's JSONL file: ``contains`` and ``f1``)."""
+    return TASK_METRICS["squad" if is_user_task(task) else task]
+
+
+def task_max_new_tokens(task: str) -> int:
+    return TASK_MAX_NEW_TOKENS["squad" if is_user_task(task) else task]
+
+
 def question_prompt(task: str, question: str) -> str:
     """The text asked after the context (an answer-format instruction where the task needs one)."""
-    if task in ("squad", "hotpotqa"):
+    if task in ("squad", "hotpotqa") or is_user_task(task):
         return f"Answer the question in a few words, using the text above. Question: {question}"
     if task == "gsm8k":
         return f"{question} Think step by step, then end with 'The answer is <number>'."
     return question
 
 
+def _string_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+def jsonl_contexts(path: str | Path) -> list[Context]:
+    """A user's contexts, one JSON object a line: ``{"context": str, "questions": [{"question": str, "answers":
+    [str, ...]}, ...]}`` (optional ``"id"`` on both; blank lines are skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed line, with its number and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {str(path)!r} does not exist")
+    contexts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object {{\"context\": ..., \"questions\": [...]}}")
+        if not isinstance(item.get("context"), str) or not item["context"].strip():
+            raise ValueError(f"{where}: missing \"context\" (a non-empty string); keys found: {sorted(item)}")
+        questions = item.get("questions")
+        if not isinstance(questions, list) or not questions:
+            raise ValueError(f"{where}: missing \"questions\" (a non-empty list of {{\"question\", \"answers\"}})")
+        cid = str(item.get("id", f"{path.stem}-{number}"))
+        parsed = []
+        for j, q in enumerate(questions):
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+                raise ValueError(f"{where}: questions[{j}] has no \"question\" (a non-empty string)")
+            if not _string_list(q.get("answers")):
+                raise ValueError(f"{where}: questions[{j}] has no \"answers\" (a non-empty list of strings)")
+            parsed.append(Question(str(q.get("id", f"{cid}-q{j}")), q["question"], list(q["answers"])))
+        contexts.append(Context(cid, item["context"], parsed))
+    if not contexts:
+        raise ValueError(f"{path}: no contexts (the file is empty)")
+    return contexts
+
+
 TASKS = ("needle", "squad", "hotpotqa", "gsm8k")
+DEFAULT_NUM_CONTEXTS = 2  # built-in tasks; a user's file: every context
+DEFAULT_MAX_QUESTIONS = 8
 
 
 def load_task(
-    task: str, tokenizer, num_contexts: int, context_tokens: int, max_questions: int = 8, seed: int = 0
+    task: str, tokenizer, num_contexts: int | None = None, context_tokens: int = 1500,
+    max_questions: int | None = None, seed: int = 0,
 ) -> list[Context]:
-    """The task's contexts (deterministic for a given tokenizer and arguments; GSM8K ignores the length)."""
+    """The task's contexts (deterministic for a given tokenizer and arguments; GSM8K ignores the length).
+
+    ``task``: a built-in name or the path of a user's ``.jsonl`` file (`jsonl_contexts`; ``num_contexts`` and
+    ``max_questions`` cap it when given, the length is the file's own). None: the defaults above.
+    """
+    if is_user_task(task):
+        contexts = jsonl_contexts(task)[:num_contexts]
+        if max_questions is not None:
+            contexts = [Context(c.cid, c.text, c.questions[:max_questions]) for c in contexts]
+        return contexts
+    num_contexts = DEFAULT_NUM_CONTEXTS if num_contexts is None else num_contexts
+    max_questions = DEFAULT_MAX_QUESTIONS if max_questions is None else max_questions
     if task == "needle":
         return needle_contexts(tokenizer, num_contexts, context_tokens, seed)
     if task == "squad":
@@ -232,4 +310,4 @@ def load_task(
         return hotpotqa_contexts(tokenizer, num_contexts, context_tokens, max_questions)
     if task == "gsm8k":
         return gsm8k_contexts(num_contexts)
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS} or a .jsonl file")
