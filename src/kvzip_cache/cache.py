@@ -30,7 +30,7 @@ from .config import config_fields, config_fingerprint, field_differences, layer_
 from .eviction import PrefillEviction
 from .fingerprints import tokenizer_fields, tokenizer_fingerprint, weight_differences, weight_digests
 from .head_scores import HeadScores
-from .layers import KVzipLayer, KVzipSlidingLayer
+from .layers import KVzipLayer, KVzipSlidingLayer, check_batch
 from .parallel import TensorParallel, tensor_parallel_of, tensor_parallel_size
 from .persistence import load_cache, save_cache
 from .scorers.predictor import ScorePredictor
@@ -268,11 +268,7 @@ class KVzipCache(Cache):
             rows = first.keys.shape[0]
         else:
             return  # empty: the first forward sets the batch
-        if batch != rows:
-            raise ValueError(
-                f"batch size {batch} does not match the cache's {rows} rows; use cache.batch_repeat_interleave(n) "
-                "before generate(num_beams=n or num_return_sequences=n)"
-            )
+        check_batch(batch, rows)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end (``-n`` removes n), in every layer or in none: each layer checks first."""
@@ -563,10 +559,7 @@ class KVzipCache(Cache):
         """Give back the room scoring reserved after each dense layer's pairs (`KVzipLayer.reserve`), so that an
         interrupted compress leaves the memory as before too. One layer at a time: each copy is one layer large."""
         for idx in self.compressible_layers:
-            layer = self.layers[idx]
-            if not layer.is_compressed and getattr(layer, "_spare_keys", None) is not None:
-                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
-                layer._spare_keys = layer._spare_values = None
+            self.layers[idx].release_room()
 
     def _check_compress_args(self, model, ratio, level, head_scores) -> float:
         ratio = _check_ratio(ratio)

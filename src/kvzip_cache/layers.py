@@ -84,11 +84,7 @@ class KVzipLayer(DynamicLayer):
             if self._spare_keys is not None and not self._has_room(0):
                 self._spare_keys = self._spare_values = None  # the concatenation above left the reserved room
             return keys, values
-        if key_states.shape[0] != len(self.src_rows):
-            raise ValueError(
-                f"batch size {key_states.shape[0]} does not match the cache's {len(self.src_rows)} rows; use "
-                "cache.batch_repeat_interleave(n) before generate(num_beams=n or num_return_sequences=n)"
-            )
+        check_batch(key_states.shape[0], len(self.src_rows))
         if self.is_static:
             return self._update_static(key_states, value_states)
         self._append_tail(key_states, value_states)
@@ -242,6 +238,12 @@ class KVzipLayer(DynamicLayer):
             query_norms=None if query_norms is None else query_norms.to(keys.device),
         )
         return view, view
+
+    def release_room(self) -> None:
+        """Give back the room `reserve` made (a copy of this layer's pairs): a dense layer is as before ``reserve``."""
+        if not self.is_compressed and self._spare_keys is not None:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+            self._spare_keys = self._spare_values = None
 
     def _has_room(self, new: int) -> bool:
         """Whether ``self.keys`` is the start of the spare-room buffer with at least ``new`` free positions."""
@@ -617,6 +619,15 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.keys, self.values = state["keys"].clone(), state["values"].clone()
         self.cumulative_length = cumulative_length
         self.take_snapshot()
+
+
+def check_batch(batch: int, rows: int) -> None:
+    """Refuse a forward of ``batch`` rows on a cache layer that holds ``rows``."""
+    if batch != rows:
+        raise ValueError(
+            f"batch size {batch} does not match the cache's {rows} rows; use cache.batch_repeat_interleave(n) "
+            "before generate(num_beams=n or num_return_sequences=n)"
+        )
 
 
 def _refuse_batch_change(layer, repeats: int) -> None:
