@@ -231,6 +231,33 @@ def test_another_models_compress_or_prefill_is_refused_naming_what_differs(prefi
     _assert_intact(model, cache)
 
 
+def test_generating_from_a_compressed_cache_with_another_model_object_is_refused(prefilled, tmp_path):
+    model, cache = prefilled
+    other, _ = make_pair("llama", seed=1)  # same config, other weights: its answers would be garbage, silently
+    cache.compress(model, 0.5, tokenizer=TOK, chunk_size=16)
+    before = _snapshot(cache)
+    for intruder in (other, copy.deepcopy(model)):  # a copy that neither compressed nor loaded the cache too
+        with pytest.raises(ValueError, match=r"filled by another model object.*Generate with the model that"):
+            intruder.generate(**cache.inputs_for(_ids(5, 2)), past_key_values=cache, max_new_tokens=3)
+        # The refusal comes from the attention, after the first layer appended its keys: the next forward says so
+        # (rather than attend to mismatched lengths), and rollback repairs it.
+        with pytest.raises(RuntimeError, match=r"stopped partway.*cache\.rollback\(\)"):
+            model(**cache.inputs_for(_ids(5, 2)), past_key_values=cache)
+        cache.rollback()
+        _same(_snapshot(cache), before)
+    _assert_intact(model, cache, compressed=True)
+    cache.evict(cache.keep_mask)  # evict takes no model: the cache keeps the one recorded
+    with pytest.raises(ValueError, match="another model object"):
+        other(**cache.inputs_for(_ids(5, 2)), past_key_values=cache)
+    cache.rollback()
+    twin = copy.deepcopy(model)  # an identical copy takes the cache over by compressing it (its weights are checked)
+    cache.compress(twin, 0.5)
+    twin.generate(**cache.inputs_for(_ids(5, 2)), past_key_values=cache, max_new_tokens=3)
+    cache.rollback()
+    loaded = KVzipCache.load(cache.save(tmp_path / "c.kvzip"), model)  # ... or by loading it
+    model.generate(**loaded.inputs_for(_ids(5, 2)), past_key_values=loaded, max_new_tokens=3)
+
+
 # ------------------------------------------------------------------------------------ weights and tokenizer
 def test_another_fine_tune_is_refused_at_compress_and_load(prefilled, tmp_path):
     from kvzip_cache.fingerprints import weight_digests

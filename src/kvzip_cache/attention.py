@@ -92,6 +92,14 @@ def kvzip_attention(
         _check_mask_width(attention_mask, key.shape[-2])
         out = backend.dense(query, key, value, scaling, attention_mask, sliding_window, getattr(module, "is_causal", True))
     elif isinstance(key, RaggedKV):
+        if key.owner is not None and not torch.compiler.is_compiling() and id(module) != key.owner:
+            raise ValueError(
+                "this compressed KVzipCache was filled by another model object than the one now generating: its "
+                "keys and values would be read with other weights. Generate with the model that prefilled, "
+                "compressed or loaded the cache (an identical copy takes it over by cache.compress(copy, ratio) "
+                "again, or KVzipCache.load(path, copy)), or prefill a new cache with this one. This step stopped "
+                "partway: call cache.rollback() first"
+            )
         tail_valid = None
         if attention_mask is not None:
             _check_mask_width(attention_mask, key.length)

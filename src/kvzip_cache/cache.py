@@ -8,6 +8,9 @@ Life cycle::
     model.generate(full_ids, past_key_values=cache, ...)          # appends question + answer to a dense tail
     cache.rollback()                                              # drop them; the next question starts clean
 
+Long answers: ``cache.evict_while_decoding(model, predictor, ratio, window=128)`` bounds the tail too (the oldest
+tail tokens are scored by a trained predictor and mostly freed as the answer grows; see `DecodeEviction`).
+
 Sequences are in padded coordinates (left padding when batch > 1). Positions before ``context_start`` are the
 protected prefix: never scored, never evicted. Padding is never kept.
 """
@@ -27,8 +30,9 @@ from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
 from .compat import cache_kwarg
 from .config import FULL as _FULL
 from .config import config_fields, config_fingerprint, field_differences, layer_types, text_config
-from .eviction import PrefillEviction
-from .fingerprints import tokenizer_fields, tokenizer_fingerprint, weight_differences, weight_digests
+from .eviction import DecodeEviction, PrefillEviction
+from .fingerprints import (attention_module_ids, tokenizer_fields, tokenizer_fingerprint, weight_differences,
+                           weight_digests)
 from .head_scores import HeadScores
 from .layers import KVzipLayer, KVzipSlidingLayer, check_batch
 from .parallel import TensorParallel, tensor_parallel_of, tensor_parallel_size
@@ -75,6 +79,10 @@ class CompressReport:
 
 # Static tails are sized in multiples of this, so that nearby max_new_tokens share a compiled graph.
 _TAIL_BUCKET = 64
+_STATIC_DECODE_EVICTION = (
+    "eviction while decoding changes the size of the compressed context, which a static cache fixes for its compiled "
+    "steps: use one or the other (cache.evict_while_decoding(None) turns eviction off)"
+)
 
 class KVzipCache(Cache):
     """A transformers `Cache` with KVzip compression. See the module docstring for the life cycle.
@@ -96,9 +104,10 @@ class KVzipCache(Cache):
     What the cache checks (each refusal names the fix; README "Troubleshooting" lists them): the architecture (config
     fingerprint) at `prefill`, `compress` and `load`; the weights (a sample, so another
     fine-tune of the same architecture is refused) at `compress` and `load`; the tokenizer at `compress` when one is
-    passed or loaded. Not checked: the model at ``generate`` (transformers hands the cache only keys and values, and
-    a check there would cost a host sync; the compress-time check already catches the usual mix-up) and at `evict`
-    (it takes no model). An interrupted `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an
+    passed or loaded; the model object at ``generate`` from a compressed cache (by identity of its attention
+    modules, recorded at `prefill`, `compress` and `load`, so no host sync: another model object, even an identical
+    copy that did not compress or load the cache, is refused; `evict` takes no model and keeps the recorded one).
+    A cache prefilled but not compressed is as a `DynamicCache` and is not checked at ``generate``. An interrupted `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an
     interrupted scoring pass leaves it exactly as it was; an eviction interrupted after some layers evicted resets it.
     The exception is re-raised with a note saying which.
     """
@@ -135,6 +144,9 @@ class KVzipCache(Cache):
         self.weight_digests: dict[str, int] | None = None
         self.tokenizer_fields: dict | None = None
         self._scoring: dict | None = None
+        self.decode_eviction: DecodeEviction | None = None  # set by evict_while_decoding()
+        # [B, n] bool padding mask of the last question built by inputs_for (tells DecodeEviction its padding)
+        self.pending_query_mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -175,6 +187,13 @@ class KVzipCache(Cache):
                 "fine-tune of the same architecture?): use the model that prefilled the cache, or cache.reset() "
                 "and prefill again with this one"
             )
+
+    def _bind_model(self, model) -> None:
+        """Record ``model``'s attention modules in the full layers: a compressed layer then refuses to run under
+        another model object (`RaggedKV.owner`), which would otherwise decode garbage silently."""
+        owners = attention_module_ids(model)
+        for idx in self.compressible_layers:
+            self.layers[idx].owner = owners.get(idx)
 
     def _check_tokenizer(self, tokenizer) -> dict:
         """The tokenizer's `tokenizer_fields`; refuses one that differs from the tokenizer this cache was
@@ -252,10 +271,39 @@ class KVzipCache(Cache):
             )
         layer = self.layers[layer_idx]
         if layer_idx == 0 and not torch.compiler.is_compiling():
-            self._check_batch(key_states.shape[0])  # once per eager forward, before any layer appends
+            self._check_whole_forwards()  # once per eager forward, before any layer appends
+            self._check_batch(key_states.shape[0])
+            if self.decode_eviction is not None:
+                self._evict_tail(key_states.shape[-2], key_states.shape[0])
         if layer.is_static and layer_idx == self._first_full and not torch.compiler.is_compiling():
             self._check_room(key_states.shape[-2])  # once per eager forward; compiled steps never read lengths
         return layer.update(key_states, value_states)
+
+    def _check_whole_forwards(self) -> None:
+        """Refuse to run on layers of different lengths: an earlier forward pass stopped between two layers (an
+        exception in the model, a refusal by the attention, KeyboardInterrupt during ``generate``), and the next one
+        would attend to mismatched positions. `rollback` (or `reset`) repairs it."""
+        if self.is_static:
+            return  # its lengths live on the device; reading them here would cost a host sync per step
+        lengths = {layer.cumulative_length for layer in self.layers}
+        if len(lengths) > 1:
+            raise RuntimeError(
+                f"an earlier forward pass stopped partway (the cache's layers hold between {min(lengths)} and "
+                f"{max(lengths)} tokens): call cache.rollback() to return to the compressed context (or "
+                "cache.reset()) before generating again"
+            )
+
+    def _evict_tail(self, new_tokens: int, batch: int) -> None:
+        """Run `DecodeEviction` before this forward appends; if it stopped with the layers in disagreement (out of
+        memory between two layers), return to the compressed context rather than leave them so."""
+        try:
+            self.decode_eviction.before_forward(self, new_tokens, batch)
+        except BaseException as error:
+            if len({self.layers[idx].context_length for idx in self.compressible_layers}) > 1:
+                self.rollback()
+                _add_note(error, "KVzipCache: eviction while decoding stopped between two layers; the cache was "
+                                 "rolled back to its compressed context (the tokens after it are gone)")
+            raise
 
     def _check_batch(self, batch: int) -> None:
         """Refuse a forward whose batch differs from the cached rows before the first layer runs: transformers'
@@ -388,6 +436,7 @@ class KVzipCache(Cache):
                     eviction.after_chunk(self, lo, hi)
             self.input_ids, self.attention_mask, self.context_start = input_ids, mask, starts
             self.weight_digests = digests
+            self._bind_model(model)
             for layer in self.layers:
                 if isinstance(layer, KVzipSlidingLayer):
                     layer.take_snapshot()
@@ -528,6 +577,7 @@ class KVzipCache(Cache):
                 ranked = scores.masked_fill(selectable & ~self.keep_mask, float("-inf"))
                 keep = select_pairs(ranked, ratio, level) & self.keep_mask
         self.evict(keep)
+        self._bind_model(model)  # its weights passed the check: an identical copy may take the cache over
         self.scores = scores
         self.compressed_with, self.score_source = (level, ratio), source
         if self.tokenizer_fields is None and scored_with is not None:
@@ -712,6 +762,8 @@ class KVzipCache(Cache):
             )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
+        if self.decode_eviction is not None:
+            raise RuntimeError(_STATIC_DECODE_EVICTION)
         capacity = -(-max_new_tokens // _TAIL_BUCKET) * _TAIL_BUCKET
         for layer in self.layers:  # every check first, so that a refusal leaves the cache as it was
             layer.check_static(capacity)
@@ -727,6 +779,64 @@ class KVzipCache(Cache):
                 f"{new_tokens}; call cache.rollback() between questions, or make_static() with a larger max_new_tokens"
             )
 
+    # --------------------------------------------------------------------------------------- eviction while decoding
+    def evict_while_decoding(self, model, predictor: ScorePredictor | None = None, ratio: float | None = None, *,
+                             window: int = 128, level: str = "pair") -> None:
+        """Bound the tail too: keep only ``ratio`` of the tokens appended after the context (question, answer,
+        later turns), chosen by a trained score predictor as the answer grows. ``evict_while_decoding(None)`` turns
+        it off (what was evicted stays evicted until `rollback`).
+
+        Before each forward pass, once the tail holds ``2 * window`` tokens, its oldest ``window`` tokens (a multiple
+        of ``window`` after a long question) are scored by ``predictor``; the top ``ratio`` of their pairs (``level``:
+        one budget per row over layers x heads x tokens, or ``"pair-uniform"``: the same share per head) move into
+        the ragged store and the rest is freed. The newest ``window`` tokens always stay. Works with
+        ``model.generate`` (greedy, sampling, stop tokens; left-padded batches built with `inputs_for`), multi-turn
+        use and `rollback`, which returns to the compressed context. Not with `make_static` (eviction changes the
+        context's size, which a compiled step fixes), nor with rows repeated for shared questions or beams.
+
+        Args:
+            model: the model that filled the cache (its rotary embedding undoes RoPE for the predictor).
+            predictor: a `ScorePredictor` for this model.
+            ratio: fraction of the appended pairs kept, in (0, 1].
+            window: tokens per eviction, and the recent tokens always kept.
+            level: ``"pair"`` or ``"pair-uniform"``.
+        """
+        if model is None:
+            self.decode_eviction = None
+            return
+        self._check_parallel(model, "evict_while_decoding()", ratio, window, level)
+        check_model(model)
+        self._check_same_model(model, "evict_while_decoding()")
+        if not self.is_compressed:
+            raise RuntimeError(
+                "evict_while_decoding() needs a compressed cache (the answer joins the ragged store): call "
+                "cache.compress(...) first (ratio=1.0 keeps every context pair)"
+            )
+        if self.is_static:
+            raise RuntimeError(_STATIC_DECODE_EVICTION)
+        if any(self.layers[idx].owner not in (None, owner)
+               for idx, owner in attention_module_ids(model).items() if idx in self.compressible_layers):
+            raise ValueError("evict_while_decoding() got another model object than the one that filled this cache: "
+                             "pass that model (a copy takes the cache over by cache.compress(copy, ratio))")
+        if predictor is None:
+            raise ValueError("evict_while_decoding() needs predictor=ScorePredictor.from_pretrained(...) (or train "
+                             "one with ScorePredictor.train(model, tokenizer))")
+        _check_predictor(model, predictor)
+        ratio = _check_ratio(ratio)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive number of tokens; got {window!r}")
+        if level not in ("pair", "pair-uniform"):
+            raise ValueError(f"evict_while_decoding() selects pairs: level must be 'pair' or 'pair-uniform', got "
+                             f"{level!r}")
+        first = self.layers[self.compressible_layers[0]]
+        if first.tail_length and len(first.src_rows) > 1:
+            raise RuntimeError(
+                "evict_while_decoding() on a batch must start before the questions (it learns their padding from "
+                "cache.inputs_for): call cache.rollback() first"
+            )
+        # (one row mid-conversation: the tail holds no padding, so every token in it is real)
+        self.decode_eviction = DecodeEviction(self, model, predictor, ratio, window, level)
+
     # ------------------------------------------------------------------------------------------------ queries
     def rollback(self) -> None:
         """Drop every token appended after the context (question and answer) so the next question starts clean.
@@ -737,6 +847,8 @@ class KVzipCache(Cache):
             raise RuntimeError("rollback() needs a prefilled cache")
         for layer in self.layers:
             layer.rollback(self.context_length, self.input_ids.shape[0])
+        if self.decode_eviction is not None:
+            self.decode_eviction.restart(self)
 
     def inputs_for(self, query_ids: torch.Tensor, query_mask: torch.Tensor | None = None,
                    shared: bool = False) -> dict[str, torch.Tensor]:
@@ -772,7 +884,9 @@ class KVzipCache(Cache):
             )
         if query_mask is None:
             query_mask = torch.ones_like(query_ids)
-        mask = torch.cat([context_mask, query_mask.to(self.input_ids.device).long().expand_as(query_ids)], 1)
+        query_mask = query_mask.to(self.input_ids.device).long().expand_as(query_ids)
+        self.pending_query_mask = query_mask.bool()
+        mask = torch.cat([context_mask, query_mask], 1)
         return {"input_ids": torch.cat([context_ids, query_ids], dim=1), "attention_mask": mask}
 
     def _share_rows(self, batch: int) -> int:
@@ -828,6 +942,7 @@ class KVzipCache(Cache):
         check_model(model)
         cache = cls(model)
         load_cache(cache, path, model, device=device, dtype=dtype, verify=verify)
+        cache._bind_model(model)
         return cache
 
     # ------------------------------------------------------------------------------------------------ scoring

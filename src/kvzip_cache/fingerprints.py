@@ -9,6 +9,9 @@ the tokenizer. A cache refuses a model or tokenizer whose fingerprint differs fr
 - Tokenizer (`tokenizer_fields`): vocabulary size, a digest of the special tokens, of the chat template and of the ids
   of a probe text (KVzip's reconstruction prompts among it: exactly what scoring feeds). The class and
   ``name_or_path`` are recorded for messages only, so the same tokenizer loaded from a local folder passes.
+- The model object (`attention_module_ids`): ``id()`` of each layer's attention module. A compressed layer's view
+  carries it, and the attention refuses to run for another model's module (a second copy of the same checkpoint
+  included): a check by identity, free at every decode step, where comparing weights would cost a host sync.
 """
 
 from __future__ import annotations
@@ -53,6 +56,23 @@ def weight_digests(model) -> dict[str, int] | None:
         for name, part in zip(names, host.split([samples[name].numel() for name in names])):
             digests[name] = zlib.crc32(part.numpy().tobytes())
     return digests
+
+
+def attention_module_ids(model) -> dict[int, int]:
+    """``{layer index: id() of that layer's attention module}`` for the modules transformers builds with an integer
+    ``layer_idx`` (``LlamaAttention``, ``Gemma3Attention``, ...) from the decoder's config (a vision tower's are not
+    the cache's layers); layers whose module is not found are left out."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "modules"):
+        return {}
+    decoder = config.get_text_config(decoder=True)
+    found: dict[int, int] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        own = getattr(module, "config", decoder) is decoder
+        if isinstance(index, int) and own and type(module).__name__.endswith("Attention"):
+            found.setdefault(index, id(module))
+    return found
 
 
 def weight_differences(expected: dict[str, int], actual: dict[str, int]) -> str | None:

@@ -66,6 +66,7 @@ class KVzipLayer(DynamicLayer):
         self.share = 1  # shared_run_length(src_rows)
         self._static_rows: tuple[int, ...] = ()  # static mode: the rows rollback() returns to
         self.is_compileable = False  # per instance: True once static
+        self.owner: int | None = None  # id() of the attention module that filled this layer (see RaggedKV.owner)
 
     @property
     def is_static(self) -> bool:
@@ -97,6 +98,7 @@ class KVzipLayer(DynamicLayer):
             tail_values=self.tail_values[:, :, : self.tail_length],
             length=self.cumulative_length,
             share=self.share,
+            owner=self.owner,
         )
         return view, view
 
@@ -128,6 +130,7 @@ class KVzipLayer(DynamicLayer):
         self.tail_length = 0
         self.tail_end, self.context_end, self.is_compileable = None, None, False
         self.share, self._static_rows, self.static_mask_width = 1, (), 0
+        self.owner = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end: ``-n`` removes n tokens; a positive n is the length to keep (legacy)."""
@@ -294,16 +297,22 @@ class KVzipLayer(DynamicLayer):
         self.context = CompressedContext.from_counts(keys, values, positions, counts, num_heads)
         self._set_src_rows(self.src_rows)
 
-    def absorb_tail(self, keep: torch.Tensor) -> None:
-        """Move the tail into the compressed context, keeping the tail pairs where ``keep`` (``[B, H, t]``) is True.
+    def absorb_tail(self, keep: torch.Tensor, count: int | None = None) -> None:
+        """Move the tail's first ``count`` tokens (default: all) into the compressed context, keeping the pairs
+        where ``keep`` (``[B, H, count]``) is True; the rest of them is freed.
 
-        Used by a prefill that drops heads chunk by chunk: each chunk arrives as the tail, attends to the kept
-        context like a question would, and then joins the context. Positions continue the context's.
+        Used by a prefill that evicts chunk by chunk (each chunk arrives as the tail, attends to the kept context
+        like a question would, then joins the context; the tail's buffer is freed) and by eviction while decoding
+        (the oldest tokens join the context; the newer ones move to the front of the tail's buffer, which is kept).
+        Positions continue the context's.
         """
         ctx = self.context
         if self.src_rows != tuple(range(ctx.num_rows)):
             raise RuntimeError("absorb_tail() after batch_repeat_interleave/reorder is not supported")
-        segments, length, head_dim = len(ctx.offsets) - 1, self.tail_length, ctx.keys.shape[-1]
+        length = self.tail_length if count is None else count
+        if not 0 < length <= self.tail_length:
+            raise ValueError(f"cannot absorb {length} of the tail's {self.tail_length} tokens")
+        segments, head_dim = len(ctx.offsets) - 1, ctx.keys.shape[-1]
         keep = keep.to(ctx.keys.device).reshape(segments, length)
         tail_keys = self.tail_keys[:, :, :length].reshape(segments, length, head_dim)[keep]
         tail_values = self.tail_values[:, :, :length].reshape(segments, length, head_dim)[keep]
@@ -311,15 +320,34 @@ class KVzipLayer(DynamicLayer):
                                       device=keep.device).expand(segments, -1)[keep]
         old_counts, new_counts = ctx.seqlens().flatten().to(keep.device), keep.sum(dim=1)
         segment_ids = torch.arange(segments, device=keep.device)
-        owner = torch.cat([segment_ids.repeat_interleave(old_counts), segment_ids.repeat_interleave(new_counts)])
-        order = torch.argsort(owner, stable=True)  # each segment: its old pairs, then its new ones (position order)
+        segment_of = torch.cat([segment_ids.repeat_interleave(old_counts), segment_ids.repeat_interleave(new_counts)])
+        order = torch.argsort(segment_of, stable=True)  # each segment: its old pairs, then its new ones (position order)
         self.context = CompressedContext.from_counts(
             torch.cat([ctx.keys, tail_keys])[order], torch.cat([ctx.values, tail_values])[order],
             torch.cat([ctx.positions, tail_positions])[order], old_counts + new_counts, ctx.num_heads,
         )
         self.context_length += length
-        self.tail_keys = self.tail_values = None  # freed: the next chunk allocates its own
-        self.tail_length = 0
+        remaining = self.tail_length - length
+        if remaining == 0:
+            self.tail_keys = self.tail_values = None  # freed: the next chunk allocates its own
+        else:  # clone: source and destination overlap
+            self.tail_keys[:, :, :remaining] = self.tail_keys[:, :, length : self.tail_length].clone()
+            self.tail_values[:, :, :remaining] = self.tail_values[:, :, length : self.tail_length].clone()
+        self.tail_length = remaining
+
+    def drop_context_after(self, length: int) -> None:
+        """Forget the context pairs at positions ``>= length`` (the ones `absorb_tail` added while decoding)."""
+        if not self.is_compressed or self.context_length <= length:
+            return
+        ctx = self.context
+        segments = len(ctx.offsets) - 1
+        owner = torch.repeat_interleave(torch.arange(segments, device=ctx.keys.device),
+                                        ctx.seqlens().flatten().to(ctx.keys.device))
+        kept = ctx.positions < length
+        counts = torch.bincount(owner[kept], minlength=segments)
+        self.context = CompressedContext.from_counts(ctx.keys[kept], ctx.values[kept], ctx.positions[kept], counts,
+                                                     ctx.num_heads)
+        self.context_length = length
 
     def make_static(self, capacity: int) -> None:
         """Preallocate the tail for ``capacity`` tokens and keep its length on the device (compile-friendly).
@@ -385,6 +413,7 @@ class KVzipLayer(DynamicLayer):
             tail_end=self.tail_end,
             context_end=self.context_end,
             share=self.share,
+            owner=self.owner,
         )
         return view, view
 
@@ -402,6 +431,7 @@ class KVzipLayer(DynamicLayer):
             return
         if self.is_compressed:
             # Free the tail rather than keep its capacity: the cache is back to exactly what compress() left.
+            self.drop_context_after(length)
             self.tail_keys = self.tail_values = None
             self.tail_length = 0
             self._set_src_rows(tuple(range(self.context.num_rows)))

@@ -117,6 +117,8 @@ class RaggedKV(_KVzipView):
             first tail slot's position, kept on the device for the same reason.
         share: ``R > 1`` when rows ``c * R .. c * R + R - 1`` all read one compressed row (`shared_run_length` of
             ``src_rows``): backends may then read that context once for the R rows.
+        owner: None, or ``id()`` of the attention module of the model that filled this layer (recorded at
+            `KVzipCache.prefill` and `KVzipCache.load`): the attention refuses a view met by another model's module.
     """
 
     context: CompressedContext
@@ -128,6 +130,7 @@ class RaggedKV(_KVzipView):
     tail_end: torch.Tensor | None = None
     context_end: torch.Tensor | None = None
     share: int = 1
+    owner: int | None = None
 
     def tail_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The ``[B, t]`` columns of a ``[B, length]`` padding mask that cover the tail.
@@ -149,7 +152,7 @@ class RaggedKV(_KVzipView):
         end = int(self.tail_end)
         width = self.length - self.tail_keys.shape[-2] if self.context_end is None else int(self.context_end)
         view = RaggedKV(self.context, self.src_rows, self.src_index, self.tail_keys[:, :, :end],
-                        self.tail_values[:, :, :end], width + end, share=self.share)
+                        self.tail_values[:, :, :end], width + end, share=self.share, owner=self.owner)
         return view, None if tail_valid is None else tail_valid[:, :end]
 
 

@@ -1,0 +1,236 @@
+"""Eviction while decoding (`KVzipCache.evict_while_decoding`): logits, memory bound, rollback, refusals.
+
+The reference is independent of the library: a float64 eager model over a dense DynamicCache (conftest's reference
+attention) that re-derives every decision itself (when the tail reaches 2 x window, the predictor's scores of the
+oldest tokens from the reference's own keys, a top-k per row) and hides the evicted pairs from all later tokens.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+from conftest import HIDDEN_PAIRS, make_pair
+from kvzip_cache import KVzipCache, ScorePredictor
+from kvzip_cache.scorers.rotary import rotary_tables
+from kvzip_cache.selection import kept_count, select_pairs
+
+WINDOW = 4
+
+
+def _full_layers(config):
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind == "full_attention"]
+
+
+def _context(gen, batch):
+    ids = torch.randint(3, 120, (batch, 29), generator=gen)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :4] = 0  # left padding
+    return ids, mask, torch.tensor([2, 6][:batch])
+
+
+def _reference_decode(reference, predictor, cache, ids, mask, question, question_mask, generated, ratio, window):
+    """Float64 replay of [context; question; generated] with its own eviction decisions.
+
+    Returns ``(logits [steps, B, V] of the generated positions, decisions [(start, keep [L, B, H, count])])``.
+    """
+    config = reference.config
+    layers, heads = _full_layers(config), config.num_key_value_heads
+    batch, ctx_len = ids.shape
+    full_ids = torch.cat([ids, question, generated], 1)
+    full_mask = torch.cat([mask, question_mask, torch.ones_like(generated)], 1).bool()
+    positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+    total = full_ids.shape[1]
+    hidden = {i: torch.zeros(batch, heads, total, dtype=torch.bool) for i in layers}
+    base = cache.context_offset
+    evicted_context = cache._selectable()[..., :] & ~cache.keep_mask  # [L, B, H, ctx_len - base]
+    for i in layers:
+        hidden[i][:, :, base:ctx_len] = evicted_context[i]
+    dense = DynamicCache(config=config)
+    steps = [(ctx_len, ctx_len + question.shape[1])]
+    steps += [(end, end + 1) for end in range(ctx_len + question.shape[1], total - 1)]
+    decided, decisions, logits = ctx_len, [], []
+    try:
+        with torch.no_grad():
+            reference(input_ids=ids, attention_mask=full_mask[:, :ctx_len].long(), position_ids=positions[:, :ctx_len],
+                      past_key_values=dense, use_cache=True)
+            for lo, hi in steps:
+                tail = lo - decided
+                if tail >= 2 * window:
+                    count = (tail - window) // window * window
+                    span = slice(decided, decided + count)
+                    selectable = full_mask[:, span]
+                    scores = torch.full((config.num_hidden_layers, batch, heads, count), float("nan"))
+                    cos, sin = rotary_tables(reference, positions[:, span])
+                    for i in layers:
+                        keys, values = dense.layers[i].keys[:, :, span], dense.layers[i].values[:, :, span]
+                        scores[i] = predictor.predict(i, keys.float(), values.float(), cos, sin)
+                    scores = scores.masked_fill(~selectable[None, :, None, :], float("nan"))
+                    keep = select_pairs(scores, ratio)
+                    for i in layers:
+                        hidden[i][:, :, span] = ~keep[i] & selectable[:, None, :]
+                    decisions.append((decided, keep))
+                    decided += count
+                HIDDEN_PAIRS.update({i: hidden[i][:, :, :hi] for i in layers})
+                out = reference(input_ids=full_ids[:, lo:hi], attention_mask=full_mask[:, :hi].long(),
+                                position_ids=positions[:, lo:hi], past_key_values=dense, use_cache=True)
+                logits.append(out.logits[:, -1])
+    finally:
+        HIDDEN_PAIRS.clear()
+    return torch.stack(logits), decisions
+
+
+@pytest.mark.parametrize("arch,batch", [("llama", 2), ("gemma3", 2), ("llama", 1)])
+def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(arch, batch):
+    model, reference = make_pair(arch)
+    predictor = ScorePredictor.init(model, "mlp", seed=7)
+    gen = torch.Generator().manual_seed(11)
+    ids, mask, starts = _context(gen, batch)
+    question = torch.randint(3, 120, (batch, 5), generator=gen)
+    question_mask = torch.ones_like(question)
+    if batch > 1:
+        question_mask[1, :2] = 0  # a left-padded question: its padding is never kept
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=starts)
+    cache.compress(model, 0.5, predictor=predictor)
+    cache.evict_while_decoding(model, predictor, 0.4, window=WINDOW)
+    out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=23,
+                         min_new_tokens=23, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    generated = out.sequences[:, ids.shape[1] + question.shape[1]:]
+    expected, decisions = _reference_decode(reference, predictor, cache, ids, mask, question, question_mask,
+                                            generated, 0.4, WINDOW)
+    history = cache.decode_eviction.history
+    assert len(history) == len(decisions) >= 4  # the question's 5 tokens, then every 4 generated ones
+    for step, (start, keep) in zip(history, decisions):
+        assert step.start == start and torch.equal(step.keep, keep)
+    torch.testing.assert_close(torch.stack(out.logits).double(), expected.double(), atol=1e-4, rtol=0)
+    # the appended tokens that stay: the kept pairs of every evicted window plus the dense tail
+    layers = _full_layers(model.config)
+    tail = cache.layers[layers[0]].tail_length
+    assert WINDOW <= tail < 2 * WINDOW + 1
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1
+    for step in history:
+        L = len(layers)
+        per_row = step.keep.sum(dim=(0, 2, 3))
+        real = torch.cat([question_mask, torch.ones_like(generated)], 1)[:, step.start - ids.shape[1]:][:, :step.count]
+        for row in range(batch):
+            assert int(per_row[row]) == kept_count(0.4, int(real[row].sum()) * L * model.config.num_key_value_heads)
+
+
+def test_rollback_returns_to_the_compressed_context_and_answers_repeat():
+    model, _ = make_pair("gemma3")
+    predictor = ScorePredictor.init(model, "linear", seed=2)
+    gen = torch.Generator().manual_seed(3)
+    ids, mask, starts = _context(gen, 2)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=starts)
+    cache.compress(model, 0.5, predictor=predictor)
+    compressed = copy.deepcopy(cache)
+    cache.evict_while_decoding(model, predictor, 0.3, window=WINDOW)
+    question = torch.randint(3, 120, (2, 3), generator=gen)
+    inputs = cache.inputs_for(question)
+    first = model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert cache.decode_eviction.history
+    cache.rollback()
+    assert cache.kv_bytes() == compressed.kv_bytes() and not cache.decode_eviction.history
+    for mine, theirs in zip(cache.layers, compressed.layers):
+        if getattr(mine, "context", None) is not None:
+            assert torch.equal(mine.context.keys, theirs.context.keys)
+            assert mine.context.offsets == theirs.context.offsets
+    assert torch.equal(model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False), first)
+    # turned off: the next answer keeps every appended token, as without it
+    cache.rollback()
+    cache.evict_while_decoding(None)
+    plain = model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    without = model.generate(**inputs, past_key_values=compressed, max_new_tokens=20, do_sample=False)
+    assert torch.equal(plain, without) and cache.kv_bytes() == compressed.kv_bytes()
+
+
+class _RecordBytes(StoppingCriteria):
+    """Records ``cache.kv_bytes()`` after every step (stops nothing)."""
+
+    def __init__(self, cache):
+        self.cache, self.seen = cache, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(self.cache.kv_bytes())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_kv_bytes_stay_bounded_over_a_2000_token_sampled_multi_turn_generation():
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "linear", seed=4)
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(5))
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=2)
+    cache.compress(model, 0.5, predictor=predictor)
+    compressed = cache.kv_bytes()
+    window, ratio = 32, 0.25
+    cache.evict_while_decoding(model, predictor, ratio, window=window)
+    record = _RecordBytes(cache)
+    torch.manual_seed(0)
+    out = model.generate(**cache.inputs_for(torch.tensor([[7, 8, 9]])), past_key_values=cache, max_new_tokens=1900,
+                         min_new_tokens=1900, do_sample=True, top_k=20, stopping_criteria=StoppingCriteriaList([record]))
+    # a second turn on the same conversation (no rollback): 100 more tokens
+    turn = torch.cat([out, torch.tensor([[10, 11]])], 1)
+    out = model.generate(turn, attention_mask=torch.ones_like(turn), past_key_values=cache, max_new_tokens=98,
+                         min_new_tokens=98, do_sample=True, stopping_criteria=StoppingCriteriaList([record]))
+    appended = out.shape[1] - 1 - 40
+    assert cache.get_seq_length() == out.shape[1] - 1 and appended == 1900 + 2 + 98 + 3 - 1
+    config = model.config
+    layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, 16
+    pair_bytes = 2 * head_dim * 4  # key + value, float32
+    evicted = sum(step.count for step in cache.decode_eviction.history)
+    assert appended - evicted < 2 * window + 2
+    # kept pairs: round(ratio x pairs) per eviction; the tail's buffer: at most 4 x window slots per layer and head
+    kept_bound = sum(kept_count(ratio, step.count * layers * heads) for step in cache.decode_eviction.history)
+    bound = compressed + kept_bound * pair_bytes + layers * heads * 4 * window * pair_bytes
+    assert max(record.seen) <= bound
+    assert max(record.seen) < compressed + appended * layers * heads * pair_bytes / 3  # vs keeping every token
+
+
+def test_refusals_say_what_to_do_and_change_nothing():
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "linear", seed=1)
+    gen = torch.Generator().manual_seed(8)
+    ids, mask, starts = _context(gen, 2)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=starts)
+    with pytest.raises(RuntimeError, match=r"needs a compressed cache.*compress"):
+        cache.evict_while_decoding(model, predictor, 0.3)
+    cache.compress(model, 0.5, predictor=predictor)
+    with pytest.raises(ValueError, match="ratio is the fraction"):
+        cache.evict_while_decoding(model, predictor, 1.5)
+    with pytest.raises(ValueError, match="window must be a positive"):
+        cache.evict_while_decoding(model, predictor, 0.3, window=0)
+    with pytest.raises(ValueError, match="level must be 'pair' or 'pair-uniform'"):
+        cache.evict_while_decoding(model, predictor, 0.3, level="head")
+    with pytest.raises(ValueError, match="needs predictor="):
+        cache.evict_while_decoding(model, None, 0.3)
+    with pytest.raises(ValueError, match="another model object"):
+        cache.evict_while_decoding(copy.deepcopy(model), predictor, 0.3)
+    assert cache.decode_eviction is None
+    cache.evict_while_decoding(model, predictor, 0.3, window=2)
+    with pytest.raises(RuntimeError, match="a static cache fixes"):
+        cache.make_static(16)
+    # a batched multi-token step that inputs_for did not build: its padding is unknown
+    question = torch.randint(3, 120, (2, 4), generator=gen)
+    full = torch.cat([ids, question], 1)
+    bytes_before = cache.kv_bytes()
+    with pytest.raises(ValueError, match=r"which of these 4 tokens.*cache\.inputs_for"):
+        model(input_ids=question, attention_mask=torch.cat([mask, torch.ones_like(question)], 1),
+              past_key_values=cache)
+    assert cache.get_seq_length() == 29 and cache.kv_bytes() == bytes_before
+    # shared questions repeat the rows: one row's answer cannot join a context the others read
+    with pytest.raises(RuntimeError, match="one row per stored context.*evict_while_decoding\\(None\\)"):
+        model.generate(**cache.inputs_for(torch.cat([question, question]), shared=True), past_key_values=cache,
+                       max_new_tokens=2)
+    cache.rollback()
+    assert cache.get_seq_length() == 29 and cache.kv_bytes() == bytes_before
+    cache.evict_while_decoding(None)
+    cache.make_static(16)  # allowed once it is off
+    with pytest.raises(RuntimeError, match="a static cache fixes"):
+        cache.evict_while_decoding(model, predictor, 0.3)
