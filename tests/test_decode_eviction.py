@@ -32,6 +32,18 @@ def _context(gen, batch):
     return ids, mask, torch.tensor([2, 6][:batch])
 
 
+def _compressed(arch, kind, seed, batch=2):
+    """(model, reference, predictor, cache compressed at 0.5 by the predictor, (ids, mask, starts), generator)."""
+    model, reference = make_pair(arch)
+    predictor = ScorePredictor.init(model, kind, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids, mask, starts = _context(gen, batch)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=starts)
+    cache.compress(model, 0.5, predictor=predictor)
+    return model, reference, predictor, cache, (ids, mask, starts), gen
+
+
 def _reference_decode(reference, predictor, cache, ids, mask, question, question_mask, generated, ratio, window):
     """Float64 replay of [context; question; generated] with its own eviction decisions.
 
@@ -46,7 +58,7 @@ def _reference_decode(reference, predictor, cache, ids, mask, question, question
     total = full_ids.shape[1]
     hidden = {i: torch.zeros(batch, heads, total, dtype=torch.bool) for i in layers}
     base = cache.context_offset
-    evicted_context = cache._selectable()[..., :] & ~cache.keep_mask  # [L, B, H, ctx_len - base]
+    evicted_context = cache._selectable() & ~cache.keep_mask  # [L, B, H, ctx_len - base]
     for i in layers:
         hidden[i][:, :, base:ctx_len] = evicted_context[i]
     dense = DynamicCache(config=config)
@@ -85,17 +97,11 @@ def _reference_decode(reference, predictor, cache, ids, mask, question, question
 
 @pytest.mark.parametrize("arch,batch", [("llama", 2), ("gemma3", 2), ("llama", 1)])
 def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(arch, batch):
-    model, reference = make_pair(arch)
-    predictor = ScorePredictor.init(model, "mlp", seed=7)
-    gen = torch.Generator().manual_seed(11)
-    ids, mask, starts = _context(gen, batch)
+    model, reference, predictor, cache, (ids, mask, _), gen = _compressed(arch, "mlp", 10, batch)
     question = torch.randint(3, 120, (batch, 5), generator=gen)
     question_mask = torch.ones_like(question)
     if batch > 1:
         question_mask[1, :2] = 0  # a left-padded question: its padding is never kept
-    cache = KVzipCache(model)
-    cache.prefill(model, ids, mask, context_start=starts)
-    cache.compress(model, 0.5, predictor=predictor)
     cache.evict_while_decoding(model, predictor, 0.4, window=WINDOW)
     out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=23,
                          min_new_tokens=23, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -121,13 +127,7 @@ def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(
 
 
 def test_rollback_returns_to_the_compressed_context_and_answers_repeat():
-    model, _ = make_pair("gemma3")
-    predictor = ScorePredictor.init(model, "linear", seed=2)
-    gen = torch.Generator().manual_seed(3)
-    ids, mask, starts = _context(gen, 2)
-    cache = KVzipCache(model)
-    cache.prefill(model, ids, mask, context_start=starts)
-    cache.compress(model, 0.5, predictor=predictor)
+    model, _, predictor, cache, _, gen = _compressed("gemma3", "linear", 2)
     compressed = copy.deepcopy(cache)
     cache.evict_while_decoding(model, predictor, 0.3, window=WINDOW)
     question = torch.randint(3, 120, (2, 3), generator=gen)

@@ -107,8 +107,8 @@ class KVzipCache(Cache):
     passed or loaded; the model object at ``generate`` from a compressed cache (by identity of its attention
     modules, recorded at `prefill`, `compress` and `load`, so no host sync: another model object, even an identical
     copy that did not compress or load the cache, is refused; `evict` takes no model and keeps the recorded one).
-    A cache prefilled but not compressed is as a `DynamicCache` and is not checked at ``generate``. An interrupted `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an
-    interrupted scoring pass leaves it exactly as it was; an eviction interrupted after some layers evicted resets it.
+    A cache prefilled but not compressed is as a `DynamicCache` and is not checked at ``generate``. An interrupted
+    `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an interrupted scoring pass leaves it exactly as it was; an eviction interrupted after some layers evicted resets it.
     The exception is re-raised with a note saying which.
     """
 

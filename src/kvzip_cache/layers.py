@@ -276,8 +276,8 @@ class KVzipLayer(DynamicLayer):
             positions = torch.arange(length, device=self.keys.device, dtype=torch.int32).expand(batch * num_heads, -1)
             keys = self.keys.reshape(batch * num_heads, length, head_dim)[flat_keep]
             values = self.values.reshape(batch * num_heads, length, head_dim)[flat_keep]
-            positions = positions[flat_keep]
-            counts = flat_keep.sum(dim=1)
+            self.context = CompressedContext.from_counts(keys, values, positions[flat_keep], flat_keep.sum(dim=1),
+                                                         num_heads)
             self.src_rows = tuple(range(batch))
             self.context_length = self.cumulative_length
             self.keys = self.values = None  # the dense copy is freed here
@@ -286,15 +286,9 @@ class KVzipLayer(DynamicLayer):
             ctx = self.context
             if ctx.num_rows != len(self.src_rows) or self.src_rows != tuple(range(ctx.num_rows)):
                 raise RuntimeError("re-compressing after batch_repeat_interleave/reorder is not supported; rollback() first")
-            segments = torch.repeat_interleave(
-                torch.arange(len(ctx.offsets) - 1, device=ctx.keys.device), ctx.seqlens().flatten().to(ctx.keys.device)
-            )
-            selected = keep.to(ctx.keys.device).reshape(len(ctx.offsets) - 1, -1)[segments, ctx.positions.long()]
-            keys, values, positions = ctx.keys[selected], ctx.values[selected], ctx.positions[selected]
-            counts = torch.zeros(len(ctx.offsets) - 1, dtype=torch.long, device=ctx.keys.device)
-            counts.index_add_(0, segments[selected], torch.ones_like(segments[selected]))
-            num_heads = ctx.num_heads
-        self.context = CompressedContext.from_counts(keys, values, positions, counts, num_heads)
+            selected = keep.to(ctx.keys.device).reshape(len(ctx.offsets) - 1, -1)[ctx.segment_ids(),
+                                                                                  ctx.positions.long()]
+            self.context = ctx.select(selected)
         self._set_src_rows(self.src_rows)
 
     def absorb_tail(self, keep: torch.Tensor, count: int | None = None) -> None:
@@ -319,8 +313,8 @@ class KVzipLayer(DynamicLayer):
         tail_positions = torch.arange(self.context_length, self.context_length + length, dtype=torch.int32,
                                       device=keep.device).expand(segments, -1)[keep]
         old_counts, new_counts = ctx.seqlens().flatten().to(keep.device), keep.sum(dim=1)
-        segment_ids = torch.arange(segments, device=keep.device)
-        segment_of = torch.cat([segment_ids.repeat_interleave(old_counts), segment_ids.repeat_interleave(new_counts)])
+        segment_of = torch.cat([ctx.segment_ids().to(keep.device),
+                                torch.arange(segments, device=keep.device).repeat_interleave(new_counts)])
         order = torch.argsort(segment_of, stable=True)  # each segment: its old pairs, then its new ones (position order)
         self.context = CompressedContext.from_counts(
             torch.cat([ctx.keys, tail_keys])[order], torch.cat([ctx.values, tail_values])[order],
@@ -339,14 +333,7 @@ class KVzipLayer(DynamicLayer):
         """Forget the context pairs at positions ``>= length`` (the ones `absorb_tail` added while decoding)."""
         if not self.is_compressed or self.context_length <= length:
             return
-        ctx = self.context
-        segments = len(ctx.offsets) - 1
-        owner = torch.repeat_interleave(torch.arange(segments, device=ctx.keys.device),
-                                        ctx.seqlens().flatten().to(ctx.keys.device))
-        kept = ctx.positions < length
-        counts = torch.bincount(owner[kept], minlength=segments)
-        self.context = CompressedContext.from_counts(ctx.keys[kept], ctx.values[kept], ctx.positions[kept], counts,
-                                                     ctx.num_heads)
+        self.context = self.context.select(self.context.positions < length)
         self.context_length = length
 
     def make_static(self, capacity: int) -> None:

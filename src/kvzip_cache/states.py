@@ -76,6 +76,17 @@ class CompressedContext:
         lengths = torch.tensor(self.offsets, dtype=torch.long)
         return (lengths[1:] - lengths[:-1]).view(self.num_rows, self.num_heads)
 
+    def segment_ids(self) -> torch.Tensor:
+        """``[total_kept]`` int64 on the keys' device: the segment (``b * num_heads + h``) of every kept pair."""
+        segments = torch.arange(len(self.offsets) - 1, device=self.keys.device)
+        return torch.repeat_interleave(segments, self.seqlens().flatten().to(self.keys.device))
+
+    def select(self, pairs: torch.Tensor) -> CompressedContext:
+        """The context of the kept pairs where ``pairs`` (``[total_kept]`` bool) is True, in the same order."""
+        counts = torch.bincount(self.segment_ids()[pairs], minlength=len(self.offsets) - 1)
+        return CompressedContext.from_counts(self.keys[pairs], self.values[pairs], self.positions[pairs], counts,
+                                             self.num_heads)
+
     def kv_bytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
@@ -118,7 +129,8 @@ class RaggedKV(_KVzipView):
         share: ``R > 1`` when rows ``c * R .. c * R + R - 1`` all read one compressed row (`shared_run_length` of
             ``src_rows``): backends may then read that context once for the R rows.
         owner: None, or ``id()`` of the attention module of the model that filled this layer (recorded at
-            `KVzipCache.prefill` and `KVzipCache.load`): the attention refuses a view met by another model's module.
+            `KVzipCache.prefill`, `KVzipCache.compress` and `KVzipCache.load`): the attention refuses a view met by
+            another model's module.
     """
 
     context: CompressedContext
