@@ -19,6 +19,9 @@ Writes ``results.json``, ``report.md`` and ``decode.png`` (decode latency and KV
 ``kvzip-evict`` (``prefill(predictor=p, ratio=r)``: evicts while prefilling), with their time against the plain
 prefill and DynamicCache's, and the evicting prefill's peak memory beside its bound.
 
+``--decode-eviction off on`` measures instead long answers (``--new-tokens``) after a compressed context, without and
+with eviction while decoding (`kvzip_cache.bench_decode`).
+
 ``--capacity`` measures instead the longest context one GPU prefills with a dense cache and with eviction at the
 smallest ``--ratios`` (`capacity_rows`), within ``--capacity-budget`` seconds; writes ``capacity.json`` and
 ``capacity.md``.
@@ -907,6 +910,14 @@ def main(argv=None) -> None:
                              "(kvzip_cache.bench_shared); writes shared.json, shared.md")
     parser.add_argument("--compile-reuse", action="store_true",
                         help="with --shared: also time the first generate on a second document of the same bucket")
+    parser.add_argument("--decode-eviction", nargs="+", choices=("off", "on"), default=None, metavar="MODE",
+                        help="instead: long answers of --new-tokens tokens after a context compressed to the smallest "
+                             "--ratios, without (off) and with (on) evict_while_decoding at that ratio "
+                             "(kvzip_cache.bench_decode); writes decode_eviction_<mode>.json, decode_eviction.md/.png")
+    parser.add_argument("--new-tokens", type=int, default=8192, help="with --decode-eviction: tokens generated")
+    parser.add_argument("--window", type=int, default=128, help="with --decode-eviction: evict_while_decoding's window")
+    parser.add_argument("--sample-every", type=int, default=256,
+                        help="with --decode-eviction: generated tokens between two KV memory samples")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -914,6 +925,13 @@ def main(argv=None) -> None:
     if args.capacity:
         write_capacity_report(run_capacity(args), args.out)
         print(f"wrote {args.out}/capacity.json, capacity.md")
+        return
+    if args.decode_eviction:
+        from .bench_decode import run_decode, write_decode_report
+
+        run_decode(args)
+        write_decode_report(args.out)
+        print(f"wrote {args.out}/decode_eviction_<mode>.json, decode_eviction.md, decode_eviction.png")
         return
     if args.shared:
         from .bench_shared import run_shared, write_shared_report

@@ -1,0 +1,250 @@
+"""Long answers: KV memory and decode speed with and without eviction while decoding, on a GPU.
+
+    python -m kvzip_cache.bench --decode-eviction off on --contexts 32768 --ratios 0.3 --new-tokens 8192 \\
+        --out docs/benchmarks/h200/decode_eviction
+
+One context per ``--contexts`` length (random ids), prefilled and compressed to the smallest ``--ratios`` with a
+random-weight `ScorePredictor` (speed and memory do not depend on which pairs are kept, nor on trained weights), then
+answered by one plain ``model.generate`` of exactly ``--new-tokens`` greedy tokens (batch 1, eager), once per mode:
+
+- ``off``: everything after the context stays in the tail (what KVzip alone does);
+- ``on``: ``cache.evict_while_decoding(model, predictor, ratio, window=--window)`` with the same ratio: every
+  ``window`` tokens the oldest tail window is scored and only ``ratio`` of its pairs are kept.
+
+A stopping criterion that never stops takes the time after every step (synchronised) and, every ``--sample-every``
+tokens, the cache's `KVzipCache.kv_bytes` and the GPU memory allocated. Each mode writes
+``decode_eviction_<mode>.json`` under ``--out``, so the modes can run in separate processes (one device call each);
+``decode_eviction.md`` and ``decode_eviction.png`` are rebuilt from every such file there
+(``python -m kvzip_cache.bench_decode --report DIR`` rebuilds them without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .bench import GB, _free, _header, _machine, _peak_gb, _reset_peak, copy_bandwidth, load_model, warm_up
+from .cache import KVzipCache
+from .scorers.predictor import ScorePredictor
+
+MODES = ("off", "on")
+CONTEXT_START = 16  # the protected prefix of the random context
+
+
+@dataclass
+class DecodeRow:
+    mode: str  # "off" | "on"
+    context: int
+    ratio: float  # the context's compression ratio (and, with "on", the generated tokens' too)
+    window: int
+    new_tokens: int
+    generate_s: float = float("nan")
+    ms_per_token: float = float("nan")  # generate_s / new_tokens: every step, evicting ones included
+    median_step_ms: float = float("nan")
+    max_step_ms: float = float("nan")
+    last_1k_ms_per_token: float = float("nan")  # the last 1,024 steps: where the tail is longest without eviction
+    context_kv_gb: float = float("nan")  # kv_bytes() of the compressed context, before generating
+    end_kv_gb: float = float("nan")  # kv_bytes() after the last token
+    max_kv_gb: float = float("nan")  # the largest sampled kv_bytes()
+    end_allocated_gb: float = float("nan")  # GPU memory allocated after the last token, weights included
+    peak_generate_gb: float = float("nan")  # peak GPU memory allocated during generate
+    evictions: int = 0
+    tail_tokens: int = 0  # tokens left in the tail at the end
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens generated, kv GB, allocated GB)
+    notes: list[str] = field(default_factory=list)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _allocated_gb() -> float:
+    """GPU GB allocated now (NaN without CUDA: the CPU smoke test)."""
+    return torch.cuda.memory_allocated() / GB if torch.cuda.is_available() else float("nan")
+
+
+class _StepClock(StoppingCriteria):
+    """Never stops; records the time after every decode step and, every ``every`` steps, the cache's KV GB."""
+
+    def __init__(self, cache: KVzipCache, every: int) -> None:
+        self.cache, self.every = cache, every
+        self.times: list[float] = []
+        self.curve: list[tuple[int, float, float]] = []
+
+    def start(self) -> None:
+        _sync()
+        self.times = [time.perf_counter()]
+        self.curve = [(0, self.cache.kv_bytes() / GB, _allocated_gb())]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        _sync()
+        self.times.append(time.perf_counter())
+        steps = len(self.times) - 1
+        if steps % self.every == 0:
+            self.curve.append((steps, self.cache.kv_bytes() / GB, _allocated_gb()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, args) -> DecodeRow:
+    """Generate ``args.new_tokens`` tokens after the compressed ``base`` (rolled back afterwards) in ``mode``."""
+    ratio = min(args.ratios)
+    row = DecodeRow(mode, base.context_length, ratio, args.window, args.new_tokens, context_kv_gb=base.kv_bytes() / GB)
+    if mode == "on":
+        base.evict_while_decoding(model, predictor, ratio, window=args.window)
+    question = torch.randint(10, model.config.vocab_size, (1, args.question_tokens), device=model.device)
+    inputs = base.inputs_for(question)
+    clock = _StepClock(base, args.sample_every)
+    _free()
+    _reset_peak()
+    clock.start()
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=base, max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+    _sync()
+    steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
+    row.generate_s = clock.times[-1] - clock.times[0]
+    row.ms_per_token = 1e3 * row.generate_s / len(steps)
+    row.median_step_ms, row.max_step_ms = statistics.median(steps), max(steps)
+    row.last_1k_ms_per_token = statistics.mean(steps[-1024:])
+    row.end_kv_gb, row.end_allocated_gb, row.peak_generate_gb = base.kv_bytes() / GB, _allocated_gb(), _peak_gb()
+    row.curve = clock.curve + [(len(steps), row.end_kv_gb, row.end_allocated_gb)]
+    row.max_kv_gb = max(kv for _, kv, _ in row.curve)
+    row.evictions = len(base.decode_eviction.history) if base.decode_eviction is not None else 0
+    row.tail_tokens = base.layers[base.compressible_layers[0]].tail_length
+    if out.shape[1] - inputs["input_ids"].shape[1] != args.new_tokens:
+        row.notes.append(f"generated {out.shape[1] - inputs['input_ids'].shape[1]} tokens")
+    base.evict_while_decoding(None)
+    base.rollback()
+    return row
+
+
+def _line(row: DecodeRow) -> str:
+    return (f"{row.mode:3} ctx {row.context:>6} r {row.ratio:g} w {row.window}: {row.new_tokens} tokens in "
+            f"{row.generate_s:6.1f}s = {row.ms_per_token:5.2f} ms/token (median step {row.median_step_ms:5.2f}, max "
+            f"{row.max_step_ms:6.1f}, last 1K {row.last_1k_ms_per_token:5.2f}); KV {row.context_kv_gb:.3f} -> "
+            f"{row.end_kv_gb:.3f} GB (max {row.max_kv_gb:.3f}), allocated {row.end_allocated_gb:.2f} GB, peak "
+            f"{row.peak_generate_gb:.2f} GB; {row.evictions} evictions, {row.tail_tokens} tail tokens")
+
+
+def run_decode(args) -> list[dict]:
+    """One result record per mode of ``args.decode_eviction`` (each also written to its JSON file)."""
+    device, dtype = "cuda", getattr(torch, args.dtype)
+    longest = max(args.contexts) + args.question_tokens + args.new_tokens + 64
+    model = load_model(args.model, dtype, device, max_positions=longest)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    predictor = ScorePredictor.init(model, args.predictor or "mlp", seed=0).to(device)
+    warm_up(model, device, predictor)
+    _warm_up_decode_eviction(model, predictor, device, args.window)
+    records = []
+    for mode in args.decode_eviction:
+        rows = []
+        for context in args.contexts:
+            ids = torch.randint(10, model.config.vocab_size, (1, context), device=device)
+            base = KVzipCache(model)
+            base.prefill(model, ids, context_start=CONTEXT_START, chunk_size=args.prefill_chunk)
+            base.compress(model, min(args.ratios), predictor=predictor)
+            row = decode_row(model, predictor, base, mode, args)
+            print(_line(row), flush=True)
+            rows.append(row)
+            del base
+            _free()
+        record = {"machine": _machine(), "model": args.model, "dtype": args.dtype, "weights_gb": weight_bytes / GB,
+                  "copy_bandwidth_tbps": bandwidth / 1e12, "predictor": predictor.kind,
+                  "rows": [asdict(r) for r in rows]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"decode_eviction_{mode}.json").write_text(json.dumps(record, indent=2))
+        records.append(record)
+    return records
+
+
+def _warm_up_decode_eviction(model, predictor: ScorePredictor, device: str, window: int) -> None:
+    """A short generate with eviction while decoding: its first-call costs outside the measurements."""
+    cache = KVzipCache(model)
+    cache.prefill(model, torch.randint(10, 1000, (1, 1024), device=device), context_start=CONTEXT_START)
+    cache.compress(model, 0.5, predictor=predictor)
+    cache.evict_while_decoding(model, predictor, 0.5, window=window)
+    inputs = cache.inputs_for(torch.randint(10, 1000, (1, 8), device=device))
+    with torch.no_grad():
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=3 * window, min_new_tokens=3 * window,
+                       do_sample=False)
+    del cache
+    _free()
+
+
+def read_records(out: Path) -> list[dict]:
+    """Every ``decode_eviction_<mode>.json`` under ``out``, in `MODES` order."""
+    return [json.loads(p.read_text()) for mode in MODES if (p := out / f"decode_eviction_{mode}.json").exists()]
+
+
+def write_decode_report(out: Path) -> None:
+    """``decode_eviction.md`` and ``decode_eviction.png`` from the JSON files under ``out``."""
+    records = read_records(out)
+    if not records:
+        raise SystemExit(f"no decode_eviction_<mode>.json under {out}")
+    rows = [row for record in records for row in record["rows"]]
+    lines = _header(records[0], "Eviction while decoding") + [
+        f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy, eager `model.generate`; one "
+        "process per mode (see each JSON's machine record).",
+        "",
+        "| mode | context | ratio | window | new tokens | generate s | ms/token | median step ms | max step ms "
+        "| last 1K ms/token | context KV GB | end KV GB | max KV GB | allocated GB | peak GB | evictions | tail tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['context']} | {r['ratio']:g} | {r['window']} | {r['new_tokens']} | "
+            f"{r['generate_s']:.1f} | {r['ms_per_token']:.2f} | {r['median_step_ms']:.2f} | {r['max_step_ms']:.1f} | "
+            f"{r['last_1k_ms_per_token']:.2f} | {r['context_kv_gb']:.3f} | {r['end_kv_gb']:.3f} | "
+            f"{r['max_kv_gb']:.3f} | {r['end_allocated_gb']:.2f} | {r['peak_generate_gb']:.2f} | {r['evictions']} | "
+            f"{r['tail_tokens']} |"
+        )
+    by_mode = {(r["mode"], r["context"]): r for r in rows}
+    for context in sorted({r["context"] for r in rows}):
+        off, on = by_mode.get(("off", context)), by_mode.get(("on", context))
+        if off and on:
+            grown_off, grown_on = off["end_kv_gb"] - off["context_kv_gb"], on["end_kv_gb"] - on["context_kv_gb"]
+            lines += ["", f"Context {context}: the answer's KV grows by {grown_off:.3f} GB without eviction and "
+                      f"{grown_on:.3f} GB with it ({grown_on / grown_off:.2f}x); the whole cache ends at "
+                      f"{on['end_kv_gb'] / off['end_kv_gb']:.2f}x; ms/token {on['ms_per_token']:.2f} vs "
+                      f"{off['ms_per_token']:.2f} ({100 * (on['ms_per_token'] / off['ms_per_token'] - 1):+.1f}%)."]
+    (out / "decode_eviction.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / "decode_eviction.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        tokens, kv = [c[0] for c in r["curve"]], [c[1] for c in r["curve"]]
+        ax.plot(tokens, kv, label=f"{r['mode']}: ctx {r['context']}, {r['ms_per_token']:.1f} ms/token")
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("KV cache GB (kv_bytes)")
+    ax.set_title("Eviction while decoding")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", type=Path, required=True, help="rebuild the report from the JSON files here")
+    write_decode_report(parser.parse_args(argv).report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""CPU smoke test of the decode-eviction benchmark (kvzip_cache.bench_decode) on a tiny model.
+
+Only that each mode's row is sane and the two differ as they must (eviction ran, the answer's KV grew less, the cache
+was rolled back); the figures themselves come from `python -m kvzip_cache.bench --decode-eviction off on` on a GPU.
+"""
+
+import json
+from argparse import Namespace
+from dataclasses import asdict
+
+import torch
+
+from conftest import VOCAB, make_pair
+from kvzip_cache import KVzipCache, ScorePredictor
+from kvzip_cache.bench import kv_bytes_per_token
+from kvzip_cache.bench_decode import decode_row, write_decode_report
+
+
+def test_decode_rows_bound_the_answer_only_with_eviction_and_roll_back(tmp_path):
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "mlp", seed=0)
+    torch.manual_seed(0)
+    base = KVzipCache(model)
+    base.prefill(model, torch.randint(10, VOCAB, (1, 96)), context_start=4)
+    base.compress(model, 0.5, predictor=predictor)
+    context_bytes = base.kv_bytes()
+    args = Namespace(ratios=[0.5, 0.25], window=8, new_tokens=80, question_tokens=6, sample_every=16)
+
+    rows = {mode: decode_row(model, predictor, base, mode, args) for mode in ("off", "on")}
+
+    off, on = rows["off"], rows["on"]
+    assert base.kv_bytes() == context_bytes and base.decode_eviction is None  # rolled back, turned off
+    assert off.evictions == 0 and off.tail_tokens == 6 + 80 - 1  # the last token is sampled, never forwarded
+    assert on.evictions > 0 and 8 <= on.tail_tokens < 2 * 8
+    token_gb = kv_bytes_per_token(model.config, 4) / 1e9
+    assert off.end_kv_gb - off.context_kv_gb >= (6 + 79) * token_gb  # every appended token, plus spare capacity
+    steady = {tokens: kv for tokens, kv, _ in on.curve}  # from 32 tokens on, the tail's buffer no longer grows:
+    assert abs(steady[80] - steady[32] - 0.25 * 48 * token_gb) < 1e-12  # 6 evictions keep 2 of 8 tokens' pairs each
+    assert on.context_kv_gb == off.context_kv_gb == context_bytes / 1e9
+    for row in rows.values():
+        assert row.generate_s > 0 and row.ms_per_token > 0 and row.curve[-1][0] == 80 and not row.notes
+        assert row.max_kv_gb >= row.end_kv_gb
+
+    machine = {"gpu": "cpu", "torch": torch.__version__, "transformers": "-", "commit": "-", "date": "-"}
+    for mode, row in rows.items():
+        record = {"machine": machine, "model": "tiny", "dtype": "float32", "weights_gb": 0.0,
+                  "copy_bandwidth_tbps": 0.0, "predictor": "mlp", "rows": [asdict(row)]}
+        (tmp_path / f"decode_eviction_{mode}.json").write_text(json.dumps(record))
+    write_decode_report(tmp_path)
+    report = (tmp_path / "decode_eviction.md").read_text()
+    assert "| on | 96 | 0.25 | 8 | 80 |" in report and "the answer's KV grows by" in report
+    assert (tmp_path / "decode_eviction.png").stat().st_size > 0
