@@ -149,6 +149,24 @@ def test_rollback_returns_to_the_compressed_context_and_answers_repeat():
     assert torch.equal(plain, without) and cache.kv_bytes() == compressed.kv_bytes()
 
 
+def test_crop_cuts_the_tail_but_not_the_answer_tokens_that_joined_the_store():
+    model, _, predictor, cache, _, gen = _compressed("llama", "linear", 3)
+    cache.evict_while_decoding(model, predictor, 0.3, window=WINDOW)
+    inputs = cache.inputs_for(torch.randint(3, 120, (2, 3), generator=gen))
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    joined = cache.layers[cache.compressible_layers[0]].context_length
+    assert joined > cache.context_length and cache.get_seq_length() > joined + 1
+    cache.crop(-1)
+    assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 20 - 2
+    before = (cache.get_seq_length(), cache.kv_bytes())
+    with pytest.raises(ValueError, match=rf"evict_while_decoding\(\) moved tokens {cache.context_length}\.\.\.{joined - 1}"
+                                         rf".*Crop to {joined} tokens or more.*rollback"):
+        cache.crop(joined - 1)
+    assert (cache.get_seq_length(), cache.kv_bytes()) == before
+    cache.crop(joined)
+    assert cache.get_seq_length() == joined
+
+
 class _RecordBytes(StoppingCriteria):
     """Records ``cache.kv_bytes()`` after every step (stops nothing)."""
 

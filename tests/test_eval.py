@@ -17,6 +17,7 @@ from kvzip_cache.eval.methods import (
 from kvzip_cache.eval import runner
 from kvzip_cache.eval.__main__ import parse_args
 from kvzip_cache.eval.runner import answer, read_rows
+from kvzip_cache.eviction import DecodeEviction
 from kvzip_cache.eval.tasks import (
     Context, Question, final_number, gsm8k_contexts, hotpotqa_contexts, needle_contexts, normalize_answer,
     squad_contexts,
@@ -327,6 +328,44 @@ def test_run_eval_with_predicted_methods_writes_rows(monkeypatch, tmp_path):
     assert counts == {"full": 2, "predicted": 4, "predicted-prefill": 4}  # 2 contexts x 1 question x ratios
     assert "| predicted-prefill |" in (tmp_path / "out" / "summary.md").read_text()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["predictor"] == config.predictor
+
+
+@pytest.mark.parametrize("batch_contexts", [1, 2])
+def test_decode_ratios_answer_every_cell_again_while_evicting_the_answer(monkeypatch, tmp_path, batch_contexts):
+    def two_questions(*args):  # a batch then asks in rounds: one row per stored context
+        return [Context(f"c{i}", "a context " * 4, [Question(f"q{i}{j}", f"which {j}?", ["x"]) for j in range(2)])
+                for i in range(2)]
+
+    monkeypatch.setattr(runner, "load_task", two_questions)
+    monkeypatch.setattr(runner, "plot", lambda *args: None)
+    evicted = []
+    original = DecodeEviction._evict
+    monkeypatch.setattr(DecodeEviction, "_evict", lambda self, cache, count: evicted.append(self.ratio)
+                        or original(self, cache, count))
+    model, _ = make_pair("llama")
+    ScorePredictor.init(model, "linear").save(tmp_path / "predictor.safetensors")
+    config = EvalConfig(model="tiny-llama", tasks=["needle"], methods=["full", "kvzip"], ratios=[1.0, 0.5],
+                        max_new_tokens=16, out=str(tmp_path / "out"), predictor=str(tmp_path / "predictor.safetensors"),
+                        batch_contexts=batch_contexts, decode_ratios=[1.0, 0.25], decode_window=4)
+    rows = run_eval(config, model, _DecodingTokenizer())
+
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["method"], {})[(r["ratio"], r["question_id"])] = r
+    assert {label: len(cells) for label, cells in by_label.items()} == {
+        "full": 4, "full +decode 1": 4, "full +decode 0.25": 4, "kvzip": 8, "kvzip +decode 1": 8,
+        "kvzip +decode 0.25": 8}  # 2 contexts x 2 questions x ratios
+    assert set(evicted) == {1.0, 0.25}  # the answers were long enough to evict at both ratios
+    for method in ("full", "kvzip"):  # keeping every pair of the answer changes nothing
+        for key, row in by_label[method].items():
+            decoded = by_label[f"{method} +decode 1"][key]
+            assert decoded["prediction"] == row["prediction"]
+            assert (decoded["decode_ratio"], decoded["decode_window"]) == (1.0, 4) and "decode_ratio" not in row
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| kvzip +decode 0.25 |" in summary and "window 4" in summary
+    assert len(run_eval(config, model, _DecodingTokenizer())) == len(rows)  # resumed: nothing left to do
+    with pytest.raises(ValueError, match="decode_ratios.*in \\(0, 1\\]"):
+        run_eval(EvalConfig(model="tiny-llama", decode_ratios=[1.5], out=str(tmp_path / "bad")), model)
 
 
 def test_predicted_methods_without_a_predictor_say_what_to_do(tmp_path):

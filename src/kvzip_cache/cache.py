@@ -321,7 +321,7 @@ class KVzipCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end (``-n`` removes n), in every layer or in none: each layer checks first."""
         for layer in self.layers:
-            layer.check_crop(tokens_to_remove)
+            layer.check_crop(tokens_to_remove, self.context_length)
         super().crop(tokens_to_remove)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:

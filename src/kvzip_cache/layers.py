@@ -149,10 +149,18 @@ class KVzipLayer(DynamicLayer):
         if self.is_static:
             self.tail_end.fill_(self.tail_length)
 
-    def check_crop(self, tokens_to_remove: int) -> None:
-        """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing)."""
+    def check_crop(self, tokens_to_remove: int, prefilled: int | None = None) -> None:
+        """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing). ``prefilled``: the cache's context
+        length, short of this layer's when eviction while decoding moved answer tokens into the ragged store."""
         length = int(self.get_seq_length())
         keep = length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        if self.is_compressed and prefilled is not None and prefilled <= keep < self.context_length:
+            raise ValueError(
+                f"cannot crop to {keep} tokens: evict_while_decoding() moved tokens {prefilled}..."
+                f"{self.context_length - 1} (after the context) into the compressed store, where they can no longer "
+                f"be cut. Crop to {self.context_length} tokens or more, or call cache.rollback() to return to the "
+                "context"
+            )
         if self.is_compressed and keep < self.context_length:
             raise ValueError(
                 f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
@@ -589,7 +597,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
 
-    def check_crop(self, tokens_to_remove: int) -> None:
+    def check_crop(self, tokens_to_remove: int, prefilled: int | None = None) -> None:
         """Raise unless `crop(tokens_to_remove)` can succeed (changes nothing)."""
         if self.is_static:
             raise RuntimeError("a static cache's sliding layers cannot be cropped; use cache.rollback()")

@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--predictor", default=None,
                         help="ScorePredictor for predicted(-prefill): a shipped short name, file, folder or Hub repo; "
                              "default: the one shipped for --model")
+    parser.add_argument("--decode-ratios", nargs="+", type=float, default=[], metavar="R",
+                        help="also answer every (method, ratio) evicting while decoding (evict_while_decoding with "
+                             "the --predictor), keeping these fractions of the question's and answer's pairs: the "
+                             "rows '<method> +decode R', beside those without")
+    parser.add_argument("--decode-window", type=int, default=128,
+                        help="with --decode-ratios: tokens per eviction, and the recent tokens always kept")
     config = EvalConfig(**vars(parser.parse_args(argv)))
     # The user's mistakes, said before anything loads: device, dtype, model folder, task names and files.
     try:
@@ -53,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                 raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} or a .jsonl file")
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    if any(not 0.0 < r <= 1.0 for r in config.decode_ratios):
+        parser.error(f"--decode-ratios are fractions of the answer's pairs kept, in (0, 1]; got {config.decode_ratios}")
+    if config.decode_window < 1:
+        parser.error(f"--decode-window must be >= 1; got {config.decode_window}")
     if config.batch_contexts is not None and config.batch_contexts < 1:
         parser.error(f"--batch-contexts must be >= 1; got {config.batch_contexts}")
     return config

@@ -6,7 +6,9 @@ downwards (``predicted-prefill`` instead prefills its copy again, evicting, at e
 at every ratio. One context at a time, the questions are asked one by one with `KVzipCache.rollback` between them;
 a batch asks all its questions in one ``generate`` through the shared-context rows (``inputs_for(shared=True)``:
 rows ``c*R .. c*R+R-1`` ask about context ``c``; a context with fewer than ``R`` pending questions repeats its last
-one, whose extra answers are dropped). Rows go to ``results.jsonl`` as they are produced, so an interrupted run
+one, whose extra answers are dropped). With ``decode_ratios``, every (method, ratio) is also answered once per
+decode ratio with `KVzipCache.evict_while_decoding` (the run's predictor, ``decode_window``): the answer itself is
+compressed as it grows; those rows are labelled ``"<method> +decode <r>"`` (`method_label`). Rows go to ``results.jsonl`` as they are produced, so an interrupted run
 resumes where it stopped.
 """
 
@@ -51,6 +53,25 @@ class EvalConfig:
     device: str | None = None  # cpu, cuda, cuda:N; None: cuda when available, else cpu
     dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, float32 on cpu
     batch_contexts: int | None = None  # contexts prefilled together; None: 1 on the CPU, GPU_BATCH_CONTEXTS on CUDA
+    decode_ratios: list[float] = field(default_factory=list)  # also evict while decoding, keeping these fractions
+    decode_window: int = 128  # evict_while_decoding's window (tokens per eviction, recent tokens always kept)
+
+
+DECODE_TAG = " +decode "
+
+
+def method_label(method: str, decode_ratio: float | None = None) -> str:
+    """The ``method`` of a result row: the method, with ``" +decode <r>"`` when it also evicted while decoding."""
+    return method if decode_ratio is None else f"{method}{DECODE_TAG}{decode_ratio:g}"
+
+
+def labels(config: EvalConfig) -> list[str]:
+    """Every row label of a run: each method without, then with each of ``config.decode_ratios``."""
+    return [method_label(m, d) for m in config.methods for d in (None, *config.decode_ratios)]
+
+
+def _base_method(label: str) -> str:
+    return label.split(DECODE_TAG)[0]
 
 
 def row_key(row: dict) -> tuple:
@@ -119,6 +140,16 @@ def answer_shared(model, tokenizer, cache: KVzipCache, questions: list[list[str]
     return [texts[c * repeats : c * repeats + len(qs)] for c, qs in enumerate(questions)]
 
 
+def answer_in_rounds(model, tokenizer, cache: KVzipCache, questions: list[list[str]],
+                     max_new_tokens: int) -> list[list[str]]:
+    """`answer_shared` with one question per context at a time (round ``r`` asks each context's ``r``-th question):
+    eviction while decoding moves each row's answer into its own context, so it needs one row per stored context."""
+    rounds = max(len(q) for q in questions)
+    answers = [answer_shared(model, tokenizer, cache, [[qs[min(r, len(qs) - 1)]] for qs in questions], max_new_tokens)
+               for r in range(rounds)]
+    return [[answers[r][c][0] for r in range(len(qs))] for c, qs in enumerate(questions)]
+
+
 def evaluate_contexts(
     model, tokenizer, task: str, contexts: list[Context], config: EvalConfig, done: set, write, progress,
     head_scores=None, predictor=None,
@@ -141,23 +172,34 @@ def evaluate_contexts(
         cache = copy.deepcopy(base)
         for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed,
                            kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor):
-            pending = [[q for q in c.questions if (task, c.cid, q.qid, method, float(ratio)) not in done]
-                       for c in contexts]
-            if not any(pending):
-                continue
-            prompts = [[question_prompt(task, q.question) for q in qs or c.questions[:1]]  # a filler when done
-                       for c, qs in zip(contexts, pending)]
-            if one_by_one:
-                predictions = [[answer(model, tokenizer, cache, p, max_new_tokens) for p in prompts[0]]]
-            else:
-                predictions = answer_shared(model, tokenizer, cache, prompts, max_new_tokens)
-            for context, questions, answers, length in zip(contexts, pending, predictions, lengths):
-                for question, prediction in zip(questions, answers):
-                    write({"task": task, "context_id": context.cid, "question_id": question.qid, "method": method,
-                           "ratio": ratio, "model": config.model, "question": question.question,
-                           "answers": question.answers, "prediction": prediction, "context_tokens": int(length),
-                           "scores": score(task, prediction, question.answers), "batch": len(contexts)})
-                    progress.update(1)
+            for decode_ratio in (None, *config.decode_ratios):
+                label = method_label(method, decode_ratio)
+                pending = [[q for q in c.questions if (task, c.cid, q.qid, label, float(ratio)) not in done]
+                           for c in contexts]
+                if not any(pending):
+                    continue
+                prompts = [[question_prompt(task, q.question) for q in qs or c.questions[:1]]  # a filler when done
+                           for c, qs in zip(contexts, pending)]
+                if decode_ratio is not None:
+                    if not cache.is_compressed:  # full: the answer joins a ragged store that keeps every pair
+                        cache.evict(cache._selectable())
+                    cache.evict_while_decoding(model, predictor, decode_ratio, window=config.decode_window)
+                if one_by_one:
+                    predictions = [[answer(model, tokenizer, cache, p, max_new_tokens) for p in prompts[0]]]
+                elif decode_ratio is not None:
+                    predictions = answer_in_rounds(model, tokenizer, cache, prompts, max_new_tokens)
+                else:
+                    predictions = answer_shared(model, tokenizer, cache, prompts, max_new_tokens)
+                cache.evict_while_decoding(None)
+                for context, questions, answers, length in zip(contexts, pending, predictions, lengths):
+                    for question, prediction in zip(questions, answers):
+                        write({"task": task, "context_id": context.cid, "question_id": question.qid,
+                               "method": label, "ratio": ratio, "model": config.model, "question": question.question,
+                               "answers": question.answers, "prediction": prediction, "context_tokens": int(length),
+                               "scores": score(task, prediction, question.answers), "batch": len(contexts),
+                               **({} if decode_ratio is None else {"decode_ratio": decode_ratio,
+                                                                    "decode_window": config.decode_window})})
+                        progress.update(1)
         if method in KVZIP_LEVELS and cache.scores is not None:
             kvzip_scores = cache.scores
         del cache
@@ -183,14 +225,17 @@ def _ratios(method: str, config: EvalConfig) -> list[float]:
 
 
 def _pending(task: str, context: Context, method: str, config: EvalConfig, done: set) -> bool:
-    return any((task, context.cid, q.qid, method, float(r)) not in done
-               for q in context.questions for r in _ratios(method, config))
+    """Whether any row of ``method`` (with or without decode eviction) is still to do for ``context``."""
+    return any((task, context.cid, q.qid, method_label(method, d), float(r)) not in done
+               for q in context.questions for r in _ratios(method, config) for d in (None, *config.decode_ratios))
 
 
 def check_predictor_source(config: EvalConfig) -> str | None:
     """Where the run's `ScorePredictor` comes from (None: no predicted method asked for); raises a ValueError that
     says what to do when a predicted method is asked for and none is given or shipped for ``config.model``."""
-    wanted = [m for m in config.methods if m in PREDICTED_METHODS]
+    wanted = [f"method {m!r}" for m in config.methods if m in PREDICTED_METHODS]
+    if config.decode_ratios:
+        wanted.append(f"decode_ratios={config.decode_ratios}")
     if not wanted:
         return None
     if config.predictor:
@@ -200,7 +245,7 @@ def check_predictor_source(config: EvalConfig) -> str | None:
     shipped = shipped_predictors()
     if config.model not in shipped:
         raise ValueError(
-            f"the methods {wanted} need a score predictor and none is shipped for {config.model!r} (shipped: "
+            f"{' and '.join(wanted)} need a score predictor and none is shipped for {config.model!r} (shipped: "
             f"{', '.join(sorted(shipped)) or 'none'}). Pass --predictor (EvalConfig.predictor: a shipped name, a "
             f"file, a folder or a Hub repo), or train one with `python -m kvzip_cache.train_predictor --model "
             f"{config.model}`."
@@ -229,6 +274,10 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
     if any(not 0.0 < r <= 1.0 for r in config.ratios):
         raise ValueError(f"ratios are fractions of context pairs kept, in (0, 1]; got {config.ratios}")
+    if any(not 0.0 < r <= 1.0 for r in config.decode_ratios):
+        raise ValueError(f"decode_ratios are fractions of the answer's pairs kept, in (0, 1]; got {config.decode_ratios}")
+    if isinstance(config.decode_window, bool) or not isinstance(config.decode_window, int) or config.decode_window < 1:
+        raise ValueError(f"decode_window must be a positive number of tokens; got {config.decode_window!r}")
     if config.batch_contexts is not None and config.batch_contexts < 1:
         raise ValueError(f"batch_contexts must be >= 1; got {config.batch_contexts}")
     check_predictor_source(config)  # before loading anything
@@ -256,9 +305,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
                                                       config.max_questions, config.seed) for task in config.tasks}
     batch = _batch_contexts(config, next(model.parameters()).device)
     expected = {
-        (task, c.cid, q.qid, m, float(r))
+        (task, c.cid, q.qid, method_label(m, d), float(r))
         for task, cs in contexts.items() for c in cs for q in c.questions for m in config.methods
-        for r in _ratios(m, config)
+        for r in _ratios(m, config) for d in (None, *config.decode_ratios)
     }
     bar = tqdm(total=len(expected), initial=len(expected & done), desc="eval", unit="q")
     with path.open("a") as handle, bar:
@@ -275,7 +324,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
                                   head_scores, predictor)
 
     rows = [r for r in read_rows(path) if r.get("model") == config.model and r["task"] in config.tasks
-            and r["method"] in config.methods]
+            and r["method"] in labels(config)]
     (out / "summary.md").write_text(summary_markdown(rows, config))
     plot(rows, config, out / "score_vs_ratio.png")
     return rows
@@ -326,7 +375,7 @@ def cell_stats(rows: list[dict], seed: int = 0) -> dict[tuple[str, str, str, flo
 
 def _method_value(cells: dict, task: str, metric: str, method: str, ratio: float):
     # "full" never evicts: its one value (ratio 1.0) holds for every ratio
-    return cells.get((task, metric, method, 1.0 if method == "full" else ratio))
+    return cells.get((task, metric, method, 1.0 if _base_method(method) == "full" else ratio))
 
 
 def summary_markdown(rows: list[dict], config: EvalConfig) -> str:
@@ -338,13 +387,18 @@ def summary_markdown(rows: list[dict], config: EvalConfig) -> str:
              "ratio = fraction of context KV pairs kept; query-agnostic (compressed once per context, all questions "
              "asked from the same cache); `full` keeps everything. Cells: mean [95% bootstrap interval over "
              "questions]; n = questions per cell.", ""]
+    if config.decode_ratios:
+        lines += [f"`<method> +decode <r>`: the same, and the answer too is compressed while it is generated "
+                  f"(`evict_while_decoding`, score predictor, window {config.decode_window}): every "
+                  f"{config.decode_window} tokens the oldest ones of the question and answer keep a fraction r of "
+                  "their pairs.", ""]
     for task in config.tasks:
         for metric in task_metrics(task):
             n = sum(1 for r in rows if r["task"] == task and r["method"] == config.methods[0])
             lines += [f"## {task} — {metric} ({n} rows per method)", "",
                       "| method | n | " + " | ".join(f"{r:g}" for r in ratios) + " |",
                       "|---|---:|" + "---:|" * len(ratios)]
-            for method in config.methods:
+            for method in labels(config):
                 row = [_method_value(cells, task, metric, method, r) for r in ratios]
                 counts = sorted({c.n for c in row if c is not None})
                 count = "" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -370,12 +424,12 @@ def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
     panels = [(task, metric) for task in config.tasks for metric in task_metrics(task)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (task, metric) in zip(axes[0], panels):
-        for method in config.methods:
+        for method in labels(config):
             points = [(r, _method_value(cells, task, metric, method, r)) for r in ratios]
             points = [(r, c) for r, c in points if c is not None]
             if points:
                 # The full cache is a dashed reference line, with markers so that a one-ratio run still shows it.
-                style = "--s" if method == "full" else "-o"
+                style = "--s" if _base_method(method) == "full" else "-o"
                 xs = [r for r, _ in points]
                 (line,) = ax.plot(xs, [c.mean for _, c in points], style, label=method)
                 ax.fill_between(xs, [c.lo for _, c in points], [c.hi for _, c in points], color=line.get_color(),
