@@ -41,7 +41,7 @@ def dist(tmp_path_factory) -> dict[str, Path]:
 
 def test_distributions_carry_kernels_head_scores_and_one_version(dist):
     manifest = json.loads((ROOT / "scores" / "manifest.json").read_text())
-    kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
+    kernels = sorted(p.name for p in (ROOT / "src" / "kvzip_cache" / "kernels").glob("*.py"))
     with zipfile.ZipFile(dist["wheel"]) as wheel:
         names = set(wheel.namelist())
         metadata = wheel.read(f"kvzip_cache-{__version__}.dist-info/METADATA").decode()
@@ -56,7 +56,7 @@ def test_distributions_carry_kernels_head_scores_and_one_version(dist):
     with tarfile.open(dist["sdist"]) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     for needed in ["pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "scores/manifest.json",
-                   *(f"kernels/{k}" for k in kernels), *(f"scores/{e['file']}" for e in manifest.values())]:
+                   *(f"src/kvzip_cache/kernels/{k}" for k in kernels), *(f"scores/{e['file']}" for e in manifest.values())]:
         assert needed in members, f"{needed} is missing from the sdist"
     # The changelog has an entry for the version being built.
     assert re.search(rf"^## \[{re.escape(__version__)}\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
@@ -93,3 +93,19 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_readme_demo(dist, tmp_path)
     before, after = map(float, sizes.groups())
     assert 0.25 < after / before < 0.40, demo  # ratio 0.3 of the context, plus the protected prefix
     assert "[ok] full cache" in demo, demo
+
+
+
+def test_the_checkout_on_sys_path_shadows_no_installed_package(tmp_path):
+    """`python -m ...` from the repository root puts the checkout first on sys.path; no top-level folder of ours may
+    then stand in for an installed package (a top-level kernels/ hid Hugging Face's `kernels`, which transformers
+    >= 5.25 imports at `from transformers import AutoModelForCausalLM`)."""
+    ours = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
+    # Looked up from outside the checkout: which of these names does the environment itself provide?
+    found = _run([sys.executable, "-c", "import importlib.util, sys; "
+                  "print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n)))", *ours],
+                 cwd=tmp_path, timeout=120)
+    assert found.split() == [], f"top-level folders of the checkout shadow installed packages: {found}"
+    out = _run([sys.executable, "-c", "from transformers import AutoModelForCausalLM; import kvzip_cache.kernels as k; "
+                "print(k.__file__)"], cwd=ROOT, timeout=300)
+    assert Path(out.strip()).is_relative_to(ROOT / "src"), out

@@ -1,4 +1,4 @@
-"""Triton kernels of kvzip-cache (shipped in the wheel as ``kvzip_cache.kernels``).
+"""Triton kernels of kvzip-cache.
 
 Each kernel has a plain-PyTorch reference with the same contract; `tests/test_kernels.py` compares them on random
 inputs of awkward shapes (on a GPU, or on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``).
