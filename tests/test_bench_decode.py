@@ -26,8 +26,9 @@ def test_decode_rows_bound_the_answer_only_with_eviction_and_roll_back(tmp_path)
     context_bytes = base.kv_bytes()
     args = Namespace(ratios=[0.5, 0.25], window=8, new_tokens=80, question_tokens=6, sample_every=16)
 
-    rows = {mode: decode_row(model, predictor, base, mode, args) for mode in ("off", "on")}
+    runs = [decode_row(model, predictor, base, mode, args, repeat) for repeat in (0, 1) for mode in ("off", "on")]
 
+    rows = {row.mode: row for row in runs if row.repeat == 0}
     off, on = rows["off"], rows["on"]
     assert base.kv_bytes() == context_bytes and base.decode_eviction is None  # rolled back, turned off
     assert off.evictions == 0 and off.tail_tokens == 6 + 80 - 1  # the last token is sampled, never forwarded
@@ -37,16 +38,20 @@ def test_decode_rows_bound_the_answer_only_with_eviction_and_roll_back(tmp_path)
     steady = {tokens: kv for tokens, kv, _ in on.curve}  # from 32 tokens on, the tail's buffer no longer grows:
     assert abs(steady[80] - steady[32] - 0.25 * 48 * token_gb) < 1e-12  # 6 evictions keep 2 of 8 tokens' pairs each
     assert on.context_kv_gb == off.context_kv_gb == context_bytes / 1e9
-    for row in rows.values():
+    assert on.eviction_step_ms > 0 and off.eviction_step_ms != off.eviction_step_ms  # NaN: no step evicted
+    for row in runs:
+        assert row.steady_median_ms > 0
         assert row.generate_s > 0 and row.ms_per_token > 0 and row.curve[-1][0] == 80 and not row.notes
         assert row.max_kv_gb >= row.end_kv_gb
 
     machine = {"gpu": "cpu", "torch": torch.__version__, "transformers": "-", "commit": "-", "date": "-"}
-    for mode, row in rows.items():
+    for mode in ("off", "on"):
         record = {"machine": machine, "model": "tiny", "dtype": "float32", "weights_gb": 0.0,
-                  "copy_bandwidth_tbps": 0.0, "predictor": "mlp", "rows": [asdict(row)]}
+                  "copy_bandwidth_tbps": 0.0, "predictor": "mlp",
+                  "rows": [asdict(row) for row in runs if row.mode == mode]}
         (tmp_path / f"decode_eviction_{mode}.json").write_text(json.dumps(record))
     write_decode_report(tmp_path)
     report = (tmp_path / "decode_eviction.md").read_text()
-    assert "| on | 96 | 0.25 | 8 | 80 |" in report and "the answer's KV grows by" in report
+    assert "| on | 1 | 96 | 0.25 | 8 | 80 |" in report and "the answer's KV grows by" in report
+    assert "alternated 2 times" in report and "(repeats " in report and "Eviction steps add" in report
     assert (tmp_path / "decode_eviction.png").stat().st_size > 0

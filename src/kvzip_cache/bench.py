@@ -916,6 +916,8 @@ def main(argv=None) -> None:
                              "(kvzip_cache.bench_decode); writes decode_eviction_<mode>.json, decode_eviction.md/.png")
     parser.add_argument("--new-tokens", type=int, default=8192, help="with --decode-eviction: tokens generated")
     parser.add_argument("--window", type=int, default=128, help="with --decode-eviction: evict_while_decoding's window")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --decode-eviction: run the modes alternately this many times on one context")
     parser.add_argument("--sample-every", type=int, default=256,
                         help="with --decode-eviction: generated tokens between two KV memory samples")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))

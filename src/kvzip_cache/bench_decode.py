@@ -12,8 +12,14 @@ answered by one plain ``model.generate`` of exactly ``--new-tokens`` greedy toke
   ``window`` tokens the oldest tail window is scored and only ``ratio`` of its pairs are kept.
 
 A stopping criterion that never stops takes the time after every step (synchronised) and, every ``--sample-every``
-tokens, the cache's `KVzipCache.kv_bytes` and the GPU memory allocated. Each mode writes
-``decode_eviction_<mode>.json`` under ``--out``, so the modes can run in separate processes (one device call each);
+tokens, the cache's `KVzipCache.kv_bytes` and the GPU memory allocated. It also notes which steps ran an eviction,
+so that a row separates the steady step (median of the steps that evicted nothing) from the cost of an eviction.
+
+``--repeats N`` runs the modes alternately N times on one compressed context (off, on, off, on, ...; rolled back in
+between): eager decoding is bound by the host, and two processes, or two minutes apart, can differ by a few percent,
+so a difference between the modes counts only where it exceeds the spread between repeats of one mode.
+
+Each mode writes ``decode_eviction_<mode>.json`` under ``--out``, so modes can also run in separate processes;
 ``decode_eviction.md`` and ``decode_eviction.png`` are rebuilt from every such file there
 (``python -m kvzip_cache.bench_decode --report DIR`` rebuilds them without a GPU).
 """
@@ -45,11 +51,14 @@ class DecodeRow:
     ratio: float  # the context's compression ratio (and, with "on", the generated tokens' too)
     window: int
     new_tokens: int
+    repeat: int = 0  # which of the --repeats alternations
     generate_s: float = float("nan")
     ms_per_token: float = float("nan")  # generate_s / new_tokens: every step, evicting ones included
     median_step_ms: float = float("nan")
     max_step_ms: float = float("nan")
     last_1k_ms_per_token: float = float("nan")  # the last 1,024 steps: where the tail is longest without eviction
+    steady_median_ms: float = float("nan")  # median of the steps that ran no eviction
+    eviction_step_ms: float = float("nan")  # mean of the steps that ran one (NaN: none did)
     context_kv_gb: float = float("nan")  # kv_bytes() of the compressed context, before generating
     end_kv_gb: float = float("nan")  # kv_bytes() after the last token
     max_kv_gb: float = float("nan")  # the largest sampled kv_bytes()
@@ -72,31 +81,41 @@ def _allocated_gb() -> float:
 
 
 class _StepClock(StoppingCriteria):
-    """Never stops; records the time after every decode step and, every ``every`` steps, the cache's KV GB."""
+    """Never stops; records the time after every decode step, whether that step ran an eviction, and, every
+    ``every`` steps, the cache's KV GB."""
 
     def __init__(self, cache: KVzipCache, every: int) -> None:
         self.cache, self.every = cache, every
         self.times: list[float] = []
+        self.evicted: list[bool] = []  # per step
         self.curve: list[tuple[int, float, float]] = []
+
+    def _evictions(self) -> int:
+        eviction = self.cache.decode_eviction
+        return 0 if eviction is None else len(eviction.history)
 
     def start(self) -> None:
         _sync()
-        self.times = [time.perf_counter()]
+        self.times, self.evicted, self._seen = [time.perf_counter()], [], self._evictions()
         self.curve = [(0, self.cache.kv_bytes() / GB, _allocated_gb())]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
         _sync()
         self.times.append(time.perf_counter())
+        seen = self._evictions()
+        self.evicted.append(seen > self._seen)
+        self._seen = seen
         steps = len(self.times) - 1
         if steps % self.every == 0:
             self.curve.append((steps, self.cache.kv_bytes() / GB, _allocated_gb()))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, args) -> DecodeRow:
+def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, args, repeat: int = 0) -> DecodeRow:
     """Generate ``args.new_tokens`` tokens after the compressed ``base`` (rolled back afterwards) in ``mode``."""
     ratio = min(args.ratios)
-    row = DecodeRow(mode, base.context_length, ratio, args.window, args.new_tokens, context_kv_gb=base.kv_bytes() / GB)
+    row = DecodeRow(mode, base.context_length, ratio, args.window, args.new_tokens, repeat,
+                    context_kv_gb=base.kv_bytes() / GB)
     if mode == "on":
         base.evict_while_decoding(model, predictor, ratio, window=args.window)
     question = torch.randint(10, model.config.vocab_size, (1, args.question_tokens), device=model.device)
@@ -115,6 +134,9 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.ms_per_token = 1e3 * row.generate_s / len(steps)
     row.median_step_ms, row.max_step_ms = statistics.median(steps), max(steps)
     row.last_1k_ms_per_token = statistics.mean(steps[-1024:])
+    row.steady_median_ms = statistics.median(t for t, evicted in zip(steps, clock.evicted) if not evicted)
+    evicting = [t for t, evicted in zip(steps, clock.evicted) if evicted]
+    row.eviction_step_ms = statistics.mean(evicting) if evicting else float("nan")
     row.end_kv_gb, row.end_allocated_gb, row.peak_generate_gb = base.kv_bytes() / GB, _allocated_gb(), _peak_gb()
     row.curve = clock.curve + [(len(steps), row.end_kv_gb, row.end_allocated_gb)]
     row.max_kv_gb = max(kv for _, kv, _ in row.curve)
@@ -128,9 +150,10 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
 
 
 def _line(row: DecodeRow) -> str:
-    return (f"{row.mode:3} ctx {row.context:>6} r {row.ratio:g} w {row.window}: {row.new_tokens} tokens in "
-            f"{row.generate_s:6.1f}s = {row.ms_per_token:5.2f} ms/token (median step {row.median_step_ms:5.2f}, max "
-            f"{row.max_step_ms:6.1f}, last 1K {row.last_1k_ms_per_token:5.2f}); KV {row.context_kv_gb:.3f} -> "
+    return (f"{row.mode:3} #{row.repeat} ctx {row.context:>6} r {row.ratio:g} w {row.window}: {row.new_tokens} tokens "
+            f"in {row.generate_s:6.1f}s = {row.ms_per_token:5.2f} ms/token (median step {row.median_step_ms:5.2f}, "
+            f"steady {row.steady_median_ms:5.2f}, evicting {row.eviction_step_ms:6.1f}, max {row.max_step_ms:6.1f}, "
+            f"last 1K {row.last_1k_ms_per_token:5.2f}); KV {row.context_kv_gb:.3f} -> "
             f"{row.end_kv_gb:.3f} GB (max {row.max_kv_gb:.3f}), allocated {row.end_allocated_gb:.2f} GB, peak "
             f"{row.peak_generate_gb:.2f} GB; {row.evictions} evictions, {row.tail_tokens} tail tokens")
 
@@ -145,26 +168,26 @@ def run_decode(args) -> list[dict]:
     predictor = ScorePredictor.init(model, args.predictor or "mlp", seed=0).to(device)
     warm_up(model, device, predictor)
     _warm_up_decode_eviction(model, predictor, device, args.window)
-    records = []
-    for mode in args.decode_eviction:
-        rows = []
-        for context in args.contexts:
-            ids = torch.randint(10, model.config.vocab_size, (1, context), device=device)
-            base = KVzipCache(model)
-            base.prefill(model, ids, context_start=CONTEXT_START, chunk_size=args.prefill_chunk)
-            base.compress(model, min(args.ratios), predictor=predictor)
-            row = decode_row(model, predictor, base, mode, args)
-            print(_line(row), flush=True)
-            rows.append(row)
-            del base
-            _free()
-        record = {"machine": _machine(), "model": args.model, "dtype": args.dtype, "weights_gb": weight_bytes / GB,
-                  "copy_bandwidth_tbps": bandwidth / 1e12, "predictor": predictor.kind,
-                  "rows": [asdict(r) for r in rows]}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"decode_eviction_{mode}.json").write_text(json.dumps(record, indent=2))
-        records.append(record)
-    return records
+    rows: dict[str, list[DecodeRow]] = {mode: [] for mode in args.decode_eviction}
+    records = {}
+    for context in args.contexts:
+        ids = torch.randint(10, model.config.vocab_size, (1, context), device=device)
+        base = KVzipCache(model)
+        base.prefill(model, ids, context_start=CONTEXT_START, chunk_size=args.prefill_chunk)
+        base.compress(model, min(args.ratios), predictor=predictor)
+        for repeat in range(getattr(args, "repeats", 1)):
+            for mode in args.decode_eviction:  # alternately: see the module docstring
+                row = decode_row(model, predictor, base, mode, args, repeat)
+                print(_line(row), flush=True)
+                rows[mode].append(row)
+                records[mode] = {"machine": _machine(), "model": args.model, "dtype": args.dtype,
+                                 "weights_gb": weight_bytes / GB, "copy_bandwidth_tbps": bandwidth / 1e12,
+                                 "predictor": predictor.kind, "rows": [asdict(r) for r in rows[mode]]}
+                args.out.mkdir(parents=True, exist_ok=True)  # written after every row: a time-out keeps the rest
+                (args.out / f"decode_eviction_{mode}.json").write_text(json.dumps(records[mode], indent=2))
+        del base
+        _free()
+    return list(records.values())
 
 
 def _warm_up_decode_eviction(model, predictor: ScorePredictor, device: str, window: int) -> None:
@@ -191,34 +214,64 @@ def write_decode_report(out: Path) -> None:
     records = read_records(out)
     if not records:
         raise SystemExit(f"no decode_eviction_<mode>.json under {out}")
-    rows = [row for record in records for row in record["rows"]]
+    rows = [{"repeat": 0, "steady_median_ms": float("nan"), "eviction_step_ms": float("nan"), **row}
+            for record in records for row in record["rows"]]  # files written before --repeats lack these fields
+    rows.sort(key=lambda r: (r["context"], r["repeat"], MODES.index(r["mode"])))
+    repeats = max(r["repeat"] for r in rows) + 1
+    how = (f"the modes alternated {repeats} times on one compressed context, in one process" if repeats > 1
+           else "one run per mode (see each JSON's machine record)")
     lines = _header(records[0], "Eviction while decoding") + [
-        f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy, eager `model.generate`; one "
-        "process per mode (see each JSON's machine record).",
+        f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy, eager `model.generate`; {how}. "
+        "Steady step: the median of the steps that ran no eviction; evicting step: the mean of those that ran one.",
         "",
-        "| mode | context | ratio | window | new tokens | generate s | ms/token | median step ms | max step ms "
-        "| last 1K ms/token | context KV GB | end KV GB | max KV GB | allocated GB | peak GB | evictions | tail tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | repeat | context | ratio | window | new tokens | generate s | ms/token | median step ms "
+        "| steady step ms | evicting step ms | max step ms | last 1K ms/token | context KV GB | end KV GB "
+        "| max KV GB | allocated GB | peak GB | evictions | tail tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['context']} | {r['ratio']:g} | {r['window']} | {r['new_tokens']} | "
-            f"{r['generate_s']:.1f} | {r['ms_per_token']:.2f} | {r['median_step_ms']:.2f} | {r['max_step_ms']:.1f} | "
+            f"| {r['mode']} | {r['repeat']} | {r['context']} | {r['ratio']:g} | {r['window']} | {r['new_tokens']} | "
+            f"{r['generate_s']:.1f} | {r['ms_per_token']:.2f} | {r['median_step_ms']:.2f} | "
+            f"{r['steady_median_ms']:.2f} | {r['eviction_step_ms']:.1f} | {r['max_step_ms']:.1f} | "
             f"{r['last_1k_ms_per_token']:.2f} | {r['context_kv_gb']:.3f} | {r['end_kv_gb']:.3f} | "
             f"{r['max_kv_gb']:.3f} | {r['end_allocated_gb']:.2f} | {r['peak_generate_gb']:.2f} | {r['evictions']} | "
             f"{r['tail_tokens']} |"
         )
-    by_mode = {(r["mode"], r["context"]): r for r in rows}
     for context in sorted({r["context"] for r in rows}):
-        off, on = by_mode.get(("off", context)), by_mode.get(("on", context))
-        if off and on:
-            grown_off, grown_on = off["end_kv_gb"] - off["context_kv_gb"], on["end_kv_gb"] - on["context_kv_gb"]
-            lines += ["", f"Context {context}: the answer's KV grows by {grown_off:.3f} GB without eviction and "
-                      f"{grown_on:.3f} GB with it ({grown_on / grown_off:.2f}x); the whole cache ends at "
-                      f"{on['end_kv_gb'] / off['end_kv_gb']:.2f}x; ms/token {on['ms_per_token']:.2f} vs "
-                      f"{off['ms_per_token']:.2f} ({100 * (on['ms_per_token'] / off['ms_per_token'] - 1):+.1f}%)."]
+        lines += ["", *_comparison([r for r in rows if r["context"] == context and r["mode"] == "off"],
+                                   [r for r in rows if r["context"] == context and r["mode"] == "on"])]
     (out / "decode_eviction.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "decode_eviction.png")
+
+
+def _comparison(off: list[dict], on: list[dict]) -> list[str]:
+    """What eviction changed for one context: the answer's KV, ms/token against the spread between repeats of one
+    mode, and the share of the time spent in eviction steps."""
+    if not off or not on:
+        return []
+
+    def spread(rows: list[dict]) -> str:
+        values = [r["ms_per_token"] for r in rows]
+        mean = statistics.mean(values)
+        return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} (repeats {min(values):.2f}-{max(values):.2f})"
+
+    first_off, first_on = off[0], on[0]
+    grown_off = first_off["end_kv_gb"] - first_off["context_kv_gb"]
+    grown_on = first_on["end_kv_gb"] - first_on["context_kv_gb"]
+    off_ms = statistics.mean(r["ms_per_token"] for r in off)
+    on_ms = statistics.mean(r["ms_per_token"] for r in on)
+    lines = [f"Context {first_off['context']}: the answer's KV grows by {grown_off:.3f} GB without eviction and "
+             f"{grown_on:.3f} GB with it ({grown_on / grown_off:.2f}x); the whole cache ends at "
+             f"{first_on['end_kv_gb'] / first_off['end_kv_gb']:.2f}x. ms/token: off {spread(off)}, on {spread(on)} "
+             f"({100 * (on_ms / off_ms - 1):+.1f}%)."]
+    evicting = [r for r in on if r["evictions"] and r["eviction_step_ms"] == r["eviction_step_ms"]]  # not NaN
+    if evicting:
+        extra = statistics.mean((r["eviction_step_ms"] - r["steady_median_ms"]) * r["evictions"] / r["new_tokens"]
+                                for r in evicting)
+        lines.append(f"Eviction steps add {extra:.2f} ms per generated token on average ({100 * extra / off_ms:.1f}% "
+                     "of the off mode's ms/token); the rest of the difference is in the steady steps.")
+    return lines
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -230,7 +283,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         tokens, kv = [c[0] for c in r["curve"]], [c[1] for c in r["curve"]]
-        ax.plot(tokens, kv, label=f"{r['mode']}: ctx {r['context']}, {r['ms_per_token']:.1f} ms/token")
+        if r["repeat"] == 0:  # the repeats draw the same curve
+            ax.plot(tokens, kv, label=f"{r['mode']}: ctx {r['context']}, {r['ms_per_token']:.1f} ms/token")
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("KV cache GB (kv_bytes)")
     ax.set_title("Eviction while decoding")
