@@ -58,7 +58,7 @@ def _reference_decode(reference, predictor, cache, ids, mask, question, question
     total = full_ids.shape[1]
     hidden = {i: torch.zeros(batch, heads, total, dtype=torch.bool) for i in layers}
     base = cache.context_offset
-    evicted_context = cache._selectable() & ~cache.keep_mask  # [L, B, H, ctx_len - base]
+    evicted_context = cache.selectable_pairs() & ~cache.keep_mask  # [L, B, H, ctx_len - base]
     for i in layers:
         hidden[i][:, :, base:ctx_len] = evicted_context[i]
     dense = DynamicCache(config=config)

@@ -168,7 +168,7 @@ def test_attention_baselines_layout_and_kept_window(smollm, method):
     cache = KVzipCache(model)
     cache.prefill(model, ids, context_start=start)
     scores = snapkv_scores(model, cache, window=8) if method == "snapkv" else h2o_scores(model, cache, recent=8)
-    selectable = cache._selectable()
+    selectable = cache.selectable_pairs()
     assert scores.shape == selectable.shape
     assert torch.equal(~torch.isnan(scores), selectable)
     assert model.config._attn_implementation == "kvzip"  # restored after the eager pass
@@ -260,7 +260,7 @@ def test_scored_sweeps_keep_round_ratio_of_each_row_nested(method):
     model, _ = make_pair("llama")
     predictor = ScorePredictor.init(model, "mlp", seed=1)
     cache = _padded_batch(model)
-    selectable = cache._selectable().flatten(2).sum(dim=(0, 2)).tolist()  # per row
+    selectable = cache.selectable_pairs().flatten(2).sum(dim=(0, 2)).tolist()  # per row
     previous = None
     for ratio in sweep(method, model, ByteTokenizer(), cache, [1.0, 0.5, 0.25], predictor=predictor):
         assert cache.score_source == ("kvzip+" if method == "kvzip+" else "predicted")

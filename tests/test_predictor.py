@@ -78,7 +78,7 @@ def test_predicted_compress_equals_evict_of_the_predictions_and_runs_no_forward(
         keys, values = dense.layers[idx].keys[:, :, 2:], dense.layers[idx].values[:, :, 2:]
         features = torch.cat([unrotate(keys, cos, sin), values], -1).permute(0, 2, 1, 3).flatten(2)
         expected[idx] = predictor.layers[idx](features).transpose(1, 2)
-    selectable = dense._selectable()
+    selectable = dense.selectable_pairs()
     expected = expected.masked_fill(~selectable, float("nan"))
 
     calls, handle = _count_forwards(model)

@@ -130,7 +130,7 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.context is not None and not self.segments)
     @rule(seed=st.integers(0, 50), keep_share=st.floats(0.2, 1.0))
     def evict(self, seed, keep_share):
-        selectable = self.cache._selectable()
+        selectable = self.cache.selectable_pairs()
         keep = torch.rand(selectable.shape, generator=torch.Generator().manual_seed(seed)) < keep_share
         if self.cache.keep_mask is not None:
             keep &= self.cache.keep_mask

@@ -470,7 +470,7 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
                   plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb,
                   bound_gb=m.before_gb + ratio * full_kv_gb + chunk_gb,
                   kv_gb=(cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms=decode_ms(cache))
-        achieved = int(cache.keep_mask.sum()) / max(int(cache._selectable().sum()), 1)
+        achieved = int(cache.keep_mask.sum()) / max(int(cache.selectable_pairs().sum()), 1)
         row.notes.append(f"achieved ratio {achieved:.3f}")
         rows.append(row)
         print(_predictor_line(row), flush=True)

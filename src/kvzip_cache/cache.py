@@ -108,8 +108,9 @@ class KVzipCache(Cache):
     modules, recorded at `prefill`, `compress` and `load`, so no host sync: another model object, even an identical
     copy that did not compress or load the cache, is refused; `evict` takes no model and keeps the recorded one).
     A cache prefilled but not compressed is as a `DynamicCache` and is not checked at ``generate``. An interrupted
-    `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an interrupted scoring pass leaves it exactly as it was; an eviction interrupted after some layers evicted resets it.
-    The exception is re-raised with a note saying which.
+    `prefill` (out of memory, KeyboardInterrupt) resets the cache to empty; an interrupted scoring pass leaves it
+    exactly as it was; an eviction interrupted after some layers evicted resets it. The exception is re-raised with
+    a note saying which.
     """
 
     def __init__(self, model_or_config) -> None:
@@ -542,7 +543,7 @@ class KVzipCache(Cache):
         head_scores = _head_score_tensor(model, head_scores)
         scored_with = self._check_tokenizer(tokenizer) if tokenizer is not None else None
         bytes_before = self.kv_bytes()
-        selectable = self._selectable()
+        selectable = self.selectable_pairs()
         if level == "head":
             keep = select_heads(selectable, torch.as_tensor(head_scores), ratio)
             if self.keep_mask is not None:  # re-selection (or after a custom evict): evicted pairs stay evicted
@@ -674,8 +675,10 @@ class KVzipCache(Cache):
             scores[idx] = predicted.to(scores.device)
         return scores.masked_fill_(~selectable, float("nan"))
 
-    def _selectable(self) -> torch.Tensor:
-        """``[L, B, H, C]`` bool: context pairs of full-attention layers that are real tokens."""
+    def selectable_pairs(self) -> torch.Tensor:
+        """``[L, B, H, C]`` bool, the layout of `scores` and `keep_mask`: the context pairs that compete for the budget
+        (full-attention layers, real tokens after the protected prefix). A custom selection for `evict` keeps a
+        subset of them; ``cache.evict(cache.selectable_pairs())`` keeps every pair and makes the layers ragged."""
         base = self.context_offset
         positions = torch.arange(base, self.context_length, device=self.attention_mask.device)
         in_context = positions[None, :] >= self.context_start[:, None]  # [B, C]
@@ -698,7 +701,7 @@ class KVzipCache(Cache):
         if self.get_seq_length() != self.context_length:
             raise RuntimeError("tokens were appended after the context; call cache.rollback() before evict()")
         self._check_rows_as_prefilled("evict()")
-        selectable = self._selectable()
+        selectable = self.selectable_pairs()
         keep_mask = torch.as_tensor(keep_mask, device=selectable.device)
         if keep_mask.shape != selectable.shape or keep_mask.dtype != torch.bool:
             raise ValueError(

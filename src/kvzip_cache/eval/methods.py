@@ -158,7 +158,7 @@ def _finish(per_layer: list[torch.Tensor], cache: KVzipCache, always_kept: int) 
         values[..., values.shape[-1] - min(always_kept, seq - cache.context_offset) :] = float("inf")
     finite = values[torch.isfinite(values)]
     values = values.masked_fill(torch.isinf(values), (float(finite.max()) if finite.numel() else 0.0) + 1.0)
-    return values.masked_fill(~cache._selectable().cpu(), float("nan"))
+    return values.masked_fill(~cache.selectable_pairs().cpu(), float("nan"))
 
 
 def snapkv_scores(
@@ -205,7 +205,7 @@ def _streaming_window(cache: KVzipCache, selectable: torch.Tensor) -> torch.Tens
 
 def baseline_scores(method: str, model, cache: KVzipCache, seed: int = 0) -> torch.Tensor:
     """``[L, B, H, C]`` query-agnostic scores of a baseline, from the prefilled dense ``cache``."""
-    selectable = cache._selectable()
+    selectable = cache.selectable_pairs()
     if method == "random":
         return random_scores(selectable, seed)
     if method == "streaming":
@@ -268,7 +268,7 @@ def sweep(
             yield ratio
         return
     if method in HEAD_METHODS:
-        selectable = cache._selectable()
+        selectable = cache.selectable_pairs()
         if head_scores is None:  # each row (context) ranks its heads by its own pair scores
             if kvzip_scores is None:
                 kvzip_scores = score_by_reconstruction(cache, model, tokenizer)

@@ -131,7 +131,7 @@ def answer_shared(model, tokenizer, cache: KVzipCache, questions: list[list[str]
     it a compressed cache that shares its rows. Returns the answers in the layout of ``questions``.
     """
     if not cache.is_compressed:
-        cache.evict(cache._selectable())
+        cache.evict(cache.selectable_pairs())
     repeats = max(len(q) for q in questions)
     prompts = [qs[min(r, len(qs) - 1)] for qs in questions for r in range(repeats)]
     query_ids, query_mask = encode_queries(tokenizer, prompts)
@@ -182,7 +182,7 @@ def evaluate_contexts(
                            for c, qs in zip(contexts, pending)]
                 if decode_ratio is not None:
                     if not cache.is_compressed:  # full: the answer joins a ragged store that keeps every pair
-                        cache.evict(cache._selectable())
+                        cache.evict(cache.selectable_pairs())
                     cache.evict_while_decoding(model, predictor, decode_ratio, window=config.decode_window)
                 if one_by_one:
                     predictions = [[answer(model, tokenizer, cache, p, max_new_tokens) for p in prompts[0]]]
