@@ -11,33 +11,33 @@ from dataclasses import asdict
 import torch
 
 from conftest import VOCAB, make_pair
-from kvzip_cache import KVzipCache, ScorePredictor
+from kvzip_cache import ScorePredictor
 from kvzip_cache.bench import kv_bytes_per_token
-from kvzip_cache.bench_decode import decode_row, write_decode_report
+from kvzip_cache.bench_decode import decode_rows, write_decode_report
 
 
-def test_decode_rows_bound_the_answer_only_with_eviction_and_roll_back(tmp_path):
+def test_decode_rows_bound_the_answer_only_with_eviction_alternate_and_roll_back(tmp_path):
     model, _ = make_pair("llama")
     predictor = ScorePredictor.init(model, "mlp", seed=0)
     torch.manual_seed(0)
-    base = KVzipCache(model)
-    base.prefill(model, torch.randint(10, VOCAB, (1, 96)), context_start=4)
-    base.compress(model, 0.5, predictor=predictor)
-    context_bytes = base.kv_bytes()
-    args = Namespace(ratios=[0.5, 0.25], window=8, new_tokens=80, question_tokens=6, sample_every=16)
+    args = Namespace(contexts=[96], ratios=[0.5, 0.25], prefill_chunk=64, decode_eviction=["off", "on"], repeats=2,
+                     window=8, new_tokens=80, question_tokens=6, sample_every=16)
 
-    runs = [decode_row(model, predictor, base, mode, args, repeat) for repeat in (0, 1) for mode in ("off", "on")]
+    runs = decode_rows(model, predictor, args, "cpu")
 
+    assert [(row.mode, row.repeat) for row in runs] == [("off", 0), ("on", 0), ("off", 1), ("on", 1)]
+    # One compressed context serves every run: each starts from the same bytes (rolled back in between), and the
+    # off run after an on run evicts nothing (turned off again).
+    assert len({row.context_kv_gb for row in runs}) == 1 and runs[2].evictions == 0
+    assert runs[1].evictions == runs[3].evictions and runs[1].end_kv_gb == runs[3].end_kv_gb
     rows = {row.mode: row for row in runs if row.repeat == 0}
     off, on = rows["off"], rows["on"]
-    assert base.kv_bytes() == context_bytes and base.decode_eviction is None  # rolled back, turned off
     assert off.evictions == 0 and off.tail_tokens == 6 + 80 - 1  # the last token is sampled, never forwarded
     assert on.evictions > 0 and 8 <= on.tail_tokens < 2 * 8
     token_gb = kv_bytes_per_token(model.config, 4) / 1e9
     assert off.end_kv_gb - off.context_kv_gb >= (6 + 79) * token_gb  # every appended token, plus spare capacity
     steady = {tokens: kv for tokens, kv, _ in on.curve}  # from 32 tokens on, the tail's buffer no longer grows:
     assert abs(steady[80] - steady[32] - 0.25 * 48 * token_gb) < 1e-12  # 6 evictions keep 2 of 8 tokens' pairs each
-    assert on.context_kv_gb == off.context_kv_gb == context_bytes / 1e9
     assert on.eviction_step_ms > 0 and off.eviction_step_ms != off.eviction_step_ms  # NaN: no step evicted
     for row in runs:
         assert row.steady_median_ms > 0

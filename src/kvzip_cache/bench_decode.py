@@ -158,6 +158,28 @@ def _line(row: DecodeRow) -> str:
             f"{row.peak_generate_gb:.2f} GB; {row.evictions} evictions, {row.tail_tokens} tail tokens")
 
 
+def decode_rows(model, predictor: ScorePredictor, args, device: str, on_row=None) -> list[DecodeRow]:
+    """Every row of the run: per ``--contexts`` length one random context, prefilled and compressed once, then the
+    modes of ``args.decode_eviction`` alternately, ``args.repeats`` times (rolled back in between).
+
+    ``on_row(row)`` is called after each row (the GPU run writes its JSON files there, so a time-out keeps them).
+    """
+    rows = []
+    for context in args.contexts:
+        ids = torch.randint(10, model.config.vocab_size, (1, context), device=device)
+        base = KVzipCache(model)
+        base.prefill(model, ids, context_start=CONTEXT_START, chunk_size=args.prefill_chunk)
+        base.compress(model, min(args.ratios), predictor=predictor)
+        for repeat in range(args.repeats):
+            for mode in args.decode_eviction:  # alternately: see the module docstring
+                rows.append(decode_row(model, predictor, base, mode, args, repeat))
+                if on_row is not None:
+                    on_row(rows[-1])
+        del base
+        _free()
+    return rows
+
+
 def run_decode(args) -> list[dict]:
     """One result record per mode of ``args.decode_eviction`` (each also written to its JSON file)."""
     device, dtype = "cuda", getattr(torch, args.dtype)
@@ -170,23 +192,17 @@ def run_decode(args) -> list[dict]:
     _warm_up_decode_eviction(model, predictor, device, args.window)
     rows: dict[str, list[DecodeRow]] = {mode: [] for mode in args.decode_eviction}
     records = {}
-    for context in args.contexts:
-        ids = torch.randint(10, model.config.vocab_size, (1, context), device=device)
-        base = KVzipCache(model)
-        base.prefill(model, ids, context_start=CONTEXT_START, chunk_size=args.prefill_chunk)
-        base.compress(model, min(args.ratios), predictor=predictor)
-        for repeat in range(getattr(args, "repeats", 1)):
-            for mode in args.decode_eviction:  # alternately: see the module docstring
-                row = decode_row(model, predictor, base, mode, args, repeat)
-                print(_line(row), flush=True)
-                rows[mode].append(row)
-                records[mode] = {"machine": _machine(), "model": args.model, "dtype": args.dtype,
-                                 "weights_gb": weight_bytes / GB, "copy_bandwidth_tbps": bandwidth / 1e12,
-                                 "predictor": predictor.kind, "rows": [asdict(r) for r in rows[mode]]}
-                args.out.mkdir(parents=True, exist_ok=True)  # written after every row: a time-out keeps the rest
-                (args.out / f"decode_eviction_{mode}.json").write_text(json.dumps(records[mode], indent=2))
-        del base
-        _free()
+
+    def write(row: DecodeRow) -> None:
+        print(_line(row), flush=True)
+        rows[row.mode].append(row)
+        records[row.mode] = {"machine": _machine(), "model": args.model, "dtype": args.dtype,
+                             "weights_gb": weight_bytes / GB, "copy_bandwidth_tbps": bandwidth / 1e12,
+                             "predictor": predictor.kind, "rows": [asdict(r) for r in rows[row.mode]]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"decode_eviction_{row.mode}.json").write_text(json.dumps(records[row.mode], indent=2))
+
+    decode_rows(model, predictor, args, device, on_row=write)
     return list(records.values())
 
 
