@@ -149,6 +149,31 @@ def test_rollback_returns_to_the_compressed_context_and_answers_repeat():
     assert torch.equal(plain, without) and cache.kv_bytes() == compressed.kv_bytes()
 
 
+def test_a_stop_token_ends_one_row_and_leaves_the_other_row_as_without_it():
+    """Row 0 meets a stop token after evictions began; generate pads it from then on. Row 1 evicts by its own budget,
+    so its answer is the one it gives when nothing stops; row 0's answer is the same up to its stop token."""
+    model, _, predictor, cache, _, gen = _compressed("llama", "mlp", 6)
+    inputs = cache.inputs_for(torch.randint(3, 120, (2, 5), generator=gen))
+    prompt = inputs["input_ids"].shape[1]
+    cache.evict_while_decoding(model, predictor, 0.4, window=WINDOW)
+    free = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    cache.rollback()
+    answers = free[:, prompt:]
+    # a token of row 0, past the first eviction, that row 1 never generates and row 0 has not generated before
+    step = next(i for i in range(12, 24) if answers[0, i] not in answers[1] and answers[0, i] not in answers[0, :i])
+    stop = int(answers[0, step])
+    cache.evict_while_decoding(model, predictor, 0.4, window=WINDOW)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False, eos_token_id=stop,
+                         pad_token_id=0)
+    assert cache.decode_eviction.history
+    stopped = out[:, prompt:]
+    assert torch.equal(stopped[0, : step + 1], answers[0, : step + 1]) and (stopped[0, step + 1 :] == 0).all()
+    assert torch.equal(stopped[1], answers[1])
+    cache.rollback()  # back to the compressed context, ready for the next question
+    again = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(again, free)
+
+
 def test_crop_cuts_the_tail_but_not_the_answer_tokens_that_joined_the_store():
     model, _, predictor, cache, _, gen = _compressed("llama", "linear", 3)
     cache.evict_while_decoding(model, predictor, 0.3, window=WINDOW)
