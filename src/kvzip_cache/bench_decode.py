@@ -191,12 +191,12 @@ def run_decode(args) -> list[dict]:
     warm_up(model, device, predictor)
     _warm_up_decode_eviction(model, predictor, device, args.window)
     rows: dict[str, list[DecodeRow]] = {mode: [] for mode in args.decode_eviction}
-    records = {}
+    records, machine = {}, _machine()
 
     def write(row: DecodeRow) -> None:
         print(_line(row), flush=True)
         rows[row.mode].append(row)
-        records[row.mode] = {"machine": _machine(), "model": args.model, "dtype": args.dtype,
+        records[row.mode] = {"machine": machine, "model": args.model, "dtype": args.dtype,
                              "weights_gb": weight_bytes / GB, "copy_bandwidth_tbps": bandwidth / 1e12,
                              "predictor": predictor.kind, "rows": [asdict(r) for r in rows[row.mode]]}
         args.out.mkdir(parents=True, exist_ok=True)
