@@ -25,8 +25,8 @@ $PY -m kvzip_cache.eval --model gemma3-270m --task needle --num-contexts 2 \
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task gsm8k --num-contexts 3 \
     --methods full kvzip snapkv h2o --ratios 0.3 --out $R/qwen2.5-coder-1.5b-gsm8k
 # Eviction while decoding (#18): the same full context, the answer compressed as it grows (512-token answers, so
-# that GSM8K's worked solutions are not cut; about 1 h on 2 cores).
-$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task gsm8k --methods full --ratios 1.0 --num-contexts 16 \
+# that GSM8K's worked solutions are not cut; about 2 h on 2 cores).
+$PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task gsm8k --methods full --ratios 1.0 --num-contexts 48 \
     --batch-contexts 8 --max-new-tokens 512 --decode-ratios 0.3 --decode-window 32 \
     --out $R/qwen2.5-coder-1.5b-gsm8k-decode
 $PY -m kvzip_cache.eval --model qwen2.5-coder-1.5b --task hotpotqa --num-contexts 4 --context-tokens 2500 \
