@@ -88,6 +88,7 @@ class _StepClock(StoppingCriteria):
         self.cache, self.every = cache, every
         self.times: list[float] = []
         self.evicted: list[bool] = []  # per step
+        self._seen = 0  # evictions so far, as of the last step
         self.curve: list[tuple[int, float, float]] = []
 
     def _evictions(self) -> int:
@@ -255,8 +256,10 @@ def write_decode_report(out: Path) -> None:
             f"{r['tail_tokens']} |"
         )
     for context in sorted({r["context"] for r in rows}):
-        lines += ["", *_comparison([r for r in rows if r["context"] == context and r["mode"] == "off"],
-                                   [r for r in rows if r["context"] == context and r["mode"] == "on"])]
+        comparison = _comparison([r for r in rows if r["context"] == context and r["mode"] == "off"],
+                                 [r for r in rows if r["context"] == context and r["mode"] == "on"])
+        if comparison:  # both modes ran on this context
+            lines += ["", *comparison]
     (out / "decode_eviction.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "decode_eviction.png")
 
