@@ -1,0 +1,21 @@
+"""Moving code changes nothing: keep masks, scores and greedy tokens of every way of scoring and evicting, on every
+tiny architecture, are bit-identical to the recording in tests/data/golden.safetensors (see tests/golden_cases.py)."""
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ARCHS
+from golden_cases import GOLDEN, cases, differences
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return load_file(str(GOLDEN))
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outputs_are_bit_identical_to_the_recording(arch, recorded):
+    expected = {name: tensor for name, tensor in recorded.items() if name.startswith(f"{arch}.")}
+    assert expected, f"nothing recorded for {arch}"
+    assert differences(expected, cases(arch)) == []
