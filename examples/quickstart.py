@@ -17,8 +17,8 @@ import torch
 
 import kvzip_cache  # noqa: F401  (registers the "kvzip" attention implementation)
 from kvzip_cache import KVzipCache, encode_context, encode_query
-from kvzip_cache.data import essay_excerpt
-from kvzip_cache.models import load_pypi_model
+from kvzip_cache.zoo.data import essay_excerpt
+from kvzip_cache.zoo import load_pypi_model
 
 FACTS = [
     ("The special magic number for the blue vault is 4721.", "What is the special magic number for the blue vault?",
@@ -52,7 +52,7 @@ def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="a short name from kvzip_cache.models.PYPI_MODELS")
+    parser.add_argument("--model", default="smollm2-135m", help="a short name from kvzip_cache.zoo.PYPI_MODELS")
     parser.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
     parser.add_argument("--level", default="pair", choices=["pair", "pair-uniform"])
     parser.add_argument("--context-tokens", type=int, default=1500)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvzip_cache  # noqa: F401  (registers "kvzip")
 from kvzip_cache import KVzipCache
-from kvzip_cache.bench import GB, SHAPES, _machine, _NoTemplateTokenizer
+from kvzip_cache.bench import GB, SHAPES, NoTemplateTokenizer, machine_record
 from kvzip_cache.compat import cache_kwarg
 
 
@@ -86,7 +86,7 @@ def main() -> None:
         row = {"context": context, "prefill_s": time.perf_counter() - began, "peak_prefill_gb": peaks()}
         reset_peaks()
         began = time.perf_counter()
-        cache.compress(model, args.ratio, tokenizer=_NoTemplateTokenizer(), chunk_size=2048)
+        cache.compress(model, args.ratio, tokenizer=NoTemplateTokenizer(), chunk_size=2048)
         torch.cuda.synchronize()
         row.update(compress_s=time.perf_counter() - began, peak_compress_gb=peaks())
         devices = sorted({str(layer.context.keys.device) for layer in cache.layers})
@@ -98,7 +98,7 @@ def main() -> None:
         del cache
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": _machine(), "shape": args.shape, "ratio": args.ratio,
+    result = {"machine": machine_record(), "shape": args.shape, "ratio": args.ratio,
               "device_map": {k: str(v) for k, v in device_map.items()}, "rows": rows}
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     lines = ["| context | prefill s | compress s | decode ms/token | KV GB | peak GB per GPU: prefill / compress / "

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from kvzip_cache import KVzipCache, ScorePredictor, encode_context, encode_query
-from kvzip_cache.data import essay_excerpt
-from kvzip_cache.models import load_pypi_model
+from kvzip_cache.zoo.data import essay_excerpt
+from kvzip_cache.zoo import load_pypi_model
 
 FRESH = """
 import sys, time, torch
 from kvzip_cache import KVzipCache
-from kvzip_cache.models import load_pypi_model
+from kvzip_cache.zoo import load_pypi_model
 model, _ = load_pypi_model({model!r}, dtype=getattr(torch, {dtype!r}), device={device!r})
 if {device!r} == "cuda":
     torch.cuda.synchronize()

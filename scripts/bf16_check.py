@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kvzip_cache import KVzipCache
-from kvzip_cache.bench import _NoTemplateTokenizer, load_model
+from kvzip_cache.bench import NoTemplateTokenizer, load_model
 
 model = load_model("llama3.1-8b", torch.bfloat16, "cuda")
 torch.manual_seed(1)
@@ -30,7 +30,7 @@ def run(attn, cache_factory):
 def kvzip_cache():
     cache = KVzipCache(model)
     cache.prefill(model, context, context_start=16)
-    cache.compress(model, 1.0, tokenizer=_NoTemplateTokenizer())
+    cache.compress(model, 1.0, tokenizer=NoTemplateTokenizer())
     return cache
 
 

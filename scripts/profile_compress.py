@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvzip_cache import KVzipCache
-from kvzip_cache.bench import _NoTemplateTokenizer, load_model
+from kvzip_cache.bench import NoTemplateTokenizer, load_model
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 model = load_model("llama3.1-8b", torch.bfloat16, "cuda")
@@ -18,7 +18,7 @@ model.set_attn_implementation("kvzip")
 ids = torch.randint(10, 1000, (1, context), device="cuda")
 warm = KVzipCache(model)  # compile the kernels outside the measurement
 warm.prefill(model, ids[:, :4096], context_start=16)
-warm.compress(model, 0.3, tokenizer=_NoTemplateTokenizer())
+warm.compress(model, 0.3, tokenizer=NoTemplateTokenizer())
 del warm
 cache = KVzipCache(model)
 torch.cuda.synchronize()
@@ -28,7 +28,7 @@ torch.cuda.synchronize()
 prefill = time.perf_counter() - began
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     began = time.perf_counter()
-    cache.compress(model, 0.3, tokenizer=_NoTemplateTokenizer())
+    cache.compress(model, 0.3, tokenizer=NoTemplateTokenizer())
     torch.cuda.synchronize()
     compress = time.perf_counter() - began
 print(f"context {context}: prefill {prefill:.2f}s compress {compress:.2f}s ratio {compress / prefill:.2f}")

@@ -1,4 +1,4 @@
-"""How long does HeadScores.compute take? Llama-3.1-8B shape, random weights, bf16, on the GPU.
+"""How long does compute_head_scores take? Llama-3.1-8B shape, random weights, bf16, on the GPU.
 
     python scripts/time_head_scores.py [tokens_per_sample ...]    # default: 2000 8000
 
@@ -13,20 +13,20 @@ import time
 import torch
 
 import kvzip_cache  # noqa: F401 - registers the kvzip attention
-from kvzip_cache import HeadScores
-from kvzip_cache.bench import _NoTemplateTokenizer, load_model
+from kvzip_cache.bench import NoTemplateTokenizer, load_model
+from kvzip_cache.tools import compute_head_scores
 
 sizes = [int(a) for a in sys.argv[1:]] or [2000, 8000]
 model = load_model("llama3.1-8b", torch.bfloat16, "cuda")
 model.set_attn_implementation("kvzip")
-tokenizer = _NoTemplateTokenizer()
+tokenizer = NoTemplateTokenizer()
 rng = random.Random(0)
 for tokens in sizes:
     texts = ["".join(chr(rng.randrange(32, 1000)) for _ in range(tokens)) for _ in range(2)]
     for attempt in ("cold", "warm"):
         torch.cuda.synchronize()
         began = time.perf_counter()
-        scores = HeadScores.compute(model, tokenizer, texts, progress=False)
+        scores = compute_head_scores(model, tokenizer, texts, progress=False)
         elapsed = time.perf_counter() - began
         print(f"{attempt}: 2 samples x {tokens} tokens: {elapsed:.2f} s (compute reports {scores.seconds:.2f} s), "
               f"scores {tuple(scores.scores.shape)}, max {scores.scores.max():.3f}", flush=True)

@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 R=docs/results/predictors
-$PY -m kvzip_cache.train_predictor --model smollm2-135m --compare-features --out scores --report $R/smollm2-135m.json
-$PY -m kvzip_cache.train_predictor --model qwen2.5-coder-1.5b --train-texts 12 --eval-texts 4 --out scores \
+$PY -m kvzip_cache.train_predictor --model smollm2-135m --compare-features --out scores --update-shipped --report $R/smollm2-135m.json
+$PY -m kvzip_cache.train_predictor --model qwen2.5-coder-1.5b --train-texts 12 --eval-texts 4 --out scores --update-shipped \
     --report $R/qwen2.5-coder-1.5b.json
-$PY -m kvzip_cache.train_predictor --model gemma3-270m --train-texts 24 --eval-texts 6 --out scores \
+$PY -m kvzip_cache.train_predictor --model gemma3-270m --train-texts 24 --eval-texts 6 --out scores --update-shipped \
     --report $R/gemma3-270m.json
-$PY -m kvzip_cache.train_predictor --model qwen2.5-coder-0.5b --train-texts 24 --eval-texts 6 --out scores \
+$PY -m kvzip_cache.train_predictor --model qwen2.5-coder-0.5b --train-texts 24 --eval-texts 6 --out scores --update-shipped \
     --report $R/qwen2.5-coder-0.5b.json

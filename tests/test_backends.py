@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvzip_cache.backends import reference as ref
-from kvzip_cache.states import CompressedContext, RaggedKV, ScoringKV
+from kvzip_cache.storage import CompressedContext
+from kvzip_cache.views import RaggedKV, ScoringKV
 
 
 def naive(query, keys, values, allowed, scaling):

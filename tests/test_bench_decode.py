@@ -1,4 +1,4 @@
-"""CPU smoke test of the decode-eviction benchmark (kvzip_cache.bench_decode) on a tiny model.
+"""CPU smoke test of the decode-eviction benchmark (kvzip_cache.bench.decode_eviction) on a tiny model.
 
 Only that each mode's row is sane and the two differ as they must (eviction ran, the answer's KV grew less, the cache
 was rolled back); the figures themselves come from `python -m kvzip_cache.bench --decode-eviction off on` on a GPU.
@@ -12,8 +12,8 @@ import torch
 
 from conftest import VOCAB, make_pair
 from kvzip_cache import ScorePredictor
-from kvzip_cache.bench import kv_bytes_per_token
-from kvzip_cache.bench_decode import decode_rows, write_decode_report
+from kvzip_cache.bench.common import kv_bytes_per_token
+from kvzip_cache.bench.decode_eviction import decode_rows, write_decode_report
 
 
 def test_decode_rows_bound_the_answer_only_with_eviction_alternate_and_roll_back(tmp_path):

@@ -1,4 +1,5 @@
-"""CPU smoke test of the bench's score-predictor rows and capacity search (kvzip_cache.bench) on a tiny model.
+"""CPU smoke test of the bench's score-predictor rows and capacity search (kvzip_cache.bench.predictor,
+kvzip_cache.bench.capacity) on a tiny model.
 
 Only that the rows exist and are sane (times > 0, the evicting prefill keeps about ``ratio`` of the context's KV,
 the search visits the lengths it should); the figures themselves come from `python -m kvzip_cache.bench` on a GPU.
@@ -13,8 +14,10 @@ import torch
 
 from conftest import VOCAB, make_pair
 from kvzip_cache import ScorePredictor
-from kvzip_cache.bench import (GB, _context, _longest, capacity_rows, kv_bytes_per_token, predictor_rows,
-                               write_capacity_report, write_report)
+from kvzip_cache.bench.capacity import capacity_rows, longest, write_capacity_report
+from kvzip_cache.bench.common import GB, kv_bytes_per_token, random_context
+from kvzip_cache.bench.decode import write_report
+from kvzip_cache.bench.predictor import predictor_rows
 
 
 def _record(rows, **extra) -> dict:
@@ -28,7 +31,7 @@ def test_predictor_rows_measure_predicted_compress_and_the_evicting_prefill(tmp_
     predictor = ScorePredictor.init(model, "mlp", seed=0)
     torch.manual_seed(0)
     batch, context, chunk = 2, 96, 32
-    ids, mask = _context(batch, context, VOCAB, "cpu", padded=True)  # row 1: 12 tokens of left padding
+    ids, mask = random_context(batch, context, VOCAB, "cpu", padded=True)  # row 1: 12 tokens of left padding
     starts = torch.tensor([0, 12]) + 4  # 4 protected prefix tokens per row
     kv_per_token = kv_bytes_per_token(model.config, 4)
     rows = predictor_rows(model, predictor, ids, mask, starts, [0.25, 0.5], chunk=chunk, kv_per_token=kv_per_token,
@@ -91,9 +94,9 @@ def test_longest_doubles_then_bisects_and_respects_the_deadline():
         tried.append(length)
         return length <= 700_000
 
-    assert _longest(fits, 131072, 1 << 20, 65536, math.inf) == (655360, 720896, True)
+    assert longest(fits, 131072, 1 << 20, 65536, math.inf) == (655360, 720896, True)
     assert tried == [131072, 262144, 524288, 1048576, 786432, 655360, 720896]
     tried.clear()
-    assert _longest(lambda n: tried.append(n) or True, 1 << 20, 1 << 20, 65536, math.inf) == (1 << 20, None, True)
+    assert longest(lambda n: tried.append(n) or True, 1 << 20, 1 << 20, 65536, math.inf) == (1 << 20, None, True)
     assert tried == [1 << 20]
-    assert _longest(fits, 131072, 1 << 20, 65536, time.perf_counter() - 1) == (0, None, False)
+    assert longest(fits, 131072, 1 << 20, 65536, time.perf_counter() - 1) == (0, None, False)

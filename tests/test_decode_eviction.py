@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from conftest import HIDDEN_PAIRS, make_pair
+from conftest import make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
-from kvzip_cache.scorers.rotary import rotary_tables
-from kvzip_cache.selection import kept_count, select_pairs
+from kvzip_cache.selection import kept_count
+from references import decode_with_eviction, hidden_from_keep, predictor_rating
 
 WINDOW = 4
 
@@ -44,57 +44,6 @@ def _compressed(arch, kind, seed, batch=2):
     return model, reference, predictor, cache, (ids, mask, starts), gen
 
 
-def _reference_decode(reference, predictor, cache, ids, mask, question, question_mask, generated, ratio, window):
-    """Float64 replay of [context; question; generated] with its own eviction decisions.
-
-    Returns ``(logits [steps, B, V] of the generated positions, decisions [(start, keep [L, B, H, count])])``.
-    """
-    config = reference.config
-    layers, heads = _full_layers(config), config.num_key_value_heads
-    batch, ctx_len = ids.shape
-    full_ids = torch.cat([ids, question, generated], 1)
-    full_mask = torch.cat([mask, question_mask, torch.ones_like(generated)], 1).bool()
-    positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
-    total = full_ids.shape[1]
-    hidden = {i: torch.zeros(batch, heads, total, dtype=torch.bool) for i in layers}
-    base = cache.context_offset
-    evicted_context = cache.selectable_pairs() & ~cache.keep_mask  # [L, B, H, ctx_len - base]
-    for i in layers:
-        hidden[i][:, :, base:ctx_len] = evicted_context[i]
-    dense = DynamicCache(config=config)
-    steps = [(ctx_len, ctx_len + question.shape[1])]
-    steps += [(end, end + 1) for end in range(ctx_len + question.shape[1], total - 1)]
-    decided, decisions, logits = ctx_len, [], []
-    try:
-        with torch.no_grad():
-            reference(input_ids=ids, attention_mask=full_mask[:, :ctx_len].long(), position_ids=positions[:, :ctx_len],
-                      past_key_values=dense, use_cache=True)
-            for lo, hi in steps:
-                tail = lo - decided
-                if tail >= 2 * window:
-                    count = (tail - window) // window * window
-                    span = slice(decided, decided + count)
-                    selectable = full_mask[:, span]
-                    scores = torch.full((config.num_hidden_layers, batch, heads, count), float("nan"))
-                    cos, sin = rotary_tables(reference, positions[:, span])
-                    for i in layers:
-                        keys, values = dense.layers[i].keys[:, :, span], dense.layers[i].values[:, :, span]
-                        scores[i] = predictor.predict(i, keys.float(), values.float(), cos, sin)
-                    scores = scores.masked_fill(~selectable[None, :, None, :], float("nan"))
-                    keep = select_pairs(scores, ratio)
-                    for i in layers:
-                        hidden[i][:, :, span] = ~keep[i] & selectable[:, None, :]
-                    decisions.append((decided, keep))
-                    decided += count
-                HIDDEN_PAIRS.update({i: hidden[i][:, :, :hi] for i in layers})
-                out = reference(input_ids=full_ids[:, lo:hi], attention_mask=full_mask[:, :hi].long(),
-                                position_ids=positions[:, lo:hi], past_key_values=dense, use_cache=True)
-                logits.append(out.logits[:, -1])
-    finally:
-        HIDDEN_PAIRS.clear()
-    return torch.stack(logits), decisions
-
-
 @pytest.mark.parametrize("arch,batch", [("llama", 2), ("gemma3", 2), ("llama", 1)])
 def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(arch, batch):
     model, reference, predictor, cache, (ids, mask, _), gen = _compressed(arch, "mlp", 10, batch)
@@ -106,8 +55,10 @@ def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(
     out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=23,
                          min_new_tokens=23, do_sample=False, output_logits=True, return_dict_in_generate=True)
     generated = out.sequences[:, ids.shape[1] + question.shape[1]:]
-    expected, decisions = _reference_decode(reference, predictor, cache, ids, mask, question, question_mask,
-                                            generated, 0.4, WINDOW)
+    starts = cache.context_start
+    context_hidden = hidden_from_keep(cache.keep_mask, mask, starts, _full_layers(model.config), ids.shape[1])
+    expected, decisions = decode_with_eviction(reference, predictor_rating(predictor, reference), context_hidden, ids,
+                                               mask, question, question_mask, generated, 0.4, WINDOW)
     history = cache.decode_eviction.history
     assert len(history) == len(decisions) >= 4  # the question's 5 tokens, then every 4 generated ones
     for step, (start, keep) in zip(history, decisions):
@@ -249,10 +200,12 @@ def test_refusals_say_what_to_do_and_change_nothing():
         cache.evict_while_decoding(model, predictor, 1.5)
     with pytest.raises(ValueError, match="window must be a positive"):
         cache.evict_while_decoding(model, predictor, 0.3, window=0)
-    with pytest.raises(ValueError, match="level must be 'pair' or 'pair-uniform'"):
-        cache.evict_while_decoding(model, predictor, 0.3, level="head")
-    with pytest.raises(ValueError, match="needs predictor="):
+    with pytest.raises(ValueError, match="unknown level 'token'"):
+        cache.evict_while_decoding(model, predictor, 0.3, level="token")
+    with pytest.raises(ValueError, match="needs a layer scorer"):
         cache.evict_while_decoding(model, None, 0.3)
+    with pytest.raises(TypeError, match="needs a layer scorer.*ReconstructionScorer scores a whole prefilled context"):
+        cache.evict_while_decoding(model, "kvzip", 0.3)
     with pytest.raises(ValueError, match="another model object"):
         cache.evict_while_decoding(copy.deepcopy(model), predictor, 0.3)
     assert cache.decode_eviction is None

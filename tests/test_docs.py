@@ -30,7 +30,8 @@ def test_site_builds_strict_with_generated_api_pages(tmp_path):
     # mkdocstrings renders every member with its full path as the anchor: the page was generated from the code.
     for member in ("KVzipCache", "KVzipCache.compress", "KVzipCache.prefill", "KVzipCache.rollback"):
         assert f'id="kvzip_cache.{member}"' in api_page, f"{member} is missing from the API page"
-    assert "Score the context (by reconstruction" in api_page  # the first line of compress's docstring
+    assert "Score the context and evict all but" in api_page  # the first line of compress's docstring
+    assert (site / "api" / "scoring" / "index.html").read_text().count("score_layer") > 2  # the scorer protocol
 
     assert (site / "index.html").is_file()
     assert (site / "results" / "smollm2-needle" / "score_vs_ratio.png").is_file()

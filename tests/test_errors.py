@@ -114,8 +114,12 @@ def test_bad_compress_arguments(prefilled):
     model, cache = prefilled
     with pytest.raises(ValueError, match="unknown level 'token'"):
         cache.compress(model, 0.5, level="token", tokenizer=TOK)
-    with pytest.raises(ValueError, match="level='head' needs head_scores"):
-        cache.compress(model, 0.5, level="head")
+    with pytest.raises(ValueError, match="unknown scorer 'kvzap'; registered: kvzip, kvzip\\+"):
+        cache.compress(model, 0.5, scorer="kvzap")
+    with pytest.raises(TypeError, match=r"score_layer\(layer_idx, keys, values, positions\) or score_context"):
+        cache.compress(model, 0.5, scorer=object())
+    with pytest.raises(ValueError, match="takes one scorer; got scorer= and score="):
+        cache.compress(model, 0.5, scorer="kvzip", score="kvzip+")
     with pytest.raises(ValueError, match=r"\[num_layers, num_kv_heads\]"):
         cache.compress(model, 0.5, level="head", head_scores=torch.ones(3, 5))
     model.config.name_or_path = "/nonexistent/model/dir"
@@ -140,7 +144,7 @@ def test_failure_during_scoring_leaves_a_usable_cache(prefilled):
 
     with pytest.raises(RuntimeError, match="out of memory"):
         cache.compress(FailsOnSecondPass(), 0.5, tokenizer=TOK, chunk_size=8)
-    assert FailsOnSecondPass.calls == 2 and cache.scores is None and cache._scoring is None
+    assert FailsOnSecondPass.calls == 2 and cache.scores is None and cache._scoring_pass is None
     _assert_intact(model, cache)
     cache.compress(model, 0.5, tokenizer=TOK)
     _assert_intact(model, cache, compressed=True)
@@ -343,7 +347,7 @@ def test_an_interrupted_scoring_pass_leaves_the_cache_as_it_was(prefilled, monke
     count = _fail_after(monkeypatch, KVzipLayer, "peek", 5, error)  # the third pass's first full layer, say
     with pytest.raises(type(error)):
         cache.compress(model, 0.5, tokenizer=TOK, chunk_size=8)
-    assert count[0] == 5 and cache.scores is None and cache.keep_mask is None and cache._scoring is None
+    assert count[0] == 5 and cache.scores is None and cache.keep_mask is None and cache._scoring_pass is None
     assert cache.weight_digests is not None and cache.tokenizer_fields is None
     _same(_snapshot(cache), before)
     torch.testing.assert_close(_probe(model, cache), expected, rtol=0, atol=0)

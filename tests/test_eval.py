@@ -9,11 +9,11 @@ from kvzip_cache import KVzipCache, ScorePredictor, encode_context
 from transformers import DynamicCache
 
 from conftest import ByteTokenizer, make_pair
-from kvzip_cache.eval import EvalConfig, contains, nested_masks, run_eval, token_f1
+from kvzip_cache.eval import EvalConfig, contains, run_eval, token_f1
 from kvzip_cache.eval import methods
-from kvzip_cache.eval.methods import (
-    h2o_scores, observed_attention, random_scores, snapkv_scores, streaming_scores, sweep,
-)
+from kvzip_cache.eval.methods import sweep
+from kvzip_cache.scorers import H2OScorer, SnapKVScorer
+from kvzip_cache.scorers.baselines import observed_attention
 from kvzip_cache.eval import runner
 from kvzip_cache.eval.__main__ import parse_args
 from kvzip_cache.eval.runner import answer, read_rows
@@ -22,8 +22,8 @@ from kvzip_cache.eval.tasks import (
     Context, Question, final_number, gsm8k_contexts, hotpotqa_contexts, needle_contexts, normalize_answer,
     squad_contexts,
 )
-from kvzip_cache.models import load_pypi_model, pypi_model_available
-from kvzip_cache.selection import kept_count
+from kvzip_cache.zoo import load_pypi_model, pypi_model_available
+from kvzip_cache.selection import kept_count, select
 
 RATIOS = [1.0, 0.5, 0.3, 0.2, 0.1]
 
@@ -75,19 +75,27 @@ def _selectable(layers=3, batch=2, heads=2, length=12):
     return selectable
 
 
-@pytest.mark.parametrize("make_scores", ["random", "streaming"])
-def test_baseline_masks_exact_counts_nested_and_selectable_only(make_scores):
-    selectable = _selectable()
-    if make_scores == "random":
-        scores = random_scores(selectable, seed=3)
-    else:
-        scores = streaming_scores(selectable, context_start=torch.tensor([2, 3]), offset=0)
-    masks = nested_masks(scores, RATIOS)
+def _padded_cache(arch="llama", length=24):
+    """A prefilled tiny cache: row 0 has 2 prefix tokens, row 1 has 3 padding and 1 prefix token."""
+    model, _ = make_pair(arch)
+    ids = torch.randint(3, 120, (2, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=torch.tensor([2, 4]))
+    return model, cache
+
+
+@pytest.mark.parametrize("scorer", ["random", "streaming", "keydiff"])
+def test_baseline_masks_exact_counts_nested_and_selectable_only(scorer):
+    model, cache = _padded_cache("gemma3")  # layers 0 and 2 slide: nothing selectable there
+    selectable = cache.selectable_pairs()
     n = selectable.sum(dim=-1)  # [L, B, H]
     previous = None
     for ratio in RATIOS:
-        mask = masks[ratio]
-        assert mask.shape == selectable.shape and mask.dtype == torch.bool
+        cache.compress(model, ratio, scorer=scorer)  # level: the baselines' "pair-uniform"
+        mask = cache.keep_mask
+        assert cache.compressed_with == ("pair-uniform", ratio)
         assert not bool((mask & ~selectable).any())  # never an unselectable (NaN) position
         expected = n.clone().apply_(lambda v: kept_count(ratio, v))
         assert torch.equal(mask.sum(dim=-1), expected)
@@ -96,19 +104,18 @@ def test_baseline_masks_exact_counts_nested_and_selectable_only(make_scores):
         previous = mask
 
 
-def test_nested_masks_never_pick_nan_even_when_scores_are_huge_elsewhere():
+def test_uniform_selection_never_picks_nan_even_when_scores_are_huge_elsewhere():
     scores = torch.tensor([[[[float("nan"), 5.0, float("nan"), 1.0, 3.0]]]])
-    masks = nested_masks(scores, [1.0, 0.5])
-    assert masks[1.0].tolist() == [[[[False, True, False, True, True]]]]
-    assert masks[0.5].tolist() == [[[[False, True, False, False, True]]]]  # round(1.5) = 2: the two best
+    assert select(scores, 1.0, "pair-uniform").tolist() == [[[[False, True, False, True, True]]]]
+    assert select(scores, 0.5, "pair-uniform").tolist() == [[[[False, True, False, False, True]]]]  # the two best
 
 
 def test_streaming_keeps_sinks_then_recent_tokens():
-    selectable = torch.ones(1, 1, 1, 20, dtype=torch.bool)
-    selectable[..., :3] = False  # protected prefix of 3 tokens
-    scores = streaming_scores(selectable, context_start=torch.tensor([3]), offset=0, sinks=4)
-    mask = nested_masks(scores, [0.5])[0.5][0, 0, 0]  # 17 context tokens -> keep 9
-    assert mask.nonzero().flatten().tolist() == [3, 4, 5, 6, 15, 16, 17, 18, 19]
+    model, _ = make_pair("llama")
+    cache = KVzipCache(model)
+    cache.prefill(model, torch.randint(3, 120, (1, 20)), context_start=3)  # protected prefix of 3 tokens
+    cache.compress(model, 0.5, scorer="streaming")  # 17 context tokens -> keep 9: 4 sinks, 5 recent
+    assert cache.keep_mask[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 16]
 
 
 # ------------------------------------------------------------------------------------------------- real model
@@ -167,12 +174,12 @@ def test_attention_baselines_layout_and_kept_window(smollm, method):
     ids, start = encode_context(tokenizer, needle_contexts(tokenizer, 1, 200)[0].text)
     cache = KVzipCache(model)
     cache.prefill(model, ids, context_start=start)
-    scores = snapkv_scores(model, cache, window=8) if method == "snapkv" else h2o_scores(model, cache, recent=8)
     selectable = cache.selectable_pairs()
-    assert scores.shape == selectable.shape
-    assert torch.equal(~torch.isnan(scores), selectable)
+    cache.compress(model, 0.1, scorer=SnapKVScorer(window=8) if method == "snapkv" else H2OScorer(recent=8))
+    assert cache.scores.shape == selectable.shape
+    assert torch.equal(~torch.isnan(cache.scores), selectable)
     assert model.config._attn_implementation == "kvzip"  # restored after the eager pass
-    kept = nested_masks(scores, [0.1])[0.1]
+    kept = cache.keep_mask
     assert bool(kept[..., -8:][selectable[..., -8:]].all())  # the observation / recent window is always kept
 
 
@@ -186,7 +193,7 @@ def test_observed_attention_equals_one_dense_eager_pass(first_query, arch):
     mask[1, :3] = 0  # left padding: padding queries must not vote
     cache = KVzipCache(model)
     cache.prefill(model, ids, mask, context_start=torch.tensor([1, 4]))
-    votes = observed_attention(model, cache, first_query, chunk=2)
+    votes = observed_attention(model, cache.prefilled_context(), first_query, chunk=2)
 
     model.set_attn_implementation("eager")
     try:

@@ -20,7 +20,7 @@ from kvzip_cache.eval import EvalConfig, run_eval, runner
 from kvzip_cache.eval.__main__ import parse_args
 from kvzip_cache.eval.stats import bootstrap_interval
 from kvzip_cache.eval.tasks import Context, Question, jsonl_contexts, load_task, score
-from kvzip_cache.loading import load_model
+from kvzip_cache.zoo.loading import load_model
 from test_head_scores import _ResolveHandler
 
 
@@ -144,7 +144,7 @@ class _HubHandler(_ResolveHandler):
 
 
 _LOAD = """
-from kvzip_cache.loading import load_model
+from kvzip_cache.zoo.loading import load_model
 model, tokenizer = load_model("org/tiny", device="cpu")
 print(model.config._attn_implementation, float(model.lm_head.weight.sum()), tokenizer.encode("w1", add_special_tokens=False))
 """

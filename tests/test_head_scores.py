@@ -15,6 +15,7 @@ import torch
 from conftest import ByteTokenizer, make_pair
 from kvzip_cache import HeadScores, KVzipCache, encode_context
 from kvzip_cache.head_scores import config_fingerprint
+from kvzip_cache.tools import compute_head_scores
 
 
 def _texts():
@@ -24,7 +25,7 @@ def _texts():
 
 def _scores(arch="qwen2"):
     model, _ = make_pair(arch)
-    return model, HeadScores.compute(model, ByteTokenizer(), _texts(), progress=False)
+    return model, compute_head_scores(model, ByteTokenizer(), _texts(), progress=False)
 
 
 def test_compute_is_the_max_over_positions_and_samples_of_pair_scores():
@@ -256,7 +257,7 @@ def test_prefill_head_arguments_are_checked_before_anything_runs():
     model, _ = make_pair("llama")
     cache = KVzipCache(model)
     ids = torch.randint(3, 120, (1, 10))
-    with pytest.raises(ValueError, match="both head_scores"):
+    with pytest.raises(ValueError, match=r"prefill\(ratio=\.\.\.\) evicts while filling and needs scorer="):
         cache.prefill(model, ids, ratio=0.5)
     with pytest.raises(ValueError, match="fraction of context pairs KEPT"):
         cache.prefill(model, ids, head_scores=torch.rand(2, 2), ratio=1.5)

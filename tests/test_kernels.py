@@ -90,7 +90,8 @@ def test_merge_splits_ignores_empty_splits():
 )
 def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q_len, group):
     from kvzip_cache.backends import triton_backend
-    from kvzip_cache.states import CompressedContext, RaggedKV
+    from kvzip_cache.storage import CompressedContext
+    from kvzip_cache.views import RaggedKV
 
     gen = torch.Generator().manual_seed(q_len * 7 + group + head_dim)
     num_heads, tail = 2, q_len + 40
@@ -132,7 +133,8 @@ def test_shared_context_attention_matches_reference_backend(dtype, src_rows, q_l
     """Rows sharing a compressed row read it once (queries stacked, share > 1): same output as the reference and as
     the per-row kernels, with padded tails, empty heads and a static tail."""
     from kvzip_cache.backends import triton_backend
-    from kvzip_cache.states import CompressedContext, RaggedKV, shared_run_length
+    from kvzip_cache.storage import CompressedContext
+    from kvzip_cache.views import RaggedKV, shared_run_length
 
     head_dim, num_heads, batch = 64, 2, len(src_rows)
     gen = torch.Generator().manual_seed(batch * 10 + q_len)
@@ -164,7 +166,7 @@ def test_shared_context_attention_matches_reference_backend(dtype, src_rows, q_l
 
 
 def test_shared_run_length():
-    from kvzip_cache.states import shared_run_length
+    from kvzip_cache.views import shared_run_length
 
     assert shared_run_length((0, 0, 0, 0)) == 4
     assert shared_run_length((0, 0, 1, 1, 2, 2)) == 2

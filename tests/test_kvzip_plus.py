@@ -16,10 +16,15 @@ from transformers import DynamicCache
 from conftest import ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, reconstruction_inputs
 from kvzip_cache.backends import reference as ref
-from kvzip_cache.scoring import score_by_reconstruction
-from kvzip_cache.states import ScoringKV
+from kvzip_cache.scorers import ReconstructionScorer
+from kvzip_cache.views import ScoringKV
 
 CHUNK = 9
+
+
+def score_by_reconstruction(cache, model, tokenizer, chunk_size=2048, target="kvzip"):
+    """The reconstruction scorer's ``[L, B, H, C]`` scores of a prefilled cache (the cache is left as it was)."""
+    return ReconstructionScorer(tokenizer, target, chunk_size).score_context(model, cache.prefilled_context())
 
 
 def reference_plus_scores(reference, row_ids, prefix_len, chunk_size, tokenizer):
@@ -159,6 +164,8 @@ def test_unknown_target_is_refused():
     cache.prefill(model, torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0)), context_start=2)
     with pytest.raises(ValueError, match=r"'kvzip', 'kvzip\+'"):
         score_by_reconstruction(cache, model, ByteTokenizer(), target="kvzap")
+    with pytest.raises(ValueError, match=r"unknown scorer 'kvzap'.*kvzip, kvzip\+"):
+        cache.compress(model, 0.5, scorer="kvzap", tokenizer=ByteTokenizer())
 
 
 def test_plus_needs_input_layernorm():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvzip_cache.models import pypi_model_available
+from kvzip_cache.zoo import pypi_model_available
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -47,6 +47,8 @@ def test_distributions_carry_kernels_head_scores_and_one_version(dist):
         metadata = wheel.read(f"kvzip_cache-{__version__}.dist-info/METADATA").decode()
     for kernel in kernels:
         assert f"kvzip_cache/kernels/{kernel}" in names
+    for module in (ROOT / "src").rglob("*.py"):  # every module of every subpackage ships
+        assert module.relative_to(ROOT / "src").as_posix() in names, f"{module} is missing from the wheel"
     assert "kvzip_cache/scores/manifest.json" in names
     for entry in manifest.values():
         assert f"kvzip_cache/scores/{entry['file']}" in names, f"{entry['file']} is missing from the wheel"

@@ -173,12 +173,12 @@ def test_foreign_newer_broken_and_missing_files_are_refused(tmp_path):
         KVzipCache.load(garbage, model)
     with pytest.raises(FileNotFoundError):
         KVzipCache.load(tmp_path / "missing.kvzip", model)
-    # a refused load into an existing cache object leaves it empty
-    from kvzip_cache.persistence import load_cache
+    # reading a refused file changes nothing of the cache it was read for
+    from kvzip_cache.persistence import read_cache
 
     cache = KVzipCache(model)
     with pytest.raises(ValueError):
-        load_cache(cache, corrupted, model)
+        read_cache(corrupted, cache, model)
     assert cache.input_ids is None and cache.get_seq_length() == 0
 
 

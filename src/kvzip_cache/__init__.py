@@ -7,8 +7,8 @@ from ._version import __version__
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import CompressReport, KVzipCache
 from .head_scores import HeadScores, shipped_head_scores
-from .scorers import ScorePredictor, shipped_predictors
-from .scoring import reconstruction_inputs
+from .scorers import (GivenScores, PrefilledContext, ScorePredictor, available_scorers, reconstruction_inputs,
+                      register_scorer, shipped_predictors)
 from .selection import select_heads, select_pairs
 from .templates import encode_context, encode_contexts, encode_queries, encode_query
 
@@ -19,14 +19,18 @@ __all__ = [
     "CompressReport",
     "HeadScores",
     "KVzipCache",
+    "GivenScores",
+    "PrefilledContext",
     "ScorePredictor",
     "__version__",
+    "available_scorers",
     "encode_context",
     "encode_contexts",
     "encode_queries",
     "encode_query",
     "reconstruction_inputs",
     "register",
+    "register_scorer",
     "select_heads",
     "select_pairs",
     "shipped_head_scores",

@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backends import select_backend
-from .states import RaggedKV, ScoringKV
+from .views import RaggedKV, ScoringKV
 
 ATTN_IMPLEMENTATION = "kvzip"
 

@@ -1,18 +1,23 @@
-"""When and how much to evict while the cache is being filled (never runs the model).
+"""When and how much to evict while the cache is being filled: eviction policies that never run the model.
 
-`PrefillEviction` is the step a `KVzipCache.prefill(..., predictor=p, ratio=r)` runs after every chunk: the score
-predictor rates the chunk's context pairs from the keys and values the cache now holds, a top-k keeps ``r`` of them,
-and the layers free the rest before the next chunk arrives.
+Both policies rate pairs with any layer scorer (`kvzip_cache.scorers.base.LayerScorer`: the trained predictor, head
+scores, KeyDiff, one of your own), select with `kvzip_cache.selection.select`, and hand the keep masks to the cache's
+one eviction path (`KVzipCache.keep_pairs`).
 
-Why the budget is spread per chunk: the predictor's log scores are comparable across layers and heads (one
-regression target), so within a chunk one top-k over layers x heads x positions gives the same non-uniform budgets
-as pair-level KVzip; across chunks, a global threshold would need the scores of chunks not seen yet, and could not
-bound memory. A fixed share per chunk guarantees peak KV <= ratio x full + one chunk, at the cost of a selection
-that cannot move budget between chunks (compress-after-prefill can).
+`PrefillEviction` is the step a ``KVzipCache.prefill(..., scorer=s, ratio=r)`` runs after every chunk: the scorer
+rates the chunk's context pairs from the keys and values the cache now holds, a top-k keeps ``r`` of them, and the
+layers free the rest before the next chunk arrives.
+
+Why the budget is spread per chunk: within a chunk one top-k over layers x heads x positions gives the same
+non-uniform budgets as pair-level KVzip (when the scores are on one scale, as the predictor's log scores are);
+across chunks, a global threshold would need the scores of chunks not seen yet, and could not bound memory. A fixed
+share per chunk guarantees peak KV <= ratio x full + one chunk, at the cost of a selection that cannot move budget
+between chunks (compress-after-prefill can). A layer that has dropped nothing yet (a head-level selection that keeps
+all its heads) stays dense, and so is attended to densely, until it first drops a pair.
 
 `DecodeEviction` does the same for the tokens appended after the context (question, answer, later turns): set by
 `KVzipCache.evict_while_decoding`, it runs at the start of a forward pass, before any layer appends. Once the tail
-holds ``2 * window`` tokens, its oldest ``window`` tokens (or a multiple of it, after a long question) are scored, the
+holds ``2 * window`` tokens, its oldest ``window`` tokens (or a multiple of it, after a long question) are rated, the
 top ``ratio`` of their pairs move into the ragged store and the rest are freed; the newest ``window`` tokens always
 stay in the dense tail. Memory after ``n`` appended tokens is then about ``ratio * n + 2 * window`` tokens' worth
 instead of ``n`` (KVzap's and Fast KVzip's decoding buffer).
@@ -20,92 +25,108 @@ instead of ``n`` (KVzap's and Fast KVzip's decoding buffer).
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
-from .scorers.predictor import ScorePredictor
-from .selection import select_pairs
+import torch
+
+from .parallel import TensorParallel
+from .scorers.base import LayerScorer, check_layer_scores
+from .selection import select
 
 
-def predict_and_select(model, predictor: ScorePredictor, parallel, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                       positions: torch.Tensor, selectable: torch.Tensor, shape: tuple[int, ...], ratio: float,
-                       level: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted scores of ``t`` new pairs per (layer, row, head), and the ``ratio`` of them kept.
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` int64 position ids of a left-padded ``[B, S]`` padding mask: what ``generate`` derives, with ``-1``
+    on padding (the layer scorers' convention)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(~mask.bool(), -1)
+
+
+def rate_pairs(scorer: LayerScorer, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
+               selectable: torch.Tensor, num_layers: int, parallel: TensorParallel | None) -> torch.Tensor:
+    """``[L, B, H, t]`` float32 scores of ``t`` new pairs per (layer, row, KV head), over all KV heads.
 
     Args:
         layer_kv: ``{full layer: (keys, values)}``, each ``[B, H_local, t, D]`` as cached (this rank's heads).
-        positions: ``[B, t]`` int64 position ids of the pairs (the predictor undoes RoPE with them).
-        selectable: ``[B, t]`` bool: the positions that compete for the budget (no padding, no protected prefix).
-        shape: ``(L, B, H, ...)``: all layers and all KV heads (tensor parallel: the global heads).
-        ratio: the fraction kept, as for `select_pairs`.
-        level: ``"pair"`` or ``"pair-uniform"``, as for `select_pairs`.
-
-    Returns:
-        ``(scores, keep)``, ``[L, B, H, t]`` float32 (NaN where not selectable) and bool.
+        positions: ``[B, t]`` int64 position ids of the pairs, ``-1`` on padding.
+        selectable: ``[B, t]`` bool: the positions that compete for the budget (no padding, no protected prefix);
+            NaN elsewhere.
+        parallel: tensor parallelism: each rank rates its own heads, and the scores of all ranks are gathered.
     """
-    num_layers, batch, num_heads = shape[:3]
-    predicted = predictor.predict_layers(model, layer_kv, positions, parallel)
-    scores = torch.full((num_layers, batch, num_heads, positions.shape[1]), float("nan"), dtype=torch.float32,
-                        device=selectable.device)
-    for idx, values in predicted.items():
-        scores[idx] = values.to(scores.device)
-    scores.masked_fill_(~selectable[None, :, None, :], float("nan"))
-    return scores, select_pairs(scores, ratio, level)
+    keys = next(iter(layer_kv.values()))[0]
+    shape = (keys.shape[0], keys.shape[1], positions.shape[1])
+    scores = torch.full((num_layers, *shape), float("nan"), dtype=torch.float32, device=selectable.device)
+    for idx, (layer_keys, layer_values) in layer_kv.items():
+        rated = scorer.score_layer(idx, layer_keys, layer_values, positions)
+        scores[idx] = check_layer_scores(scorer, rated, shape).to(scores.device)
+    if parallel is not None:
+        scores = parallel.gather(scores, dim=2)
+    return scores.masked_fill_(~selectable[None, :, None, :], float("nan"))
 
 
 class PrefillEviction:
-    """Evicts each prefill chunk's context pairs by predicted score (see the module docstring).
+    """Evicts each prefill chunk's context pairs by their layer scores (see the module docstring).
+
+    Args:
+        scorer: a layer scorer.
+        ratio: the fraction of each chunk's selectable pairs kept.
+        level: ``"pair"``, ``"pair-uniform"`` or ``"head"`` (`kvzip_cache.selection.select`), within each chunk.
+        mask: ``[B, S]`` bool padding mask of the prefill.
+        starts: ``[B]`` first context position of each row.
+        num_layers: the model's layers.
+        num_kv_heads: its KV heads per layer (all ranks).
+        full_layers: the layers that are scored and evicted.
+        parallel: the cache's tensor-parallel layout, or None.
 
     Attributes:
-        scores: ``[L, B, H, S - min(context_start)]`` float32 predicted log scores of every context pair (NaN where
-            not selectable), filled chunk by chunk: what ``cache.scores`` holds afterwards.
+        scores: ``[L, B, H, S - min(context_start)]`` float32 scores of every context pair (NaN where not
+            selectable), filled chunk by chunk: what ``cache.scores`` holds afterwards.
         keep_mask: the same shape, bool: the pairs kept.
     """
 
-    def __init__(self, cache, model, predictor: ScorePredictor, ratio: float, level: str, mask: torch.Tensor,
-                 starts: torch.Tensor) -> None:
-        self.model, self.predictor, self.ratio, self.level = model, predictor, ratio, level
-        self.mask, self.starts = mask, starts
-        self.positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the prefill's position ids
+    def __init__(self, scorer: LayerScorer, ratio: float, level: str, mask: torch.Tensor, starts: torch.Tensor,
+                 num_layers: int, num_kv_heads: int, full_layers: list[int], parallel: TensorParallel | None) -> None:
+        self.scorer, self.ratio, self.level = scorer, ratio, level
+        self.mask, self.starts, self.layers, self.parallel = mask, starts, full_layers, parallel
+        self.positions = position_ids(mask)
         self.base = int(starts.min())
-        self.layers = cache.compressible_layers
-        self.parallel = cache.tensor_parallel  # the layers hold this rank's heads; scores and selection are global
         batch, seq = mask.shape
-        shape = (len(cache.layers), batch, cache.num_kv_heads, seq - self.base)
+        shape = (num_layers, batch, num_kv_heads, seq - self.base)
         self.scores = torch.full(shape, float("nan"), dtype=torch.float32, device=mask.device)
         self.keep_mask = torch.zeros(shape, dtype=torch.bool, device=mask.device)
+        self._dense = set(full_layers)  # layers that have dropped nothing yet
 
     @torch.no_grad()
     def after_chunk(self, cache, lo: int, hi: int) -> None:
-        """Score and evict the context pairs of positions ``[lo, hi)``, which the last forward pass appended."""
+        """Rate and evict the context pairs of positions ``[lo, hi)``, which the last forward pass appended."""
         columns = torch.arange(lo, hi, device=self.mask.device)
         real = self.mask[:, lo:hi]  # [B, t]
         in_context = columns[None, :] >= self.starts[:, None]
-        chunk_kv = {}
-        for idx in self.layers:
-            layer = cache.layers[idx]
-            if layer.is_compressed:  # later chunks arrive as the tail of the compressed layer
-                chunk_kv[idx] = layer.tail_keys[:, :, : layer.tail_length], layer.tail_values[:, :, : layer.tail_length]
-            else:  # the first chunk: the layer is still dense and holds exactly [0, hi)
-                chunk_kv[idx] = layer.keys[:, :, lo:hi], layer.values[:, :, lo:hi]
-        chunk_scores, keep = predict_and_select(self.model, self.predictor, self.parallel, chunk_kv,
-                                                self.positions[:, lo:hi], real & in_context, self.scores.shape,
-                                                self.ratio, self.level)
+        scores = rate_pairs(self.scorer, cache.dense_pairs(lo, hi - lo), self.positions[:, lo:hi], real & in_context,
+                            len(self.scores), self.parallel)
+        keep = select(scores, self.ratio, self.level)
         prefix = (real & ~in_context)[:, None, :]  # protected prefix: always kept; padding: never
-        for idx in self.layers:
-            layer_keep = keep[idx] | prefix
-            if self.parallel is not None:
-                layer_keep = self.parallel.local(layer_keep, dim=1)
-            layer = cache.layers[idx]
-            if layer.is_compressed:
-                layer.absorb_tail(layer_keep)
-            else:
-                layer.evict(layer_keep)  # the first chunk turns the layer ragged
+        chunk_keep = {idx: keep[idx] | prefix for idx in self.layers}
         first = max(lo, self.base)
         if first < hi:
-            self.scores[..., first - self.base : hi - self.base] = chunk_scores[..., first - lo :]
+            self.scores[..., first - self.base : hi - self.base] = scores[..., first - lo :]
             self.keep_mask[..., first - self.base : hi - self.base] = keep[..., first - lo :]
+        dropping = {idx for idx in self._dense if bool((~chunk_keep[idx] & real[:, None, :]).any())}
+        self._dense -= dropping
+        cache.keep_pairs({idx: chunk_keep[idx] for idx in self.layers if idx not in self._dense and idx not in dropping},
+                         start=lo)
+        if dropping:  # a dense layer drops its first pairs: it keeps every real pair before this chunk
+            cache.keep_pairs({idx: torch.cat([self.kept_before(lo, keep.shape[2]), chunk_keep[idx]], dim=-1)
+                              for idx in dropping}, start=0)
+
+    def finish(self, cache) -> None:
+        """Make the layers that never dropped a pair ragged too (the cache is then compressed throughout)."""
+        seq = self.mask.shape[1]
+        if self._dense:
+            cache.keep_pairs({idx: self.kept_before(seq, self.scores.shape[2]) for idx in sorted(self._dense)}, start=0)
+            self._dense.clear()
+
+    def kept_before(self, end: int, num_heads: int) -> torch.Tensor:
+        """``[B, H, end]`` bool: what a layer that dropped nothing keeps of positions ``< end`` (every real token)."""
+        return self.mask[:, None, :end].expand(-1, num_heads, -1)
 
 
 @dataclass(frozen=True)
@@ -122,15 +143,20 @@ class DecodeEvictionStep:
 
 
 class DecodeEviction:
-    """Evicts the oldest tail tokens by predicted score while decoding (see the module docstring).
+    """Evicts the oldest tail tokens by their layer scores while decoding (see the module docstring).
+
+    Args:
+        scorer: a layer scorer.
+        ratio: the fraction of the appended pairs kept.
+        window: the newest ``window`` tail tokens always stay; eviction runs when the tail reaches ``2 * window``.
+        level: the selection within each evicted span (`kvzip_cache.selection.select`).
 
     Attributes:
-        window: the newest ``window`` tail tokens always stay; eviction runs when the tail reaches ``2 * window``.
         history: the `DecodeEvictionStep` of every eviction since the context was last returned to (`restart`).
     """
 
-    def __init__(self, cache, model, predictor: ScorePredictor, ratio: float, window: int, level: str) -> None:
-        self.model, self.predictor, self.ratio, self.window, self.level = model, predictor, ratio, window, level
+    def __init__(self, cache, scorer: LayerScorer, ratio: float, window: int, level: str) -> None:
+        self.scorer, self.ratio, self.window, self.level = scorer, ratio, window, level
         self.layers = cache.compressible_layers
         self.parallel = cache.tensor_parallel
         self.history: list[DecodeEvictionStep] = []
@@ -178,8 +204,9 @@ class DecodeEviction:
         )
 
     def _evict(self, cache, count: int) -> None:
-        """Score the tail's oldest ``count`` tokens, move the kept pairs into the ragged store, free the rest."""
+        """Rate the tail's oldest ``count`` tokens, move the kept pairs into the ragged store, free the rest."""
         first = cache.layers[self.layers[0]]
+        start = first.context_length
         device = first.tail_keys.device
         real = torch.ones(len(first.src_rows), count, dtype=torch.bool, device=device)
         if self._tail_real is not None:
@@ -187,15 +214,10 @@ class DecodeEviction:
             real[:, :width] = self._tail_real[:, :width].to(device)
             self._tail_real = self._tail_real[:, width:] if width < self._tail_real.shape[1] else None
         before = self._real_before.to(device)
-        positions = before[:, None] + real.long().cumsum(-1) - 1
-        layer_kv = {idx: (cache.layers[idx].tail_keys[:, :, :count], cache.layers[idx].tail_values[:, :, :count])
-                    for idx in self.layers}
-        shape = (len(cache.layers), len(first.src_rows), cache.num_kv_heads)
-        _, keep = predict_and_select(self.model, self.predictor, self.parallel, layer_kv, positions, real, shape,
-                                     self.ratio, self.level)
-        start = first.context_length
-        for idx in self.layers:
-            layer_keep = keep[idx] if self.parallel is None else self.parallel.local(keep[idx], dim=1)
-            cache.layers[idx].absorb_tail(layer_keep, count)
+        positions = (before[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, -1)
+        scores = rate_pairs(self.scorer, cache.dense_pairs(start, count), positions, real, len(cache.layers),
+                            self.parallel)
+        keep = select(scores, self.ratio, self.level)
+        cache.keep_pairs({idx: keep[idx] for idx in self.layers}, start=start)
         self._real_before = before + real.sum(-1)
         self.history.append(DecodeEvictionStep(start, count, keep))

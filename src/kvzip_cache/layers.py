@@ -25,7 +25,9 @@ import dataclasses
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .states import CompressedContext, RaggedKV, ScoringKV, shared_run_length
+from .checks import check_batch
+from .storage import CompressedContext
+from .views import RaggedKV, ScoringKV, shared_run_length
 
 # Smallest tail allocation: a question plus a short answer fits without regrowing.
 _MIN_TAIL_CAPACITY = 64
@@ -277,15 +279,10 @@ class KVzipLayer(DynamicLayer):
         if self.is_static:
             raise RuntimeError("a static cache cannot be re-compressed; compress before cache.make_static()")
         if not self.is_compressed:
-            batch, num_heads, length, head_dim = self.keys.shape
+            batch, num_heads, length, _ = self.keys.shape
             if keep.shape != (batch, num_heads, length):
                 raise ValueError(f"keep mask of shape {tuple(keep.shape)} for a layer of {(batch, num_heads, length)}")
-            flat_keep = keep.to(self.keys.device).reshape(batch * num_heads, length)
-            positions = torch.arange(length, device=self.keys.device, dtype=torch.int32).expand(batch * num_heads, -1)
-            keys = self.keys.reshape(batch * num_heads, length, head_dim)[flat_keep]
-            values = self.values.reshape(batch * num_heads, length, head_dim)[flat_keep]
-            self.context = CompressedContext.from_counts(keys, values, positions[flat_keep], flat_keep.sum(dim=1),
-                                                         num_heads)
+            self.context = CompressedContext.from_dense(self.keys, self.values, keep)
             self.src_rows = tuple(range(batch))
             self.context_length = self.cumulative_length
             self.keys = self.values = None  # the dense copy is freed here
@@ -294,9 +291,7 @@ class KVzipLayer(DynamicLayer):
             ctx = self.context
             if ctx.num_rows != len(self.src_rows) or self.src_rows != tuple(range(ctx.num_rows)):
                 raise RuntimeError("re-compressing after batch_repeat_interleave/reorder is not supported; rollback() first")
-            selected = keep.to(ctx.keys.device).reshape(len(ctx.offsets) - 1, -1)[ctx.segment_ids(),
-                                                                                  ctx.positions.long()]
-            self.context = ctx.select(selected)
+            self.context = ctx.keep(keep)
         self._set_src_rows(self.src_rows)
 
     def absorb_tail(self, keep: torch.Tensor, count: int | None = None) -> None:
@@ -314,20 +309,8 @@ class KVzipLayer(DynamicLayer):
         length = self.tail_length if count is None else count
         if not 0 < length <= self.tail_length:
             raise ValueError(f"cannot absorb {length} of the tail's {self.tail_length} tokens")
-        segments, head_dim = len(ctx.offsets) - 1, ctx.keys.shape[-1]
-        keep = keep.to(ctx.keys.device).reshape(segments, length)
-        tail_keys = self.tail_keys[:, :, :length].reshape(segments, length, head_dim)[keep]
-        tail_values = self.tail_values[:, :, :length].reshape(segments, length, head_dim)[keep]
-        tail_positions = torch.arange(self.context_length, self.context_length + length, dtype=torch.int32,
-                                      device=keep.device).expand(segments, -1)[keep]
-        old_counts, new_counts = ctx.seqlens().flatten().to(keep.device), keep.sum(dim=1)
-        segment_of = torch.cat([ctx.segment_ids().to(keep.device),
-                                torch.arange(segments, device=keep.device).repeat_interleave(new_counts)])
-        order = torch.argsort(segment_of, stable=True)  # each segment: its old pairs, then its new ones (position order)
-        self.context = CompressedContext.from_counts(
-            torch.cat([ctx.keys, tail_keys])[order], torch.cat([ctx.values, tail_values])[order],
-            torch.cat([ctx.positions, tail_positions])[order], old_counts + new_counts, ctx.num_heads,
-        )
+        self.context = ctx.append(self.tail_keys[:, :, :length], self.tail_values[:, :, :length], keep,
+                                  self.context_length)
         self.context_length += length
         remaining = self.tail_length - length
         if remaining == 0:
@@ -337,11 +320,24 @@ class KVzipLayer(DynamicLayer):
             self.tail_values[:, :, :remaining] = self.tail_values[:, :, length : self.tail_length].clone()
         self.tail_length = remaining
 
+    def dense_pairs(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, count, D]`` of positions ``start .. start + count - 1``, which this layer must
+        hold densely (a dense layer's pairs, or a compressed layer's tail): views, not copies."""
+        if self.is_compressed:
+            first, held = start - self.context_length, self.tail_length
+            keys, values = self.tail_keys, self.tail_values
+        else:
+            first, held = start, 0 if self.keys is None else self.keys.shape[-2]
+            keys, values = self.keys, self.values
+        if first < 0 or first + count > held:
+            raise ValueError(f"positions {start}..{start + count - 1} are not held densely by this layer")
+        return keys[:, :, first : first + count], values[:, :, first : first + count]
+
     def drop_context_after(self, length: int) -> None:
         """Forget the context pairs at positions ``>= length`` (the ones `absorb_tail` added while decoding)."""
         if not self.is_compressed or self.context_length <= length:
             return
-        self.context = self.context.select(self.context.positions < length)
+        self.context = self.context.drop_after(length)
         self.context_length = length
 
     def make_static(self, capacity: int) -> None:
@@ -644,15 +640,6 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.keys, self.values = state["keys"].clone(), state["values"].clone()
         self.cumulative_length = cumulative_length
         self.take_snapshot()
-
-
-def check_batch(batch: int, rows: int) -> None:
-    """Refuse a forward of ``batch`` rows on a cache layer that holds ``rows``."""
-    if batch != rows:
-        raise ValueError(
-            f"batch size {batch} does not match the cache's {rows} rows; use cache.batch_repeat_interleave(n) "
-            "before generate(num_beams=n or num_return_sequences=n)"
-        )
 
 
 def _refuse_batch_change(layer, repeats: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,15 +106,39 @@ def _check_saveable(cache) -> None:
         )
 
 
-def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: torch.dtype | None = None,
-               verify: bool = True) -> None:
-    """Fill the new, empty ``cache`` (made for ``model``) from the file at ``path``.
+@dataclass
+class SavedContext:
+    """What a saved cache file holds, read and checked, on its target device: `KVzipCache.load` restores from it.
+
+    Attributes:
+        layers: per layer, ``(kind, state, length)``: the `export_state` tensors of the layer, and its logical length.
+        input_ids: ``[B, S]``; attention_mask: ``[B, S]`` bool; context_start: ``[B]``.
+        keep_mask: ``[L, B, H, C]`` bool; scores: the same shape float32, or None (saved with ``scores=False``).
+        compressed_with: ``(level, ratio)``; score_source: where the scores came from.
+        weight_digests: the loading model's digests (checked against the file's when it has them).
+        tokenizer_fields: the tokenizer the context was scored with, or None.
+    """
+
+    layers: list[tuple[str, dict[str, torch.Tensor], int]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    context_start: torch.Tensor
+    keep_mask: torch.Tensor
+    scores: torch.Tensor | None
+    compressed_with: tuple[str, float]
+    score_source: str | None
+    weight_digests: dict[str, int] | None
+    tokenizer_fields: dict | None
+
+
+def read_cache(path: str | os.PathLike, cache, model, *, device=None, dtype: torch.dtype | None = None,
+               verify: bool = True) -> SavedContext:
+    """Read the file at ``path`` for the new, empty ``cache`` (made for ``model``); nothing of ``cache`` changes.
 
     ``device``: where the tensors go (default: the model's device); ``dtype``: the keys' and values' dtype (default:
     the saved one). ``verify``: check every tensor's CRC-32 (reads each once more; off only for trusted files).
     Raises ValueError, naming what is wrong, for a file that is not a kvzip cache, is truncated or corrupted, was
-    written by a newer format, or was made for another model (architecture, or weights: a sample of them); the cache
-    is then left empty.
+    written by a newer format, or was made for another model (architecture, or weights: a sample of them).
     """
     path = Path(path)
     if not path.is_file():
@@ -141,36 +166,28 @@ def load_cache(cache, path: str | os.PathLike, model, *, device=None, dtype: tor
         if damaged or set(expected) != set(tensors):
             raise ValueError(f"{path} is corrupted: the checksums of {damaged or 'its tensor list'} do not match")
     device = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
-    layers = json.loads(metadata["layers"])
-    if len(layers) != len(cache.layers) or [entry["kind"] for entry in layers] != cache.layer_types:
-        raise ValueError(f"{path} holds {len(layers)} layers of other types than the model's {len(cache.layers)}")
-
-    def kv(name: str) -> torch.Tensor:
-        tensor = tensors[name].to(device)
-        return tensor.to(dtype) if dtype is not None else tensor
-
-    try:
-        for idx, (entry, layer) in enumerate(zip(layers, cache.layers)):
-            prefix = f"layers.{idx}."
-            state = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-            state.update({name: kv(prefix + name) for name in ("keys", "values")})
-            if entry["kind"] == FULL:
-                state = {name: tensor.to(device) for name, tensor in state.items()}
-                layer.import_state(state, cache.num_kv_heads, entry["length"])
-            else:
-                layer.import_state(state, entry["length"])
-        cache.input_ids = tensors["input_ids"].to(device)
-        cache.attention_mask = tensors["attention_mask"].to(device)
-        cache.context_start = tensors["context_start"].to(device)
-        cache.keep_mask = tensors["keep_mask"].to(device)
-        cache.scores = tensors["scores"].to(device) if "scores" in tensors else None
-        cache.compressed_with = (metadata["level"], float(metadata["ratio"]))
-        cache.score_source = metadata["score_source"] or None
-        cache.weight_digests = digests  # checked above when the file has them; else this model is taken as given
-        cache.tokenizer_fields = json.loads(metadata["tokenizer"]) if "tokenizer" in metadata else None
-    except BaseException:
-        cache.reset()  # never a half-loaded cache
-        raise
+    entries = json.loads(metadata["layers"])
+    if len(entries) != len(cache.layers) or [entry["kind"] for entry in entries] != cache.layer_types:
+        raise ValueError(f"{path} holds {len(entries)} layers of other types than the model's {len(cache.layers)}")
+    layers = []
+    for idx, entry in enumerate(entries):
+        prefix = f"layers.{idx}."
+        state = {name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items() if name.startswith(prefix)}
+        if dtype is not None:
+            state.update({name: state[name].to(dtype) for name in ("keys", "values")})
+        layers.append((entry["kind"], state, entry["length"]))
+    return SavedContext(
+        layers=layers,
+        input_ids=tensors["input_ids"].to(device),
+        attention_mask=tensors["attention_mask"].to(device),
+        context_start=tensors["context_start"].to(device),
+        keep_mask=tensors["keep_mask"].to(device),
+        scores=tensors["scores"].to(device) if "scores" in tensors else None,
+        compressed_with=(metadata["level"], float(metadata["ratio"])),
+        score_source=metadata["score_source"] or None,
+        weight_digests=digests,  # checked above when the file has them; else this model is taken as given
+        tokenizer_fields=json.loads(metadata["tokenizer"]) if "tokenizer" in metadata else None,
+    )
 
 
 def _check_metadata(metadata: dict[str, str], cache, path: Path) -> None:

@@ -60,6 +60,42 @@ def select_pairs(scores: torch.Tensor, ratio: float, level: str = "pair") -> tor
     return keep & valid
 
 
+def select(scores: torch.Tensor, ratio: float, level: str = "pair") -> torch.Tensor:
+    """Keep mask at any level: `select_pairs` for ``"pair"`` and ``"pair-uniform"``, `select_heads_by_scores` for
+    ``"head"``.
+
+    Args:
+        scores: ``[L, B, H, C]`` float, NaN = not selectable.
+        ratio: fraction kept, in (0, 1].
+        level: one of `LEVELS`.
+
+    Returns:
+        ``[L, B, H, C]`` bool, never True where ``scores`` is NaN.
+    """
+    if level == "head":
+        return select_heads_by_scores(scores, ratio)
+    return select_pairs(scores, ratio, level)
+
+
+def select_heads_by_scores(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Head-level keep mask from pair scores: each row ranks its KV heads by their best pair (`select_heads`).
+
+    Head scores broadcast over positions (`kvzip_cache.scorers.HeadScorer`) rank by the heads' own scores; pair
+    scores (KVzip's reconstruction) rank by each head's maximum over the row's context, KVzip's recipe for head
+    scores, per context.
+
+    Returns:
+        ``[L, B, H, C]`` bool: in each row, the top ``round(ratio * heads)`` compressible heads keep every selectable
+        pair, the others none.
+    """
+    valid = ~torch.isnan(scores)
+    keep = torch.zeros_like(valid)
+    for row in range(scores.shape[1]):
+        heads = scores[:, row].nan_to_num(float("-inf")).amax(dim=-1)  # [L, H]; -inf where nothing is selectable
+        keep[:, row : row + 1] = select_heads(valid[:, row : row + 1], heads, ratio)
+    return keep
+
+
 def head_scores_from_pairs(scores: torch.Tensor) -> torch.Tensor:
     """KVzip head scores from pair scores: the maximum over rows and positions of each (layer, KV head).
 

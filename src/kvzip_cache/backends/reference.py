@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..states import RaggedKV, ScoringKV
+from ..views import RaggedKV, ScoringKV
 
 
 def attend(

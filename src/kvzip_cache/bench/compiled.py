@@ -20,42 +20,14 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 
 import torch
 
-from .bench import (GB, Row, _context, _generate_ms, _NoTemplateTokenizer, copy_bandwidth, load_model,
-                    result_record)
-from .cache import KVzipCache
-from .compat import cache_kwarg
-
-
-def _timed_steps(forward, model, cache, token: torch.Tensor, position: torch.Tensor, steps: int,
-                 warmup: int = 3) -> tuple[float, list[torch.Tensor]]:
-    """Median ms of a one-token decode step (greedy: each step feeds the previous argmax) and the tokens produced.
-
-    ``position``: ``[B, 1]`` position of ``token``; advanced by one per step on the device.
-    """
-    kwarg = cache_kwarg(model)
-    times, tokens = [], []
-    gc.disable()
-    for step in range(warmup + steps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.compiler.cudagraph_mark_step_begin()
-        begin.record()
-        with torch.no_grad():
-            logits = forward(input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1,
-                             **{kwarg: cache}).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)  # consumed before the next replay overwrites the logits
-        end.record()
-        torch.cuda.synchronize()
-        position = position + 1
-        tokens.append(token)
-        if step >= warmup:
-            times.append(begin.elapsed_time(end))
-    gc.enable()
-    return statistics.median(times), tokens
+from ..cache import KVzipCache
+from ..compat import cache_kwarg
+from .common import (GB, NoTemplateTokenizer, Row, compiled_forward, copy_bandwidth, generate_ms, load_model,
+                     question_step, random_context, result_record, timed_steps)
 
 
 def _prefill_static(model, cache, ids: torch.Tensor, chunk: int) -> None:
@@ -65,21 +37,6 @@ def _prefill_static(model, cache, ids: torch.Tensor, chunk: int) -> None:
             hi = min(lo + chunk, ids.shape[1])
             model(input_ids=ids[:, lo:hi], position_ids=torch.arange(lo, hi, device=ids.device)[None].expand(
                 ids.shape[0], -1), use_cache=True, logits_to_keep=1, **{kwarg: cache})
-
-
-def _question(model, cache, ask: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager forward of the question (as generate's first step); returns (next token, its position)."""
-    kwarg = cache_kwarg(model)
-    batch, n = ask.shape
-    with torch.no_grad():
-        logits = model(input_ids=ask, position_ids=torch.arange(start, start + n, device=ask.device)[None].expand(
-            batch, -1), use_cache=True, logits_to_keep=1, **{kwarg: cache}).logits
-    return logits[:, -1].argmax(-1, keepdim=True), torch.full((batch, 1), start + n, device=ask.device)
-
-
-def _compiled_forward(model):
-    torch._dynamo.reset()
-    return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
 
 def run_compiled(args) -> dict:
@@ -113,7 +70,7 @@ def run_compiled(args) -> dict:
             if need > 0.92 * capacity:
                 print(f"skip context {context} x batch {batch}: a full cache needs ~{need / GB:.0f} GB")
                 continue
-            ids, _ = _context(batch, context, config.vocab_size, device, padded=False)
+            ids, _ = random_context(batch, context, config.vocab_size, device, padded=False)
             ask = torch.randint(10, config.vocab_size, (batch, args.question_tokens), device=device)
             start = context + args.question_tokens
 
@@ -124,14 +81,14 @@ def run_compiled(args) -> dict:
                 cache = (StaticCache(config=config, max_cache_len=context + room) if compiled
                          else DynamicCache(config=config))
                 _prefill_static(model, cache, ids, args.prefill_chunk)
-                token, position = _question(model, cache, ask, context)
-                forward = _compiled_forward(model) if compiled else model
+                token, position = question_step(model, cache, ask, context)
+                forward = compiled_forward(model) if compiled else model
                 row = Row(method, context, batch, kv_gb=kv_per_token * context * batch / GB)
                 began = time.perf_counter()
-                _timed_steps(forward, model, cache, token, position, 1, warmup=2)  # compile + record the graph
+                timed_steps(forward, model, cache, token, position, 1, warmup=2)  # compile + record the graph
                 row.compile_s = time.perf_counter() - began if compiled else float("nan")
                 torch.cuda.reset_peak_memory_stats()
-                row.decode_ms, _ = _timed_steps(forward, model, cache, token, position + 3, steps)
+                row.decode_ms, _ = timed_steps(forward, model, cache, token, position + 3, steps)
                 row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
                 row.floor_ms = floor(kv_per_token * (context + room) * batch)
                 record(row)
@@ -144,28 +101,28 @@ def run_compiled(args) -> dict:
             cache = KVzipCache(model)
             cache.prefill(model, ids, context_start=16, chunk_size=args.prefill_chunk)
             for ratio in args.ratios:
-                cache.compress(model, ratio, tokenizer=_NoTemplateTokenizer(), chunk_size=args.score_chunk)
+                cache.compress(model, ratio, tokenizer=NoTemplateTokenizer(), chunk_size=args.score_chunk)
                 kept_kv = cache.kv_bytes()
-                token, position = _question(model, cache, ask, context)
+                token, position = question_step(model, cache, ask, context)
                 row = Row("kvzip-eager", context, batch, ratio, kv_gb=kept_kv / GB)
                 torch.cuda.reset_peak_memory_stats()
-                row.decode_ms, eager_tokens = _timed_steps(model, model, cache, token, position, steps, warmup=0)
+                row.decode_ms, eager_tokens = timed_steps(model, model, cache, token, position, steps, warmup=0)
                 row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
                 row.floor_ms = floor(kept_kv)
                 record(row)
                 cache.rollback()
 
             cache.make_static(room)
-            token, position = _question(model, cache, ask, context)
-            forward = _compiled_forward(model)
+            token, position = question_step(model, cache, ask, context)
+            forward = compiled_forward(model)
             row = Row("kvzip-compiled", context, batch, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
             began = time.perf_counter()
-            _, warm_tokens = _timed_steps(forward, model, cache, token, position, 1, warmup=2)
+            _, warm_tokens = timed_steps(forward, model, cache, token, position, 1, warmup=2)
             row.compile_s = time.perf_counter() - began
             cache.rollback()
-            token, position = _question(model, cache, ask, context)
+            token, position = question_step(model, cache, ask, context)
             torch.cuda.reset_peak_memory_stats()
-            row.decode_ms, compiled_tokens = _timed_steps(forward, model, cache, token, position, steps, warmup=0)
+            row.decode_ms, compiled_tokens = timed_steps(forward, model, cache, token, position, steps, warmup=0)
             row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
             row.floor_ms = floor(cache.kv_bytes())
             same = torch.cat(compiled_tokens, 1) == torch.cat(eager_tokens, 1)
@@ -174,7 +131,7 @@ def run_compiled(args) -> dict:
             cache.rollback()
             try:
                 # generate compiles its decode steps itself: the warm-up call inside pays the compilation
-                row.generate_ms = _generate_ms(model, cache, torch.cat([ids, ask], 1), None, steps, cache.rollback)
+                row.generate_ms = generate_ms(model, cache, torch.cat([ids, ask], 1), None, steps, cache.rollback)
             except Exception as error:  # noqa: BLE001 - report, keep the other figures
                 row.notes.append(f"generate failed: {type(error).__name__}: {error}"[:300])
             record(row)

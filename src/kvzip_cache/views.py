@@ -4,16 +4,18 @@
 compressed). Once the layer is compressed, or while it is being scored, `update()` returns one of the small
 objects below instead, and the "kvzip" attention function dispatches on its type. Data flows one way: the cache
 builds these views; the backends read them (the scoring view also carries the buffer the backend writes scores
-into).
+into). `ScoringPass` is the record of one reconstruction pass that the cache hands its layers while the pass runs.
 
 Shapes use: B = batch, H = KV heads, D = head_dim, S = segments (= B0 * H for the B0 rows that were compressed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .storage import CompressedContext
 
 
 class _KVzipView:
@@ -27,81 +29,6 @@ class _KVzipView:
             f"the attention function read {type(self).__name__}.{name}: a compressed KVzipCache hands its layers' "
             "keys to the 'kvzip' attention only. Load the model with attn_implementation='kvzip' (after `import "
             "kvzip_cache`) or call model.set_attn_implementation('kvzip') before generating from this cache."
-        )
-
-
-@dataclass(frozen=True)
-class CompressedContext:
-    """The kept context of one layer: every (sequence, KV head) keeps its own number of pairs.
-
-    Pairs are flattened segment after segment, segment ``s = b * num_heads + h`` (the layout flash-attn's varlen
-    kernels use, one "sequence" per KV head). Within a segment the pairs stay in position order; the keys are
-    post-RoPE, so their positions are only kept as metadata (for re-selection and inspection).
-
-    Attributes:
-        keys: ``[total_kept, D]``.
-        values: ``[total_kept, D]``.
-        cu_seqlens: ``[S + 1]`` int32 on the keys' device: segment ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s+1]``.
-        offsets: the same offsets as a tuple of host ints (the CPU backend loops over segments without syncing).
-        positions: ``[total_kept]`` int32, the position of each kept pair in padded coordinates.
-        num_heads: H, KV heads per row.
-        max_seqlen: the longest segment (sizes kernel grids without a device sync).
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    cu_seqlens: torch.Tensor
-    offsets: tuple[int, ...]
-    positions: torch.Tensor
-    num_heads: int
-    max_seqlen: int
-
-    @classmethod
-    def from_counts(cls, keys, values, positions, counts: torch.Tensor, num_heads: int) -> CompressedContext:
-        """Build from flat kept pairs and the ``[S]`` number of pairs of each segment."""
-        cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=keys.device)
-        cu_seqlens[1:] = counts.cumsum(0)
-        offsets = tuple(cu_seqlens.tolist())
-        max_seqlen = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
-        return cls(keys.contiguous(), values.contiguous(), cu_seqlens, offsets, positions.contiguous(), num_heads,
-                   max_seqlen)
-
-    @property
-    def num_rows(self) -> int:
-        """How many batch rows were compressed (B0)."""
-        return (len(self.offsets) - 1) // self.num_heads
-
-    def seqlens(self) -> torch.Tensor:
-        """``[B0, H]`` int64 number of kept pairs per (row, KV head)."""
-        lengths = torch.tensor(self.offsets, dtype=torch.long)
-        return (lengths[1:] - lengths[:-1]).view(self.num_rows, self.num_heads)
-
-    def segment_ids(self) -> torch.Tensor:
-        """``[total_kept]`` int64 on the keys' device: the segment (``b * num_heads + h``) of every kept pair."""
-        segments = torch.arange(len(self.offsets) - 1, device=self.keys.device)
-        return torch.repeat_interleave(segments, self.seqlens().flatten().to(self.keys.device))
-
-    def select(self, pairs: torch.Tensor) -> CompressedContext:
-        """The context of the kept pairs where ``pairs`` (``[total_kept]`` bool) is True, in the same order."""
-        counts = torch.bincount(self.segment_ids()[pairs], minlength=len(self.offsets) - 1)
-        return CompressedContext.from_counts(self.keys[pairs], self.values[pairs], self.positions[pairs], counts,
-                                             self.num_heads)
-
-    def kv_bytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def metadata_bytes(self) -> int:
-        return self.cu_seqlens.nbytes + self.positions.nbytes
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedContext:
-        return CompressedContext(
-            keys=self.keys.to(device, non_blocking=non_blocking),
-            values=self.values.to(device, non_blocking=non_blocking),
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-            offsets=self.offsets,
-            positions=self.positions.to(device, non_blocking=non_blocking),
-            num_heads=self.num_heads,
-            max_seqlen=self.max_seqlen,
         )
 
 
@@ -231,3 +158,23 @@ class ScoringKV(_KVzipView):
     def is_plus(self) -> bool:
         """Whether this pass scores KVzip+ (the probabilities weighted by output and hidden-state norms)."""
         return self.query_norms is not None
+
+
+@dataclass(frozen=True)
+class ScoringPass:
+    """One reconstruction pass over one cached row: what the cache's full layers need to answer it (`ScoringKV`).
+
+    Attributes:
+        row: the scored row of the batch.
+        chunk: ``(start, end)`` positions of the scored chunk inside the row (padded coordinates).
+        prefix_positions: ``[P]`` int64, the row's non-padding protected-prefix positions.
+        scores_out: ``{full layer: [H, end - start] float32}`` buffers the backends write the scores into; a layer
+            missing from it computes none (KVzip+'s hidden-state pass has none at all).
+        query_norms: ``{full layer: [n] float32}`` ``||h_t||`` of the pass's tokens for KVzip+ scores; empty for KVzip.
+    """
+
+    row: int
+    chunk: tuple[int, int]
+    prefix_positions: torch.Tensor
+    scores_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    query_norms: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from .backends import use_backend
-from .bench import GB, _header, _machine, copy_bandwidth, load_model, warm_up
-from .bench_compiled import _compiled_forward, _question, _timed_steps
-from .cache import KVzipCache
-from .scorers.predictor import ScorePredictor
+from ..backends import use_backend
+from ..cache import KVzipCache
+from ..scorers.predictor import ScorePredictor
+from .common import (GB, compiled_forward, copy_bandwidth, load_model, machine_record, question_step, report_header,
+                     timed_steps, warm_up)
 
 
 @dataclass
@@ -80,14 +80,14 @@ def _decode_row(model, base, method: str, questions: int, args, single: SharedRo
     cache, ask = _static_copy(base, model, questions, room, args.question_tokens)
     row = SharedRow(method, context, questions, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
     with use_backend("triton-per-row") if method == "per-row" else nullcontext():
-        forward = _compiled_forward(model)
-        token, position = _question(model, cache, ask, context)
+        forward = compiled_forward(model)
+        token, position = question_step(model, cache, ask, context)
         began = time.perf_counter()
-        _timed_steps(forward, model, cache, token, position, 1, warmup=2)
+        timed_steps(forward, model, cache, token, position, 1, warmup=2)
         row.compile_s = time.perf_counter() - began
         cache.rollback()
-        token, position = _question(model, cache, ask, context)
-        row.step_ms, tokens = _timed_steps(forward, model, cache, token, position, args.decode_steps, warmup=0)
+        token, position = question_step(model, cache, ask, context)
+        row.step_ms, tokens = timed_steps(forward, model, cache, token, position, args.decode_steps, warmup=0)
     row.tokens_per_s = questions * 1e3 / row.step_ms
     if single is not None:
         row.copied_kv_gb = questions * single.kv_gb
@@ -188,14 +188,14 @@ def run_shared(args) -> dict:
         del base
         gc.collect()
         torch.cuda.empty_cache()
-    return {"machine": _machine(), "model": args.model, "dtype": args.dtype, "weights_gb": weight_bytes / GB,
+    return {"machine": machine_record(), "model": args.model, "dtype": args.dtype, "weights_gb": weight_bytes / GB,
             "copy_bandwidth_tbps": bandwidth / 1e12, "rows": [asdict(r) for r in rows]}
 
 
 def write_shared_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shared.json").write_text(json.dumps(result, indent=2))
-    lines = _header(result, "Many questions, one context") + [
+    lines = report_header(result, "Many questions, one context") + [
         "| method | context | questions | ratio | ms/step | tokens/s | KV GB | copied KV GB | compile s "
         "| first generate s | warm generate s | graphs compiled | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

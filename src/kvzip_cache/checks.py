@@ -1,0 +1,244 @@
+"""Every refusal of `KVzipCache`, in one place: each check takes what it checks as arguments, raises an error that
+says what to do, and changes nothing.
+
+The cache runs these before it changes any state (a refusal leaves the cache as it was). Checks that compare with
+what filled the cache (architecture, weights, tokenizer, model object) take the recorded fingerprints; the
+tensor-parallel check runs first in every collective call, so that every rank reaches the same verdict.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .attention import ATTN_IMPLEMENTATION, uses_kvzip_attention
+from .config import config_fields, config_fingerprint, field_differences
+from .fingerprints import attention_module_ids, tokenizer_fields, tokenizer_fingerprint, weight_differences, weight_digests
+from .parallel import TensorParallel, tensor_parallel_size
+
+STATIC_DECODE_EVICTION = (
+    "eviction while decoding changes the size of the compressed context, which a static cache fixes for its compiled "
+    "steps: use one or the other (cache.evict_while_decoding(None) turns eviction off)"
+)
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+def check_ratio(ratio) -> float:
+    """``ratio`` as a float if it is a fraction of pairs kept in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio is the fraction of context pairs KEPT and must be in (0, 1]; got {ratio!r}")
+    return float(ratio)
+
+
+def check_level(level: str, allowed: tuple[str, ...], call: str) -> str:
+    if level not in allowed:
+        raise ValueError(f"unknown level {level!r} for {call}; choose one of {allowed}")
+    return level
+
+
+def check_window(window) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens; got {window!r}")
+    return window
+
+
+def check_prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context_start,
+                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [B, S] bool, starts [B] int64)`` for a prefill, or a refusal saying what is wrong with the inputs."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got shape {tuple(input_ids.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
+        raise ValueError("only left padding is supported: set tokenizer.padding_side = 'left'")
+    starts = torch.as_tensor(context_start, dtype=torch.long, device=device).flatten()
+    starts = starts.expand(batch).clone() if starts.numel() == 1 else starts
+    if starts.numel() != batch:
+        raise ValueError(f"context_start has {starts.numel()} entries for a batch of {batch}")
+    if bool((starts < 0).any()) or bool((starts >= seq).any()):
+        raise ValueError(f"context_start must lie in [0, {seq}) so that every row has a context; got {starts.tolist()}")
+    if bool((~mask.gather(1, starts[:, None])).any()):
+        raise ValueError("context_start points at padding in some row: the context must come after the left padding")
+    return mask, starts
+
+
+# -------------------------------------------------------------------------------------------------- the model
+def check_model(model) -> None:
+    """Raise a clear error unless ``model`` runs its attention through "kvzip"."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(model):
+        raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+    if not uses_kvzip_attention(config):
+        current = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
+        raise ValueError(
+            f"the model uses attn_implementation={current!r}; KVzipCache needs the kvzip attention: `import "
+            f"kvzip_cache`, then load with from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}) or call "
+            f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})"
+        )
+
+
+def check_architecture(fingerprint: str, fields: dict, model, call: str) -> None:
+    """Refuse a model of another architecture than the recorded one (its config fingerprint, the one head scores
+    and saved caches record)."""
+    if config_fingerprint(model) != fingerprint:
+        raise ValueError(
+            f"{call} got a model of another architecture than this cache was made for "
+            f"({field_differences(fields, config_fields(model))}): use the model that filled the cache, or a new "
+            "KVzipCache(model) for this one"
+        )
+
+
+def check_weights(recorded: dict[str, int] | None, model, call: str) -> None:
+    """Refuse a model of the same architecture but other weights (another fine-tune) than the one that filled the
+    context: its scores and answers would be garbage, silently. Compares a sample (`weight_digests`)."""
+    if recorded is None:
+        return
+    current = weight_digests(model)
+    differ = None if current is None else weight_differences(recorded, current)
+    if differ is not None:
+        raise ValueError(
+            f"{call} got a model with other weights than the one that filled this cache ({differ}; another "
+            "fine-tune of the same architecture?): use the model that prefilled the cache, or cache.reset() "
+            "and prefill again with this one"
+        )
+
+
+def check_model_object(owners: dict[int, int | None], model, call: str) -> None:
+    """Refuse another model object than the one whose attention modules filled the layers (``owners``)."""
+    current = attention_module_ids(model)
+    if any(owner not in (None, current.get(idx)) for idx, owner in owners.items() if idx in current):
+        raise ValueError(f"{call} got another model object than the one that filled this cache: pass that model "
+                         "(a copy takes the cache over by cache.compress(copy, ratio))")
+
+
+def check_tokenizer(recorded: dict | None, tokenizer) -> dict:
+    """The tokenizer's `tokenizer_fields`; refuses one that differs from the recorded tokenizer (the reconstruction
+    prompts, hence the scores, depend on it)."""
+    fields = tokenizer_fields(tokenizer)
+    if recorded is not None and tokenizer_fingerprint(fields) != tokenizer_fingerprint(recorded):
+        raise ValueError(
+            f"compress() got another tokenizer than the one this cache was scored with "
+            f"({field_differences(recorded, fields)}): pass the tokenizer of the model that filled the cache "
+            "(or none: a second compress re-uses the stored scores)"
+        )
+    return fields
+
+
+def check_ranks(tensor_parallel: TensorParallel | None, model, call: str, *values) -> None:
+    """Refuse a model whose tensor parallelism differs from the cache's, and (tensor parallel) calls whose arguments
+    differ between ranks: every rank must run the same forward passes, so a divergence would hang or corrupt. Run
+    it before any other check, so that a refusal is raised on every rank alike."""
+    size = tensor_parallel_size(model)
+    mine = 1 if tensor_parallel is None else tensor_parallel.world_size
+    if size != mine:
+        raise ValueError(
+            f"the model is split over {size} tensor-parallel ranks but this cache was made for {mine}: create "
+            "the cache from the loaded model, KVzipCache(model), after the process group and the model exist"
+        )
+    if tensor_parallel is None:
+        return
+    numbers = []
+    for value in values:
+        if isinstance(value, torch.Tensor):  # ids: their shape, sum and position-weighted sum
+            flat = value.flatten()
+            numbers += [*value.shape, float(flat.sum()),
+                        float((flat * torch.arange(flat.numel(), device=flat.device)).sum())]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers.append(float(value))
+        else:
+            numbers.append(float(zlib.crc32(str(value).encode())))  # crc32: the same in every process
+    # On the model's device: NCCL reduces only CUDA tensors (gloo takes CPU ones).
+    values = torch.tensor(numbers, dtype=torch.float64, device=getattr(model, "device", "cpu")).nan_to_num(nan=-1.0)
+    if not tensor_parallel.agree(values):
+        raise ValueError(
+            f"the tensor-parallel ranks called {call} with different arguments; every rank must make the same "
+            "calls with the same inputs (they run each forward pass together)"
+        )
+
+
+# ------------------------------------------------------------------------------------------- the cache's state
+def check_recompress(compressed_with: tuple[str, float] | None, level: str, ratio: float) -> None:
+    """A second compress may only keep fewer pairs at the same level."""
+    if compressed_with is None:
+        return
+    prev_level, prev_ratio = compressed_with
+    if level != prev_level or ratio > prev_ratio:
+        raise ValueError(
+            f"this cache is already compressed ({prev_level}, ratio {prev_ratio:g}); a second compress can "
+            f"only keep fewer pairs at the same level (level={prev_level!r}, ratio <= {prev_ratio:g}). "
+            "Evicted pairs cannot be restored: prefill a new cache to change level or grow the ratio."
+        )
+
+
+def check_same_source(recorded: str | None, source: str) -> None:
+    """A second compress re-uses the stored scores, so it cannot switch to another scorer."""
+    if recorded is not None and source != recorded:
+        raise ValueError(
+            f"this cache was compressed with {recorded} scores, which a second compress re-uses; it cannot switch to "
+            f"{source} scores. Prefill a new cache to score it another way."
+        )
+
+
+def check_nothing_appended(appended: int, call: str) -> None:
+    if appended:
+        raise RuntimeError(f"{appended} tokens were appended after the context; call cache.rollback() before {call}")
+
+
+def check_rows_as_prefilled(src_rows: tuple[int, ...] | None, rows: int, call: str) -> None:
+    """Refuse to re-select pairs while the rows are repeated or reordered (a crop can empty the tail and leave them
+    so): the layers would refuse one by one (found by the call-order state machine)."""
+    if src_rows is not None and src_rows != tuple(range(rows)):
+        raise RuntimeError(
+            f"the cache serves {len(src_rows)} rows made from its {rows} contexts (inputs_for(shared=True), "
+            f"batch_repeat_interleave or beams): call cache.rollback() before {call}"
+        )
+
+
+def check_batch(batch: int, rows: int) -> None:
+    """Refuse a forward of ``batch`` rows on a cache that holds ``rows``."""
+    if batch != rows:
+        raise ValueError(
+            f"batch size {batch} does not match the cache's {rows} rows; use cache.batch_repeat_interleave(n) "
+            "before generate(num_beams=n or num_return_sequences=n)"
+        )
+
+
+def check_whole_forwards(lengths: set[int]) -> None:
+    """Refuse to run on layers of different lengths: an earlier forward pass stopped between two layers (an exception
+    in the model, a refusal by the attention, KeyboardInterrupt during ``generate``), and the next one would attend
+    to mismatched positions. `rollback` (or `reset`) repairs it."""
+    if len(lengths) > 1:
+        raise RuntimeError(
+            f"an earlier forward pass stopped partway (the cache's layers hold between {min(lengths)} and "
+            f"{max(lengths)} tokens): call cache.rollback() to return to the compressed context (or "
+            "cache.reset()) before generating again"
+        )
+
+
+def check_static_room(room: int, new_tokens: int) -> None:
+    if new_tokens > room:
+        raise ValueError(
+            f"the static cache has room for {room} more tokens after the context, and this step adds "
+            f"{new_tokens}; call cache.rollback() between questions, or make_static() with a larger max_new_tokens"
+        )
+
+
+def check_new_tokens(query_length, context_length: int | None) -> None:
+    """transformers builds the mask before any layer runs: the first place a forward with no new tokens shows
+    (generate feeds only the ids after the cached length, so passing the question alone leaves nothing)."""
+    if isinstance(query_length, int) and query_length == 0 and context_length is not None:
+        raise ValueError(
+            f"no new tokens after the {context_length} cached ones: the input ids must be the whole sequence "
+            "[context; question], as with any transformers cache. Use "
+            "model.generate(**cache.inputs_for(query_ids, query_mask), past_key_values=cache)"
+        )
