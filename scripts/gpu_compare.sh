@@ -5,7 +5,10 @@
 #   git archive REV src pyproject.toml README.md LICENSE MANIFEST.in scores | (mkdir -p .gpu_old && tar -x -C .gpu_old)
 #   bash scripts/gpu_compare.sh .gpu_old --contexts 16384 --batches 1 --ratios 0.3 --predictor mlp
 #
-# The benchmark arguments run twice per tree: as given, and again with --shared 16 (many questions, one context).
+# The benchmark arguments run per tree as given, in the order old, new, new, old (a process's place in the run
+# matters: on 2026-12-06 the first benchmark process of a call decoded KVzip at 44-48 ms/token against 25 for the
+# second, with identical Python work per step; ABBA separates such an order effect from the code), then once more
+# per tree with --shared 16 (many questions, one context).
 set -uo pipefail
 old=$1; shift
 out=${OUT:-gpu_out}
@@ -23,12 +26,17 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     tests/test_kernels.py tests/test_gpu.py tests/test_architectures.py 2>&1 | tail -15 | tee "$out/tests.log"
   echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
 fi
-for tree in new old; do
-  PYTHONPATH=/tmp/site_$tree timeout "${BENCH_SECONDS:-150}" python3 -m kvzip_cache.bench --out "/tmp/bench_$tree" "$@" \
-    2>&1 | grep -v -i warn | tail -12 | tee "$out/bench_$tree.log"
+round=0
+for tree in old new new old; do
+  round=$((round + 1))
+  echo "== $tree (round $round)" >> "$out/bench.log"
+  PYTHONPATH=/tmp/site_$tree timeout "${BENCH_SECONDS:-150}" python3 -m kvzip_cache.bench --out "/tmp/bench_${tree}_$round" \
+    "$@" 2>&1 | grep -v -i warn | tail -12 | tee -a "$out/bench.log"
+done
+for tree in old new; do
   PYTHONPATH=/tmp/site_$tree timeout "${BENCH_SECONDS:-150}" python3 -m kvzip_cache.bench --out "/tmp/shared_$tree" \
     --shared 16 --contexts "${SHARED_CONTEXT:-16384}" 2>&1 | grep -v -i warn | tail -12 | tee "$out/shared_$tree.log"
 done
-for report in /tmp/bench_new/report.md /tmp/bench_old/report.md /tmp/shared_new/shared.md /tmp/shared_old/shared.md; do
+for report in /tmp/bench_*/report.md /tmp/shared_new/shared.md /tmp/shared_old/shared.md; do
   echo "===== $report"; cat "$report" 2>/dev/null
 done > "$out/reports.md"  # one file: the device hands back at most 8

@@ -598,15 +598,16 @@ class KVzipCache(Cache):
         base = self.context_offset
         prefix = self.attention_mask.clone()
         prefix[torch.arange(self.context_length, device=prefix.device)[None, :] >= self.context_start[:, None]] = False
-        keeps = {}
-        for idx in self.compressible_layers:
-            keeps[idx] = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
-            keeps[idx][:, :, base:] |= keep_mask[idx]
-        before = [_layer_state(self.layers[idx]) for idx in keeps]
+        done, before = 0, None
         try:
-            self.keep_pairs(keeps, start=0)
+            for idx in self.compressible_layers:  # one layer at a time: its dense copy is freed before the next
+                keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
+                keep[:, :, base:] |= keep_mask[idx]
+                before = _layer_state(self.layers[idx])
+                self.keep_pairs({idx: keep}, start=0)
+                done, before = done + 1, None
         except BaseException as error:
-            if all(_same_state(_layer_state(self.layers[idx]), state) for idx, state in zip(keeps, before)):
+            if done == 0 and (before is None or _same_state(_layer_state(self.layers[idx]), before)):
                 _add_note(error, "KVzipCache: the eviction stopped before any layer changed; the cache is as it was")
             else:
                 self.reset()
