@@ -407,3 +407,80 @@ def test_an_interrupted_chunked_prefill_resets_the_cache_saying_so(monkeypatch, 
     fresh = KVzipCache(model)
     fresh.prefill(model, _ids(30), context_start=3, chunk_size=8, **extra)
     torch.testing.assert_close(_probe(model, cache), _probe(model, fresh), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- inputs a newcomer gets wrong
+def _snapshot(cache):
+    """Everything an early refusal must leave as it was."""
+    return (cache.get_seq_length(), cache.kv_bytes(), cache.is_compressed, cache.compressed_with,
+            None if cache.input_ids is None else cache.input_ids.clone())
+
+
+def _same(a, b):
+    return a[:4] == b[:4] and (a[4] is b[4] is None or torch.equal(a[4], b[4]))
+
+
+def test_a_string_question_is_refused_with_the_encoder_to_use(prefilled):
+    model, cache = prefilled
+    before = _snapshot(cache)
+    with pytest.raises(TypeError, match=r"query_ids must be a \[batch, tokens\] tensor.*got a str.*encode_query\("):
+        cache.inputs_for("What is the magic number?")
+    with pytest.raises(TypeError, match=r"query_ids must hold integer token ids; got torch.float32"):
+        cache.inputs_for(torch.ones(1, 3))
+    assert _same(_snapshot(cache), before) and cache.pending_query_mask is None
+
+
+def test_a_list_of_contexts_is_refused_with_the_batch_encoder_to_use():
+    model, _ = make_pair("llama")
+    cache = KVzipCache(model)
+    with pytest.raises(TypeError, match=r"input_ids must be a \[batch, tokens\] tensor.*got a list.*encode_contexts"):
+        cache.prefill(model, [_ids(10)[0], _ids(12)[0]])
+    assert cache.input_ids is None and cache.get_seq_length() == 0
+
+
+def test_swapped_compress_arguments_name_the_order_without_printing_the_model(prefilled):
+    model, cache = prefilled
+    with pytest.raises(ValueError) as refused:
+        cache.compress(0.3, model)
+    message = str(refused.value)
+    assert "the order is compress(model, ratio)" in message and "LlamaForCausalLM" in message
+    assert len(message) < 200  # not the model's repr
+    _assert_intact(model, cache)
+
+
+def test_saving_into_a_missing_folder_names_the_folder(prefilled, tmp_path):
+    model, cache = prefilled
+    cache.compress(model, 0.5, tokenizer=TOK)
+    target = tmp_path / "not_there" / "cache.kvzip"
+    with pytest.raises(FileNotFoundError, match=rf"folder {target.parent} does not exist"):
+        cache.save(target)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        cache.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_left_padding_without_a_mask_is_refused_before_anything_is_cached():
+    model, _ = make_pair("llama")  # pad_token_id 0, bos 1
+    ids = _ids(12, batch=2)
+    ids[1, :4] = 0  # a left-padded row, passed without its attention_mask
+    cache = KVzipCache(model)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of input_ids start with the pad token \(0\).*attention_mask"):
+        cache.prefill(model, ids, context_start=5)
+    assert cache.input_ids is None and cache.get_seq_length() == 0
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    cache.prefill(model, ids, mask, context_start=torch.tensor([2, 5]))  # with the mask it is what it should be
+    assert cache.context_length == 12
+
+
+def test_training_mode_with_attention_dropout_is_refused_before_the_prefill_runs():
+    model, _ = make_pair("llama")
+    model.config.attention_dropout = 0.1
+    model.train()
+    cache = KVzipCache(model)
+    with pytest.raises(ValueError, match=r"training mode with attention dropout.*model.eval\(\)") as refused:
+        cache.prefill(model, _ids(10))
+    assert "chunk_size" not in str(refused.value) and not getattr(refused.value, "__notes__", None)
+    model.eval()
+    cache.prefill(model, _ids(10))
+    assert cache.context_length == 10

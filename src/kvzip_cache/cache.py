@@ -31,7 +31,8 @@ from transformers.cache_utils import Cache
 from .checks import (STATIC_DECODE_EVICTION, check_architecture, check_batch, check_level, check_model,
                      check_model_object, check_new_tokens, check_nothing_appended, check_prefill_inputs, check_ranks,
                      check_ratio, check_recompress, check_rows_as_prefilled, check_same_source, check_static_room,
-                     check_tokenizer, check_weights, check_whole_forwards, check_window)
+                     check_token_ids, check_tokenizer, check_unmasked_padding, check_weights, check_whole_forwards,
+                     check_window)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
 from .eviction import DecodeEviction, PrefillEviction, position_ids
@@ -307,6 +308,7 @@ class KVzipCache(Cache):
         if self.get_seq_length() > 0 or self.input_ids is not None:
             raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
         mask, starts = check_prefill_inputs(input_ids, attention_mask, context_start, chunk_size)
+        check_unmasked_padding(input_ids, attention_mask, _pad_token_id(model))
         eviction = self._prefill_eviction(model, spec, ratio, level, mask, starts)
         digests = weight_digests(model)
         try:
@@ -322,8 +324,9 @@ class KVzipCache(Cache):
                 self.compressed_with, self.score_source = (eviction.level, eviction.ratio), scorer_label(spec)
         except BaseException as error:  # out of memory, KeyboardInterrupt, ...: never a half-filled cache
             self.reset()
+            hint = ", e.g. with a smaller chunk_size" if isinstance(error, torch.OutOfMemoryError) else ""
             _add_note(error, "KVzipCache.prefill() did not finish: the cache was reset to empty (nothing of this "
-                             "prefill is kept); call prefill() again, e.g. with a smaller chunk_size")
+                             f"prefill is kept); call prefill() again{hint}")
             raise
 
     def _prefill_eviction(self, model, spec, ratio, level, mask, starts) -> PrefillEviction | None:
@@ -764,6 +767,8 @@ class KVzipCache(Cache):
         if self.input_ids is None:
             raise RuntimeError("inputs_for() needs a prefilled cache")
         rows = self.input_ids.shape[0]
+        check_token_ids(query_ids, "query_ids", "encode_query(tokenizer, question) gives one question's ids, "
+                                                "encode_queries(tokenizer, questions) several, with their mask")
         query_ids = query_ids.to(self.input_ids.device)
         if query_ids.dim() != 2:
             raise ValueError(f"query_ids must be [batch, tokens]; got shape {tuple(query_ids.shape)}")
@@ -898,6 +903,13 @@ def _one_scorer(call: str, **given):
         if name == "score" and value not in RECONSTRUCTION_TARGETS:
             raise ValueError(f"unknown score {value!r}; choose one of {RECONSTRUCTION_TARGETS} (or pass scorer=...)")
     return next(iter(named.values()), None)
+
+
+def _pad_token_id(model):
+    """The model's pad token id, when it has one that does not also open every sequence (bos)."""
+    config = getattr(model, "generation_config", None) or model.config
+    pad, bos = getattr(config, "pad_token_id", None), getattr(config, "bos_token_id", None)
+    return None if pad is None or pad == bos or isinstance(pad, list) else pad
 
 
 def _layer_scorer(scorer, call: str):

@@ -26,9 +26,22 @@ STATIC_DECODE_EVICTION = (
 # ------------------------------------------------------------------------------------------------------ arguments
 def check_ratio(ratio) -> float:
     """``ratio`` as a float if it is a fraction of pairs kept in (0, 1]."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        swapped = " (a model: the order is compress(model, ratio))" if hasattr(ratio, "config") else ""
+        raise ValueError(f"ratio is the fraction of context pairs KEPT, a number in (0, 1]; got a "
+                         f"{type(ratio).__name__}{swapped}")
+    if not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"ratio is the fraction of context pairs KEPT and must be in (0, 1]; got {ratio!r}")
     return float(ratio)
+
+
+def check_token_ids(ids, name: str, fix: str) -> torch.Tensor:
+    """``ids`` if it is a ``[batch, tokens]`` integer tensor, else a refusal naming ``fix``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a [batch, tokens] tensor of token ids; got a {type(ids).__name__}: {fix}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids; got {ids.dtype}: {fix}")
+    return ids
 
 
 def check_level(level: str, allowed: tuple[str, ...], call: str) -> str:
@@ -46,6 +59,8 @@ def check_window(window) -> int:
 def check_prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context_start,
                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask [B, S] bool, starts [B] int64)`` for a prefill, or a refusal saying what is wrong with the inputs."""
+    check_token_ids(input_ids, "input_ids", "for several contexts, encode_contexts(tokenizer, texts) returns the "
+                                            "left-padded ids, their attention_mask and each row's context_start")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got shape {tuple(input_ids.shape)}")
     if chunk_size < 1:
@@ -73,11 +88,29 @@ def check_prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 # -------------------------------------------------------------------------------------------------- the model
+def check_unmasked_padding(input_ids: torch.Tensor, attention_mask, pad_token_id) -> None:
+    """Refuse ids whose rows start with the pad token when no ``attention_mask`` says where the padding is: the
+    padding would be cached as context (or as the protected prefix) and attended to by every question."""
+    if attention_mask is not None or pad_token_id is None or input_ids.dim() != 2 or not input_ids.numel():
+        return
+    padded = (input_ids[:, 0] == int(pad_token_id)).nonzero().flatten().tolist()
+    if padded:
+        raise ValueError(
+            f"row(s) {padded} of input_ids start with the pad token ({int(pad_token_id)}) and no attention_mask was "
+            "given: pass the attention_mask the tokenizer returned (0 on padding), or build the batch with "
+            "encode_contexts(tokenizer, texts)"
+        )
+
+
 def check_model(model) -> None:
     """Raise a clear error unless ``model`` runs its attention through "kvzip"."""
     config = getattr(model, "config", None)
     if config is None or not callable(model):
         raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+    if getattr(model, "training", False) and (getattr(config.get_text_config(decoder=True), "attention_dropout", 0)
+                                              or 0) > 0:
+        raise ValueError("the model is in training mode with attention dropout: KVzipCache is for inference, call "
+                         "model.eval() first")
     if not uses_kvzip_attention(config):
         current = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
         raise ValueError(

@@ -48,6 +48,12 @@ def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
     bookkeeping, and the loaded cache cannot be re-compressed (a second compress needs the scores).
     """
     _check_saveable(cache)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save the cache to {path}: the folder {path.parent} does not exist (create it "
+                                "first, e.g. Path(folder).mkdir(parents=True))")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save the cache to {path}: it is a folder; name a file inside it")
     tensors: dict[str, torch.Tensor] = {
         "input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "context_start": cache.context_start,
         "keep_mask": cache.keep_mask,
@@ -81,7 +87,6 @@ def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
         metadata["weights"] = json.dumps(cache.weight_digests)
     if cache.tokenizer_fields is not None:
         metadata["tokenizer"] = json.dumps(cache.tokenizer_fields)
-    path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file(tensors, str(temporary), metadata=metadata)
