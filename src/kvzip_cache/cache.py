@@ -29,10 +29,10 @@ import torch
 from transformers.cache_utils import Cache
 
 from .checks import (STATIC_DECODE_EVICTION, check_architecture, check_batch, check_level, check_model,
-                     check_model_object, check_new_tokens, check_nothing_appended, check_prefill_inputs, check_ranks,
+                     check_model_object, check_nothing_appended, check_prefill_inputs, check_ranks,
                      check_ratio, check_recompress, check_rows_as_prefilled, check_same_source, check_static_room,
                      check_token_ids, check_tokenizer, check_unmasked_padding, check_weights, check_whole_forwards,
-                     check_window)
+                     check_window, no_new_tokens_error)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
 from .eviction import DecodeEviction, PrefillEviction, position_ids
@@ -41,11 +41,11 @@ from .layers import KVzipLayer, KVzipSlidingLayer
 from .parallel import TensorParallel, tensor_parallel_of
 from .head_scores import HeadScores
 from .persistence import SavedContext, read_cache, save_cache
-from .scorers.base import LEVELS, ContextScorer, LayerScorer, PrefilledContext, score_context_by_layers
+from .scorers.base import ContextScorer, LayerScorer, PrefilledContext, score_context_by_layers, scorer_level
 from .scorers.predictor import ScorePredictor
 from .scorers.reconstruction import RECONSTRUCTION_TARGETS
 from .scorers.registry import resolve_scorer, scorer_label
-from .selection import select
+from .selection import LEVELS, select
 from .views import ScoringPass
 
 logger = logging.getLogger("kvzip_cache")
@@ -251,8 +251,9 @@ class KVzipCache(Cache):
         super().crop(tokens_to_remove)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        if isinstance(query_length, int) and query_length == 0:  # (compiled steps never read the context's length)
-            check_new_tokens(query_length, None if self.input_ids is None else self.context_length)
+        # query_length first: a compiled step (1 new token) must not read the context's length
+        if isinstance(query_length, int) and query_length == 0 and self.input_ids is not None:
+            raise no_new_tokens_error(self.context_length)
         return super().get_mask_sizes(query_length, layer_idx)
 
     def reset(self) -> None:
@@ -302,7 +303,7 @@ class KVzipCache(Cache):
         """
         spec = _one_scorer("prefill()", scorer=scorer, predictor=predictor, head_scores=head_scores)
         check_ranks(self.tensor_parallel, model, "prefill()", input_ids, context_start, chunk_size, ratio, str(level),
-                    scorer_label(spec) if spec is not None else "")
+                    scorer_label(spec))
         check_model(model)
         check_architecture(self.fingerprint, self.config_fields, model, "prefill()")
         if self.get_seq_length() > 0 or self.input_ids is not None:
@@ -342,7 +343,7 @@ class KVzipCache(Cache):
         if not self.compressible_layers:
             raise ValueError("every layer of this model uses sliding-window attention: there is nothing to evict")
         scorer = _layer_scorer(resolve_scorer(spec, model), "prefill()")
-        level = check_level(level or _scorer_level(scorer), LEVELS, "prefill()")
+        level = check_level(level or scorer_level(scorer), LEVELS, "prefill()")
         return PrefillEviction(scorer, ratio, level, mask, starts, len(self.layers), self.num_kv_heads,
                                self.compressible_layers, self.tensor_parallel)
 
@@ -422,12 +423,13 @@ class KVzipCache(Cache):
             level = "pair"
         spec = _one_scorer("compress()", scorer=scorer, predictor=predictor, head_scores=head_scores, score=score)
         check_ranks(self.tensor_parallel, model, "compress()", ratio, str(level), chunk_size,
-                    scorer_label(spec) if spec is not None else "")
+                    scorer_label(spec))
         ratio, scored_with = self._check_compress(model, ratio, level, tokenizer)
         bytes_before = self.kv_bytes()
         scores, source, level, scored_with = self._scores_for(model, spec, ratio, level, tokenizer, chunk_size,
                                                               progress, scored_with)
-        keep = self._select(scores, ratio, level)
+        selectable = self.selectable_pairs()
+        keep = self._select(scores, ratio, level, selectable)
         self._evict_context(keep)
         self._bind_model(model)  # its weights passed the check: an identical copy may take the cache over
         self.scores, self.compressed_with, self.score_source = scores, (level, ratio), source
@@ -436,7 +438,7 @@ class KVzipCache(Cache):
         report = CompressReport(
             level=level,
             ratio=ratio,
-            achieved_ratio=int(keep.sum()) / max(int(self.selectable_pairs().sum()), 1),
+            achieved_ratio=int(keep.sum()) / max(int(selectable.sum()), 1),
             kept_per_layer=keep.flatten(1).sum(dim=1).tolist(),
             bytes_before=bytes_before,
             bytes_after=self.kv_bytes(),
@@ -477,11 +479,12 @@ class KVzipCache(Cache):
             level = check_level(level or self.compressed_with[0], LEVELS, "compress()")
             check_recompress(self.compressed_with, level, ratio)
             return self.scores, self.score_source, level, scored_with
-        check_recompress(self.compressed_with, level or "pair", ratio)  # evicted without scores: cannot re-score
+        if self.compressed_with is not None:  # evicted without scores (evict(), a file saved with scores=False)
+            check_recompress(self.compressed_with, level or "pair", ratio)
+            self._check_rescorable()  # refuses: before a scorer is built (it may load a tokenizer or a file)
         scorer = resolve_scorer("kvzip" if spec is None else spec, model, tokenizer=tokenizer, chunk_size=chunk_size,
                                 progress=progress)
-        level = check_level(level or _scorer_level(scorer), LEVELS, "compress()")
-        check_recompress(self.compressed_with, level, ratio)
+        level = check_level(level or scorer_level(scorer), LEVELS, "compress()")
         scores = self._score(model, scorer)
         scored_with = self._check_scorer_tokenizer(scorer, tokenizer, scored_with)
         return scores, scorer_label("kvzip" if spec is None else spec), level, scored_with
@@ -530,25 +533,28 @@ class KVzipCache(Cache):
             scores = self.tensor_parallel.gather(scores, dim=2)
         return scores.masked_fill(~context.selectable, float("nan"))
 
-    def _select(self, scores: torch.Tensor, ratio: float, level: str) -> torch.Tensor:
+    def _select(self, scores: torch.Tensor, ratio: float, level: str, selectable: torch.Tensor) -> torch.Tensor:
         """The keep mask of a compress: a fresh selection, or a re-selection among the pairs still kept (evicted
         pairs rank last but still count, so ratios stay relative to the context)."""
         if self.keep_mask is None:
             return select(scores, ratio, level)
-        ranked = scores.masked_fill(self.selectable_pairs() & ~self.keep_mask, float("-inf"))
+        ranked = scores.masked_fill(selectable & ~self.keep_mask, float("-inf"))
         return select(ranked, ratio, level) & self.keep_mask
 
-    def prefilled_context(self) -> PrefilledContext:
-        """What a scorer may read of this prefilled cache (`kvzip_cache.scorers.base.PrefilledContext`)."""
-        if self.input_ids is None:
-            raise RuntimeError("scoring needs a prefilled cache: call cache.prefill(model, input_ids) first")
-        full = self.compressible_layers
-        if any(self.layers[idx].is_compressed for idx in full):
+    def _check_rescorable(self) -> None:
+        if any(self.layers[idx].is_compressed for idx in self.compressible_layers):
             raise RuntimeError(
                 "this cache was compressed without keeping its scores (saved with scores=False?), and evicted pairs "
                 "cannot be scored again: compress it at its level with a ratio no larger, after loading a file "
                 "saved with scores, or prefill a new cache"
             )
+
+    def prefilled_context(self) -> PrefilledContext:
+        """What a scorer may read of this prefilled cache (`kvzip_cache.scorers.base.PrefilledContext`)."""
+        if self.input_ids is None:
+            raise RuntimeError("scoring needs a prefilled cache: call cache.prefill(model, input_ids) first")
+        self._check_rescorable()
+        full = self.compressible_layers
         return PrefilledContext(
             input_ids=self.input_ids,
             attention_mask=self.attention_mask,
@@ -709,7 +715,7 @@ class KVzipCache(Cache):
             return
         spec = _one_scorer("evict_while_decoding()", scorer=scorer, predictor=predictor)
         check_ranks(self.tensor_parallel, model, "evict_while_decoding()", ratio, window, str(level),
-                    scorer_label(spec) if spec is not None else "")
+                    scorer_label(spec))
         check_model(model)
         check_architecture(self.fingerprint, self.config_fields, model, "evict_while_decoding()")
         if not self.is_compressed:
@@ -727,7 +733,7 @@ class KVzipCache(Cache):
         scorer = _layer_scorer(resolve_scorer(spec, model), "evict_while_decoding()")
         ratio = check_ratio(ratio)
         window = check_window(window)
-        level = check_level(level or _scorer_level(scorer), LEVELS, "evict_while_decoding()")
+        level = check_level(level or scorer_level(scorer), LEVELS, "evict_while_decoding()")
         first = self.layers[self.compressible_layers[0]]
         if first.tail_length and len(first.src_rows) > 1:
             raise RuntimeError(
@@ -920,10 +926,6 @@ def _layer_scorer(scorer, call: str):
             "scorer=...)"
         )
     return scorer
-
-
-def _scorer_level(scorer) -> str:
-    return getattr(scorer, "level", None) or "pair"
 
 
 def _layer_state(layer) -> tuple:

@@ -91,7 +91,7 @@ def check_prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor |
 def check_unmasked_padding(input_ids: torch.Tensor, attention_mask, pad_token_id) -> None:
     """Refuse ids whose rows start with the pad token when no ``attention_mask`` says where the padding is: the
     padding would be cached as context (or as the protected prefix) and attended to by every question."""
-    if attention_mask is not None or pad_token_id is None or input_ids.dim() != 2 or not input_ids.numel():
+    if attention_mask is not None or pad_token_id is None:  # (shapes checked by check_prefill_inputs)
         return
     padded = (input_ids[:, 0] == int(pad_token_id)).nonzero().flatten().tolist()
     if padded:
@@ -266,12 +266,12 @@ def check_static_room(room: int, new_tokens: int) -> None:
         )
 
 
-def check_new_tokens(query_length, context_length: int | None) -> None:
-    """transformers builds the mask before any layer runs: the first place a forward with no new tokens shows
-    (generate feeds only the ids after the cached length, so passing the question alone leaves nothing)."""
-    if isinstance(query_length, int) and query_length == 0 and context_length is not None:
-        raise ValueError(
-            f"no new tokens after the {context_length} cached ones: the input ids must be the whole sequence "
-            "[context; question], as with any transformers cache. Use "
-            "model.generate(**cache.inputs_for(query_ids, query_mask), past_key_values=cache)"
-        )
+def no_new_tokens_error(context_length: int) -> ValueError:
+    """The refusal of a forward with no new tokens after a prefilled context (the caller sees that: transformers
+    builds the mask before any layer runs, and generate feeds only the ids after the cached length, so passing the
+    question alone leaves nothing)."""
+    return ValueError(
+        f"no new tokens after the {context_length} cached ones: the input ids must be the whole sequence "
+        "[context; question], as with any transformers cache. Use "
+        "model.generate(**cache.inputs_for(query_ids, query_mask), past_key_values=cache)"
+    )

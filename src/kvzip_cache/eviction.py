@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .parallel import TensorParallel
-from .scorers.base import LayerScorer, check_layer_scores
+from .scorers.base import LayerScorer, rate_layers
 from .selection import select
 
 
@@ -51,12 +51,7 @@ def rate_pairs(scorer: LayerScorer, layer_kv: dict[int, tuple[torch.Tensor, torc
             NaN elsewhere.
         parallel: tensor parallelism: each rank rates its own heads, and the scores of all ranks are gathered.
     """
-    keys = next(iter(layer_kv.values()))[0]
-    shape = (keys.shape[0], keys.shape[1], positions.shape[1])
-    scores = torch.full((num_layers, *shape), float("nan"), dtype=torch.float32, device=selectable.device)
-    for idx, (layer_keys, layer_values) in layer_kv.items():
-        rated = scorer.score_layer(idx, layer_keys, layer_values, positions)
-        scores[idx] = check_layer_scores(scorer, rated, shape).to(scores.device)
+    scores = rate_layers(scorer, layer_kv, positions, num_layers, selectable.device)
     if parallel is not None:
         scores = parallel.gather(scores, dim=2)
     return scores.masked_fill_(~selectable[None, :, None, :], float("nan"))

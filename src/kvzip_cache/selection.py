@@ -91,7 +91,7 @@ def select_heads_by_scores(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     valid = ~torch.isnan(scores)
     keep = torch.zeros_like(valid)
     for row in range(scores.shape[1]):
-        heads = scores[:, row].nan_to_num(float("-inf")).amax(dim=-1)  # [L, H]; -inf where nothing is selectable
+        heads = head_scores_from_pairs(scores[:, row : row + 1])  # [L, H]; -inf where nothing is selectable
         keep[:, row : row + 1] = select_heads(valid[:, row : row + 1], heads, ratio)
     return keep
 

@@ -48,14 +48,13 @@ def method_scorer(method: str, *, seed: int = 0, kvzip_scores: torch.Tensor | No
     and the head methods instead of another scoring pass). ``head_scores``: ``[L, H]`` precomputed head scores for
     the head methods. ``predictor``: the `ScorePredictor` of ``predicted``.
     """
+    kvzip = GivenScores(kvzip_scores, name="kvzip") if kvzip_scores is not None else "kvzip"
     if method in KVZIP_LEVELS:
-        return (GivenScores(kvzip_scores, name="kvzip") if kvzip_scores is not None else "kvzip"), KVZIP_LEVELS[method]
+        return kvzip, KVZIP_LEVELS[method]
     if method == KVZIP_PLUS:
         return "kvzip+", "pair"
     if method in HEAD_METHODS:
-        if head_scores is not None:
-            return head_scores, "head"
-        return (GivenScores(kvzip_scores, name="kvzip") if kvzip_scores is not None else "kvzip"), "head"
+        return (head_scores, "head") if head_scores is not None else (kvzip, "head")
     if method == "predicted":
         if predictor is None:
             raise ValueError(f"method {method!r} needs a ScorePredictor: sweep(..., predictor=...)")

@@ -36,9 +36,8 @@ import torch
 
 from ..config import FULL
 from ..parallel import TensorParallel
+from ..selection import LEVELS
 from ..views import ScoringPass
-
-LEVELS = ("pair", "pair-uniform", "head")
 
 
 @runtime_checkable
@@ -158,19 +157,30 @@ def scorer_level(scorer, default: str = "pair") -> str:
     return level
 
 
-def score_context_by_layers(scorer: LayerScorer, context: PrefilledContext) -> torch.Tensor:
-    """``[L, B, H, C]`` scores of a whole prefilled context from a layer scorer (NaN on sliding layers).
+def rate_layers(scorer: LayerScorer, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
+                num_layers: int, device: torch.device) -> torch.Tensor:
+    """``[L, B, H, t]`` float32 scores on ``device`` of the pairs in ``layer_kv`` (``{full layer: (keys, values)}``,
+    each ``[B, H, t, D]`` as cached) at ``positions`` (``[B, t]``); NaN on the layers not given (sliding layers).
 
-    Every full layer's pairs from ``context.offset`` on are rated in one call; ``positions`` is the same tensor object
-    for every layer, so a scorer may cache what it derives from it (the predictor's RoPE tables).
+    ``positions`` is the same tensor object for every layer, so a scorer may cache what it derives from it (the
+    predictor's RoPE tables).
     """
-    base = context.offset
-    positions = context.positions[:, base:]
-    scores = torch.full(context.shape, float("nan"), dtype=torch.float32, device=context.selectable.device)
-    for idx in context.full_layers:
-        rated = scorer.score_layer(idx, context.keys[idx][:, :, base:], context.values[idx][:, :, base:], positions)
-        scores[idx] = check_layer_scores(scorer, rated, scores.shape[1:]).to(scores.device)
+    keys = next(iter(layer_kv.values()))[0]
+    shape = (keys.shape[0], keys.shape[1], positions.shape[1])
+    scores = torch.full((num_layers, *shape), float("nan"), dtype=torch.float32, device=device)
+    for idx, (layer_keys, layer_values) in layer_kv.items():
+        rated = scorer.score_layer(idx, layer_keys, layer_values, positions)
+        scores[idx] = check_layer_scores(scorer, rated, shape).to(device)
     return scores
+
+
+def score_context_by_layers(scorer: LayerScorer, context: PrefilledContext) -> torch.Tensor:
+    """``[L, B, H, C]`` scores of a whole prefilled context from a layer scorer (NaN on sliding layers): every full
+    layer's pairs from ``context.offset`` on, rated in one call (`rate_layers`)."""
+    base = context.offset
+    layer_kv = {idx: (context.keys[idx][:, :, base:], context.values[idx][:, :, base:]) for idx in context.full_layers}
+    return rate_layers(scorer, layer_kv, context.positions[:, base:], len(context.layer_types),
+                       context.selectable.device)
 
 
 def check_layer_scores(scorer, scores, shape: tuple[int, ...]) -> torch.Tensor:

@@ -68,7 +68,10 @@ def resolve_scorer(spec, model, **options) -> LayerScorer | ContextScorer:
 
 def scorer_label(spec) -> str:
     """The name a scorer spec records as ``cache.score_source``, without building the scorer: a registered name
-    itself, ``"predicted"`` for a `ScorePredictor`, ``"head"`` for head scores, else the object's ``name``."""
+    itself, ``"predicted"`` for a `ScorePredictor`, ``"head"`` for head scores, else the object's ``name`` (``""``
+    for no spec)."""
+    if spec is None:
+        return ""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, ScorePredictor):
