@@ -32,7 +32,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 import kvzip_cache  # noqa: F401  (registers "kvzip")
 
@@ -105,15 +105,32 @@ HIDDEN_PAIRS: dict[int, torch.Tensor] = {}
 """layer_idx -> [B, H, k] bool, True = hide this cached key from every query (set by `reference_logits`)."""
 
 
+def reference_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """The reference's mask function: only the 2D padding mask ``[B, kv_length]`` (True = real token)."""
+    if attention_mask is None:
+        return torch.ones(batch_size, kv_length, dtype=torch.bool)
+    return attention_mask[:, -kv_length:].bool()
+
+
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
-    """Eager attention in float64 with transformers' 4D mask plus the optional per-head hidden pairs."""
+    """Eager attention in float64 plus the optional per-head hidden pairs.
+
+    The queries are the last ``q`` of the ``k`` keys. A query sees the real (unpadded) keys up to itself; on a
+    sliding layer, only the last ``sliding_window`` real tokens up to itself, counted as if its row had no padding
+    (what the row would see asked alone).
+    """
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1).double()
     value = value.repeat_interleave(groups, dim=1).double()
     logits = torch.matmul(query.double(), key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    real = attention_mask[:, -k_len:]  # [B, k]
+    query_slots = torch.arange(k_len - q_len, k_len)
+    allowed = (torch.arange(k_len)[None, :] <= query_slots[:, None])[None] & real[:, None, :]  # [B, q, k]
+    if sliding_window is not None:
+        seen = real.long().cumsum(-1)  # real tokens up to and including each slot
+        allowed &= seen[:, None, :] > seen[:, query_slots][:, :, None] - sliding_window
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     hidden = HIDDEN_PAIRS.get(module.layer_idx)
     if hidden is not None:
         hide = torch.zeros(logits.shape[0], hidden.shape[1], logits.shape[-1], dtype=torch.bool)
@@ -125,7 +142,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 AttentionInterface.register("kvzip_test_reference", reference_attention)
-AttentionMaskInterface.register("kvzip_test_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+AttentionMaskInterface.register("kvzip_test_reference", reference_mask)
 
 
 def reference_logits(reference, context_ids, *segments, context_mask=None, hidden=None):
@@ -135,7 +152,7 @@ def reference_logits(reference, context_ids, *segments, context_mask=None, hidde
     question, answer and follow-up for multi-turn. ``hidden``: optional {layer_idx: [B, H, k] bool} context pairs
     hidden from every segment's tokens (never from the context's own prefill).
     """
-    cache = DynamicCache(config=reference.config)
+    cache = DynamicCache()  # full layers only: a sliding layer's window is the attention's business here
     masks = [torch.ones_like(context_ids) if context_mask is None else context_mask]
     ids = [context_ids]
     for segment in segments:

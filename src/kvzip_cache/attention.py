@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backends import select_backend
-from .views import RaggedKV, ScoringKV
+from .views import RaggedKV, ScoringKV, WindowKV
 
 ATTN_IMPLEMENTATION = "kvzip"
 
@@ -59,8 +59,8 @@ def kvzip_mask(
 def kvzip_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
-    key: torch.Tensor | RaggedKV | ScoringKV,
-    value: torch.Tensor | RaggedKV | ScoringKV,
+    key: torch.Tensor | RaggedKV | ScoringKV | WindowKV,
+    value: torch.Tensor | RaggedKV | ScoringKV | WindowKV,
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
@@ -73,7 +73,7 @@ def kvzip_attention(
         module: the model's attention module (gives ``is_causal``, and ``o_proj.weight`` to KVzip+ scoring passes).
         query: ``[B, Hq, q, D]`` post-RoPE queries.
         key: what the cache layer's ``update()`` returned: a dense ``[B, H, k, D]`` tensor, a `RaggedKV`
-            (compressed layer) or a `ScoringKV` (reconstruction pass).
+            (compressed layer), a `WindowKV` (static sliding-window layer) or a `ScoringKV` (reconstruction pass).
         value: the matching values (the same object as ``key`` for a `RaggedKV` or a `ScoringKV`).
         attention_mask: ``[B, k]`` bool padding mask from `kvzip_mask`, or None.
         scaling: the model's softmax scale (Gemma3 uses ``query_pre_attn_scalar ** -0.5``).
@@ -105,6 +105,10 @@ def kvzip_attention(
             _check_mask_width(attention_mask, key.length)
             tail_valid = key.tail_mask(attention_mask)
         out = backend.ragged(query, key, scaling, tail_valid)
+    elif isinstance(key, WindowKV):  # a static sliding-window layer
+        key_valid = None if attention_mask is None else key.slot_mask(attention_mask)
+        out = backend.dense(query, key.keys, key.values, scaling, key_valid, sliding_window,
+                            getattr(module, "is_causal", True), end=key.end)
     elif isinstance(key, ScoringKV):
         _check_mask_width(attention_mask, key.keys.shape[-2])
         if key.is_plus and key.scores_out is not None:  # KVzip+ weights by ||W_O v||: hand over o_proj's weight

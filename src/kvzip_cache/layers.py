@@ -12,7 +12,9 @@
    shapes and never reads a length on the host: it can be compiled and captured in a CUDA graph.
 
 `KVzipSlidingLayer` is transformers' `DynamicSlidingWindowLayer` (never scored, never evicted) with a side-effect
-free `peek()` for the scoring passes and a snapshot so `rollback()` can restore its window.
+free `peek()` for the scoring passes, a snapshot so `rollback()` can restore its window, and a window counted in
+real tokens: it keeps the slots of recent multi-token steps (questions, which may be left-padded) on top of its
+``sliding_window - 1``, so that padding between a context and its question never displaces a real token.
 
 Every layer tracks ``cumulative_length``: the LOGICAL number of tokens seen, which `generate` uses for positions,
 not the number of pairs kept.
@@ -27,7 +29,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .checks import check_batch
 from .storage import CompressedContext
-from .views import RaggedKV, ScoringKV, shared_run_length
+from .views import RaggedKV, ScoringKV, WindowKV, shared_run_length
 
 # Smallest tail allocation: a question plus a short answer fits without regrowing.
 _MIN_TAIL_CAPACITY = 64
@@ -514,54 +516,119 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         super().__init__(sliding_window=sliding_window)
         self._snapshot: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.length: torch.Tensor | None = None  # static mode: tokens seen, 0-dim int64 on the device
+        self.end: torch.Tensor | None = None  # static mode: slots written in the fixed buffers
+        self.start: torch.Tensor | None = None  # static mode: the position of the buffers' first slot
+        self.static_mask_width = 0
         self.is_compileable = False
+        # (end, tokens) of each multi-token step after the prefill that is still within reach of the window: its
+        # slots may be padding (a left-padded question), so they do not count against the window.
+        self._padded_steps: list[tuple[int, int]] = []
 
     @property
     def is_static(self) -> bool:
         return self.length is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_static:
+        if self.record_past:  # transformers' assisted decoding: its own bookkeeping
             return super().update(key_states, value_states, *args, **kwargs)
-        # The window's last sliding_window - 1 tokens plus the new ones, as the dynamic layer returns; the buffers
-        # then keep the newest sliding_window - 1 in place (fixed addresses for CUDA graphs).
-        keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-        self.keys.copy_(keys[:, :, -self.keys.shape[2] :])
-        self.values.copy_(values[:, :, -self.values.shape[2] :])
+        if not self.is_static:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = key_states.shape[-2]
+            self.cumulative_length += new
+            if self._snapshot is not None and new > 1:
+                self._padded_steps.append((self.cumulative_length, new))
+            keys = torch.cat([self.keys, key_states], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+            keep = self._slots_to_keep()
+            self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
+            return keys, values
+        # Static: write at the device-side end of [the prefill's window | tail room] (fixed addresses and shapes for
+        # CUDA graphs); the attention masks the window by real tokens and the slots not written yet.
+        slots = self.end + torch.arange(key_states.shape[-2], device=self.end.device)
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.end.add_(key_states.shape[-2])
         self.length.add_(key_states.shape[-2])
-        return keys, values
+        view = WindowKV(self.keys, self.values, self.start, self.end)
+        return view, view
+
+    def _slots_to_keep(self) -> int:
+        """How many of the newest slots the next step may need: ``sliding_window - 1`` real tokens, plus every slot of
+        a multi-token step among them (padding is not counted in the window, so a padded question must not push a
+        real token out). Steps that fell out of reach are forgotten."""
+        keep = self.sliding_window - 1
+        reachable = []
+        for end, tokens in reversed(self._padded_steps):  # newest first: each one kept reaches further back
+            if end > self.cumulative_length - keep:
+                keep += tokens
+                reachable.append((end, tokens))
+        self._padded_steps = reachable[::-1]
+        return keep
 
     def get_seq_length(self) -> int | torch.Tensor:
         return self.length if self.is_static else super().get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.is_static:  # always full (make_static checks it); the kvzip mask does not use the offset
-            return self.keys.shape[2] + query_length, 0
-        return super().get_mask_sizes(query_length)
+        if self.is_static:  # fixed, as for the full layers: the context's bucket and the tail's room
+            return self.static_mask_width, 0
+        if self.record_past or not self.is_initialized:
+            return super().get_mask_sizes(query_length)
+        stored = self.keys.shape[-2]  # the window, plus the slots of padded steps still in reach
+        return stored + query_length, self.cumulative_length - stored
 
     def make_static(self, capacity: int) -> None:
-        """Fix the window buffers and keep the length on the device (see `KVzipLayer.make_static`)."""
+        """Fixed buffers ``[B, H, w + capacity, D]``: the window the prefill left (``w`` slots), then room for
+        ``capacity`` tokens written in place at a device-side end; lengths stay on the device (see
+        `KVzipLayer.make_static`). The window then slides by masking, not by moving slots, so a padded question
+        displaces no real token; tokens already after the context are kept."""
         self.check_static(capacity)
         if self.is_static:
             return
-        self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
-        if self._snapshot is not None and self._snapshot[0].shape[0] != self.keys.shape[0]:
-            # The rows were repeated (shared questions) before the batch was fixed: rollback() returns to the
-            # prefill's window, once per row of the fixed batch.
-            keys, values, cumulative = self._snapshot
-            repeats = self.keys.shape[0] // keys.shape[0]
-            self._snapshot = (keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0), cumulative)
-        self.length = torch.tensor(self.cumulative_length, dtype=torch.long, device=self.keys.device)
+        window_keys, window_values, context_length = self._snapshot
+        rows = self.keys.shape[0]
+        if window_keys.shape[0] != rows:
+            # The rows were repeated (shared questions) before the batch was fixed: each row gets the window.
+            repeats = rows // window_keys.shape[0]
+            window_keys = window_keys.repeat_interleave(repeats, 0)
+            window_values = window_values.repeat_interleave(repeats, 0)
+        width, tail = window_keys.shape[2], self.cumulative_length - context_length
+        batch, heads, _, head_dim = self.keys.shape
+        keys = self.keys.new_zeros((batch, heads, width + capacity, head_dim))
+        values = self.values.new_zeros((batch, heads, width + capacity, head_dim))
+        keys[:, :, :width], values[:, :, :width] = window_keys, window_values
+        if tail:
+            keys[:, :, width : width + tail] = self.keys[:, :, -tail:]
+            values[:, :, width : width + tail] = self.values[:, :, -tail:]
+        self.keys, self.values = keys, values
+        self._snapshot = (window_keys, window_values, context_length)
+        device = keys.device
+        self.length = torch.tensor(self.cumulative_length, dtype=torch.long, device=device)
+        self.end = torch.tensor(width + tail, dtype=torch.long, device=device)
+        self.start = torch.tensor(context_length - width, dtype=torch.long, device=device)  # slot 0's position
+        self.static_mask_width = length_bucket(context_length) + capacity
         self.is_compileable = True
-        for tensor in (self.keys, self.values, self.length):
+        for tensor in (self.keys, self.values, self.length, self.end, self.start):
             torch._dynamo.mark_static_address(tensor)
 
     def check_static(self, capacity: int) -> None:
-        """Raise unless `make_static` can succeed: the window must be full (changes nothing)."""
-        if not self.is_static and (not self.is_initialized or self.cumulative_length < self.sliding_window):
+        """Raise unless `make_static` can succeed (changes nothing)."""
+        if self.is_static:
+            if self.keys.shape[2] - self._snapshot[0].shape[2] != capacity:
+                raise ValueError("this layer is already static with another capacity")
+            return
+        if not self.is_initialized or self.cumulative_length < self.sliding_window:
             raise ValueError(
                 f"make_static() needs contexts of at least the sliding window ({self.sliding_window} tokens), so "
                 "that every sliding layer's window is full; decode this one with the dynamic cache"
+            )
+        tail = self.cumulative_length - self._snapshot[2]
+        if tail > capacity:
+            raise ValueError(f"{tail} tokens are already in the tail, more than the capacity {capacity}")
+        if tail > self.keys.shape[2]:
+            raise ValueError(
+                f"the sliding-window layers no longer hold the {tail} tokens after the context: call cache.rollback() "
+                "before make_static()"
             )
 
     def peek(self, key_states: torch.Tensor, value_states: torch.Tensor, row: int, *args,
@@ -581,13 +648,13 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         if self._snapshot is None:
             raise RuntimeError("rollback() needs a prefilled cache")
         keys, values, cumulative = self._snapshot
-        if self.is_static:  # in place: a captured graph keeps reading these buffers
-            self.keys.copy_(keys)
-            self.values.copy_(values)
+        if self.is_static:  # the window's slots were never written over: only the device-side ends go back
+            self.end.fill_(keys.shape[2])
             self.length.fill_(cumulative)
         else:
             self.keys, self.values = keys.clone(), values.clone()
         self.cumulative_length = cumulative
+        self._padded_steps = []
 
     def crop(self, tokens_to_remove: int) -> None:
         self.check_crop(tokens_to_remove)
@@ -620,7 +687,9 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         _release(self)
         self.cumulative_length = 0
         self._snapshot = None
-        self.length, self.is_compileable = None, False
+        self._padded_steps = []
+        self.length = self.end = self.start = None
+        self.is_compileable = False
 
     def kv_bytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

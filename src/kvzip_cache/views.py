@@ -115,6 +115,30 @@ def shared_run_length(src_rows: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True)
+class WindowKV(_KVzipView):
+    """A static sliding-window layer's fixed buffers (see `KVzipSlidingLayer.make_static`): the window the prefill
+    left, then the tokens appended since, written up to a device-side ``end``.
+
+    Attributes:
+        keys: ``[B, H, w + capacity, D]``: ``w`` window slots, then the tail's room.
+        values: ``[B, H, w + capacity, D]``.
+        start: 0-dim int64 device tensor, the sequence position of slot 0 (so slot ``j`` holds position
+            ``start + j``).
+        end: 0-dim int64 device tensor: slots written; this step's tokens are the last of them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+    def slot_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The ``[B, w + capacity]`` columns of a position-indexed padding mask that cover the buffers' slots."""
+        columns = self.start + torch.arange(self.keys.shape[-2], device=attention_mask.device)
+        return attention_mask.gather(1, columns.expand(attention_mask.shape[0], -1))
+
+
+@dataclass(frozen=True)
 class ScoringKV(_KVzipView):
     """Keys/values of a full layer during one reconstruction pass (nothing is kept in the cache).
 

@@ -64,8 +64,9 @@ def causal_allowed(
 ) -> torch.Tensor:
     """Bool mask ``[B or 1, 1, q, k]`` for queries that are the LAST ``q_len`` of the ``k_len`` keys.
 
-    ``key_valid``: ``[B, k]`` bool (False = padding). Sliding windows follow transformers: a query at position p sees
-    keys at positions ``> p - sliding_window``. A query that may see no key at all (a padding query) is allowed its
+    ``key_valid``: ``[B, k]`` bool (False = padding). Sliding windows follow transformers (a query at position p sees
+    keys at positions ``> p - sliding_window``), with positions counted over real tokens only when there is padding,
+    as if each row were alone. A query that may see no key at all (a padding query) is allowed its
     own position, so that softmaxes stay finite (padding outputs are never used). ``end``: a 0-dim device tensor for
     a static tail: the queries are the last ``q_len`` of the first ``end`` keys, and later keys are not written yet
     (computed on the device, no host sync).
@@ -78,11 +79,17 @@ def causal_allowed(
         allowed &= k_pos <= q_pos
     elif end is not None:
         allowed &= k_pos < end
-    if sliding_window is not None:
+    if sliding_window is not None and key_valid is None:
         allowed &= k_pos > q_pos - sliding_window
     allowed = allowed[None, None]
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :].to(device)
+        key_valid = key_valid.to(device)
+        allowed = allowed & key_valid[:, None, None, :]
+        if sliding_window is not None:
+            # The window counts real tokens only: padding between a context and its question never displaces one.
+            rank = key_valid.long().cumsum(-1)  # [B, k]: real tokens up to and including each slot
+            q_rank = rank[:, q_pos.squeeze(-1)]  # [B, q]
+            allowed = allowed & (rank[:, None, None, :] > q_rank[:, None, :, None] - sliding_window)
         if end is not None:
             allowed |= k_pos == q_pos  # the own slot (only padding queries lacked it)
         else:
@@ -100,6 +107,7 @@ def dense_attention(
     key_valid: torch.Tensor | None = None,
     sliding_window: int | None = None,
     causal: bool = True,
+    end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the last ``q`` positions over ``k`` contiguous cached+new positions.
 
@@ -107,16 +115,20 @@ def dense_attention(
         query: ``[B, Hq, q, D]``; key, value: ``[B, H, k, D]`` with ``k >= q``.
         key_valid: ``[B, k]`` bool padding mask (True = real token) or None.
         sliding_window: transformers' window size for sliding layers, None for full layers.
+        end: None, or (a static sliding layer's fixed buffers) a 0-dim device tensor: only the first ``end`` slots
+            are written and the queries are the last of them.
 
     Returns:
         ``[B, q, Hq, D]`` in the query dtype.
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
     # (compiled code must not read the mask on the host: there, a given mask counts as padded)
-    padded = key_valid is not None and (torch.compiler.is_compiling() or not bool(key_valid.all()))
-    windowed = sliding_window is not None and k_len > sliding_window
-    plain = not padded and not windowed and (not causal or q_len == 1 or q_len == k_len)
-    if plain:
+    padded = key_valid is not None and (end is not None or torch.compiler.is_compiling() or not bool(key_valid.all()))
+    windowed = sliding_window is not None and (end is not None or k_len > sliding_window)
+    plain = end is None and not padded and not windowed and (not causal or q_len == 1 or q_len == k_len)
+    if end is not None:
+        allowed = causal_allowed(q_len, k_len, query.device, key_valid, sliding_window, causal, end=end)
+    elif plain:
         allowed = None  # SDPA's is_causal aligns the diagonal top-left: right only when q == k
     elif causal and not padded and not windowed:
         allowed = causal_lower_right(q_len, k_len)  # a later prefill chunk: no [q, k] mask is built on GPU
