@@ -4,13 +4,14 @@ Each rank loads the same tiny model with ``tp_plan="auto"`` and caches one of it
 global: the keep mask and the scores equal a single-process run with the same weights (fp32), and so do the greedy
 tokens, for pair, pair-uniform and head levels, KVzip+ scores, predicted scores (compress, and eviction while
 prefilling), a left-padded batch, rollback and a head-dropping prefill; each rank holds half the KV bytes; bad inputs
-are refused on every rank.
+are refused on every rank, also when only one rank can see what is wrong (its own shard of the weights).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -116,7 +117,18 @@ def refusals(model, rank: int) -> dict:
     attempt("ranks-differ", lambda: cache.compress(model, 0.3 + 0.1 * rank, tokenizer=TOK))
     attempt("level", lambda: cache.compress(model, 0.3, level="everything"))
     attempt("config-cache", lambda: KVzipCache(model.config).prefill(model, _ids(30, 6), context_start=4))
+    # Rank 1's shard of a weight changes (another fine-tune there): only rank 1 can see it, yet both refuse, before
+    # either enters the scoring passes' collectives (a rank going on alone would wait there forever).
+    weight = model.model.layers[0].self_attn.k_proj.weight
+    shard = weight.to_local() if hasattr(weight, "to_local") else weight
+    with torch.no_grad():
+        shard.add_(float(rank == 1))
+    attempt("other-shard", lambda: cache.compress(model, 0.3, tokenizer=TOK))
+    with torch.no_grad():
+        shard.sub_(float(rank == 1))
     errors["untouched"] = cache.kv_bytes() == before and not cache.is_compressed
+    cache.compress(model, 0.3, tokenizer=TOK)  # the ranks still run together afterwards
+    errors["compressed after"] = cache.is_compressed
     return errors
 
 
@@ -153,7 +165,14 @@ def runs(tmp_path_factory):
         model, _ = make_pair(arch)
         model.save_pretrained(folder / arch)
         single[arch] = run_scenarios(_load(folder / arch, parallel=False))
-    mp.start_processes(_worker, args=(str(folder), _free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    ranks = mp.start_processes(_worker, args=(str(folder), _free_port(), str(out)), nprocs=WORLD,
+                               start_method="spawn", join=False)
+    deadline = time.monotonic() + 900  # a rank left waiting in a collective fails the test instead of hanging it
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the tensor-parallel ranks did not finish: one is waiting in a collective the other left")
     return single, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
@@ -190,7 +209,10 @@ def test_bad_inputs_are_refused_on_every_rank(runs, arch):
         assert errors["ranks-differ"].startswith("ValueError") and "different arguments" in errors["ranks-differ"]
         assert errors["level"].startswith("ValueError") and "unknown level" in errors["level"]
         assert errors["config-cache"].startswith("ValueError") and "KVzipCache(model)" in errors["config-cache"]
-        assert errors["untouched"]
+        assert errors["untouched"] and errors["compressed after"]
+    assert ranks[1][arch]["refusals"]["other-shard"].startswith("ValueError: compress() got a model with other weights")
+    assert ranks[0][arch]["refusals"]["other-shard"].startswith("RuntimeError: compress() was refused on "
+                                                               "tensor-parallel rank 1")
 
 
 def test_torchrun_example_runs_on_two_cpu_ranks():

@@ -5,7 +5,7 @@ Life cycle::
     cache = KVzipCache(model)
     cache.prefill(model, input_ids, context_start=prefix_len)   # dense, chunked
     cache.compress(model, ratio=0.3, tokenizer=tok)              # score by reconstruction, evict for real
-    model.generate(full_ids, past_key_values=cache, ...)          # appends question + answer to a dense tail
+    model.generate(full_ids, cache=cache, ...)                    # appends question + answer to a dense tail
     cache.rollback()                                              # drop them; the next question starts clean
 
 Any scorer (`kvzip_cache.scorers`) takes the reconstruction pass's place: ``compress(model, 0.3, scorer="snapkv")``,
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from .checks import (STATIC_DECODE_EVICTION, check_architecture, check_batch, check_level, check_model,
-                     check_model_object, check_nothing_appended, check_prefill_inputs, check_ranks,
+from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture, check_batch, check_level,
+                     check_model, check_model_object, check_nothing_appended, check_prefill_inputs, check_ranks,
                      check_ratio, check_recompress, check_rows_as_prefilled, check_same_source, check_static_room,
                      check_token_ids, check_tokenizer, check_unmasked_padding, check_weights, check_whole_forwards,
                      check_window, no_new_tokens_error)
@@ -304,12 +304,9 @@ class KVzipCache(Cache):
         spec = _one_scorer("prefill()", scorer=scorer, predictor=predictor, head_scores=head_scores)
         check_ranks(self.tensor_parallel, model, "prefill()", input_ids, context_start, chunk_size, ratio, str(level),
                     scorer_label(spec))
-        check_model(model)
-        check_architecture(self.fingerprint, self.config_fields, model, "prefill()")
-        if self.get_seq_length() > 0 or self.input_ids is not None:
-            raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
-        mask, starts = check_prefill_inputs(input_ids, attention_mask, context_start, chunk_size)
-        check_unmasked_padding(input_ids, attention_mask, _pad_token_id(model))
+        mask, starts = agree_on_checks(self.tensor_parallel, model, "prefill()",
+                                       lambda: self._check_prefill(model, input_ids, attention_mask, context_start,
+                                                                   chunk_size))
         eviction = self._prefill_eviction(model, spec, ratio, level, mask, starts)
         digests = weight_digests(model)
         try:
@@ -357,6 +354,30 @@ class KVzipCache(Cache):
             logits_to_keep=1,
             **{cache_kwarg(model): self},
         )
+
+    def _check_prefill(self, model, input_ids, attention_mask, context_start, chunk_size):
+        """Refuse a prefill that cannot run (before anything changes); return the padding mask and context starts."""
+        check_model(model)
+        check_architecture(self.fingerprint, self.config_fields, model, "prefill()")
+        if self.get_seq_length() > 0 or self.input_ids is not None:
+            raise RuntimeError("prefill() needs an empty cache: create a new KVzipCache or call cache.reset() first")
+        mask, starts = check_prefill_inputs(input_ids, attention_mask, context_start, chunk_size)
+        check_unmasked_padding(input_ids, attention_mask, _pad_token_id(model))
+        return mask, starts
+
+    def _check_decode_eviction(self, model) -> None:
+        """Refuse eviction while decoding on a cache or with a model it cannot serve (before anything changes)."""
+        check_model(model)
+        check_architecture(self.fingerprint, self.config_fields, model, "evict_while_decoding()")
+        if not self.is_compressed:
+            raise RuntimeError(
+                "evict_while_decoding() needs a compressed cache (the answer joins the ragged store): call "
+                "cache.compress(...) first (ratio=1.0 keeps every context pair)"
+            )
+        if self.is_static:
+            raise RuntimeError(STATIC_DECODE_EVICTION)
+        check_model_object({idx: self.layers[idx].owner for idx in self.compressible_layers}, model,
+                           "evict_while_decoding()")
 
     def _take_context(self, model, input_ids, mask, starts, digests) -> None:
         """Record the prefilled context and what filled it; snapshot the sliding windows for `rollback`."""
@@ -424,7 +445,8 @@ class KVzipCache(Cache):
         spec = _one_scorer("compress()", scorer=scorer, predictor=predictor, head_scores=head_scores, score=score)
         check_ranks(self.tensor_parallel, model, "compress()", ratio, str(level), chunk_size,
                     scorer_label(spec))
-        ratio, scored_with = self._check_compress(model, ratio, level, tokenizer)
+        ratio, scored_with = agree_on_checks(self.tensor_parallel, model, "compress()",
+                                             lambda: self._check_compress(model, ratio, level, tokenizer))
         bytes_before = self.kv_bytes()
         scores, source, level, scored_with = self._scores_for(model, spec, ratio, level, tokenizer, chunk_size,
                                                               progress, scored_with)
@@ -716,17 +738,8 @@ class KVzipCache(Cache):
         spec = _one_scorer("evict_while_decoding()", scorer=scorer, predictor=predictor)
         check_ranks(self.tensor_parallel, model, "evict_while_decoding()", ratio, window, str(level),
                     scorer_label(spec))
-        check_model(model)
-        check_architecture(self.fingerprint, self.config_fields, model, "evict_while_decoding()")
-        if not self.is_compressed:
-            raise RuntimeError(
-                "evict_while_decoding() needs a compressed cache (the answer joins the ragged store): call "
-                "cache.compress(...) first (ratio=1.0 keeps every context pair)"
-            )
-        if self.is_static:
-            raise RuntimeError(STATIC_DECODE_EVICTION)
-        check_model_object({idx: self.layers[idx].owner for idx in self.compressible_layers}, model,
-                           "evict_while_decoding()")
+        agree_on_checks(self.tensor_parallel, model, "evict_while_decoding()",
+                        lambda: self._check_decode_eviction(model))
         if spec is None:
             raise ValueError("evict_while_decoding() needs a layer scorer: scorer=ScorePredictor.from_pretrained(...), "
                              "'predicted' (the shipped predictor for this model), 'keydiff', or your own")

@@ -3,12 +3,14 @@ says what to do, and changes nothing.
 
 The cache runs these before it changes any state (a refusal leaves the cache as it was). Checks that compare with
 what filled the cache (architecture, weights, tokenizer, model object) take the recorded fingerprints; the
-tensor-parallel check runs first in every collective call, so that every rank reaches the same verdict.
+tensor-parallel check runs first in every collective call, and `agree_on_checks` then runs the checks whose verdict
+can differ between ranks (each rank holds its own shard of the weights) so that every rank raises or none does.
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import Callable, TypeVar
 
 import torch
 
@@ -199,6 +201,35 @@ def check_ranks(tensor_parallel: TensorParallel | None, model, call: str, *value
         )
 
 
+_Checked = TypeVar("_Checked")
+
+
+def agree_on_checks(tensor_parallel: TensorParallel | None, model, call: str, checks: Callable[[], _Checked]) -> _Checked:
+    """Run ``checks`` (which raise a refusal or return a value) so that every tensor-parallel rank reaches one
+    verdict: if any rank refuses, every rank raises before anything changes (the refusing rank its own error, the
+    others one naming that rank), so no rank goes on alone into a collective the others never join. One process:
+    just ``checks()``."""
+    if tensor_parallel is None:
+        return checks()
+    refusal, result = None, None
+    try:
+        result = checks()
+    except (ValueError, RuntimeError, TypeError) as error:
+        refusal = error
+    # On the model's device: NCCL reduces only CUDA tensors (gloo takes CPU ones).
+    refused = torch.zeros(tensor_parallel.world_size, dtype=torch.float32, device=getattr(model, "device", "cpu"))
+    refused[tensor_parallel.rank] = float(refusal is not None)
+    ranks = [rank for rank, flag in enumerate(tensor_parallel.all_reduce(refused).tolist()) if flag]
+    if refusal is not None:
+        raise refusal
+    if ranks:
+        raise RuntimeError(
+            f"{call} was refused on tensor-parallel rank {', '.join(map(str, ranks))} (its error says why, e.g. "
+            "another model's weights in that rank's shard); every rank stops here and the cache is unchanged"
+        )
+    return result
+
+
 # ------------------------------------------------------------------------------------------- the cache's state
 def check_recompress(compressed_with: tuple[str, float] | None, level: str, ratio: float) -> None:
     """A second compress may only keep fewer pairs at the same level."""
@@ -273,5 +304,6 @@ def no_new_tokens_error(context_length: int) -> ValueError:
     return ValueError(
         f"no new tokens after the {context_length} cached ones: the input ids must be the whole sequence "
         "[context; question], as with any transformers cache. Use "
-        "model.generate(**cache.inputs_for(query_ids, query_mask), past_key_values=cache)"
+        "model.generate(**cache.inputs_for(query_ids, query_mask), cache=cache) (past_key_values=cache before "
+        "transformers 5.24)"
     )
