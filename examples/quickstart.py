@@ -45,7 +45,8 @@ def build_context(tokenizer, num_tokens: int) -> str:
 
 def answer(model, tokenizer, cache: KVzipCache, question: str, max_new_tokens: int) -> str:
     inputs = cache.inputs_for(encode_query(tokenizer, question))
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    # transformers 5.24+ takes the cache as cache=; before 5.24 the argument was past_key_values=.
+    out = model.generate(**inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
     cache.rollback()
     return " ".join(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split())
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import kvzip_cache  # noqa: F401  (registers attn_implementation="kvzip")
 from kvzip_cache import KVzipCache
+from kvzip_cache.compat import cache_kwarg
 
 
 def tiny_llama(folder: str) -> str:
@@ -76,7 +77,8 @@ def main() -> None:
     dense = cache.kv_bytes()
     tokenizer = _NoTemplateTokenizer() if args.model is None else None  # None: the checkpoint's own tokenizer
     report = cache.compress(model, args.ratio, tokenizer=tokenizer)
-    out = model.generate(**cache.inputs_for(question), past_key_values=cache, max_new_tokens=8, do_sample=False)
+    # cache= on transformers 5.24+, past_key_values= before (the GPU machine runs 5.17): cache_kwarg picks the name.
+    out = model.generate(**cache.inputs_for(question), **{cache_kwarg(model): cache}, max_new_tokens=8, do_sample=False)
 
     masks = [torch.empty_like(cache.keep_mask) for _ in range(dist.get_world_size())]
     dist.all_gather(masks, cache.keep_mask.contiguous())

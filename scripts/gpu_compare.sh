@@ -8,7 +8,8 @@
 # The benchmark arguments run per tree as given, in the order old, new, new, old (a process's place in the run
 # matters: on 2026-12-06 the first benchmark process of a call decoded KVzip at 44-48 ms/token against 25 for the
 # second, with identical Python work per step; ABBA separates such an order effect from the code), then once more
-# per tree with --shared 16 (many questions, one context).
+# per tree with --shared 16 (many questions, one context). SKIP_TESTS=1, SKIP_BENCH=1 and SKIP_SHARED=1 leave a part
+# out, so the parts can go in separate calls of at most 10 minutes.
 set -uo pipefail
 old=$1; shift
 out=${OUT:-gpu_out}
@@ -27,13 +28,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
 fi
 round=0
-for tree in old new new old; do
+[ "${SKIP_BENCH:-0}" = 1 ] || for tree in old new new old; do
   round=$((round + 1))
   echo "== $tree (round $round)" >> "$out/bench.log"
   PYTHONPATH=/tmp/site_$tree timeout "${BENCH_SECONDS:-150}" python3 -m kvzip_cache.bench --out "/tmp/bench_${tree}_$round" \
     "$@" 2>&1 | grep -v -i warn | tail -12 | tee -a "$out/bench.log"
 done
-for tree in old new; do
+[ "${SKIP_SHARED:-0}" = 1 ] || for tree in old new; do
   PYTHONPATH=/tmp/site_$tree timeout "${BENCH_SECONDS:-150}" python3 -m kvzip_cache.bench --out "/tmp/shared_$tree" \
     --shared 16 --contexts "${SHARED_CONTEXT:-16384}" 2>&1 | grep -v -i warn | tail -12 | tee "$out/shared_$tree.log"
 done

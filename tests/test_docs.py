@@ -13,8 +13,10 @@ import pytest
 
 pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
 pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra is not installed: pip install -e '.[docs]'")
+pytest.importorskip("mkdocs_jupyter", reason="the docs extra is not installed: pip install -e '.[docs]'")
 
 ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 
 
 def test_site_builds_strict_with_generated_api_pages(tmp_path):
@@ -35,3 +37,20 @@ def test_site_builds_strict_with_generated_api_pages(tmp_path):
 
     assert (site / "index.html").is_file()
     assert (site / "results" / "smollm2-needle" / "score_vs_ratio.png").is_file()
+    # The notebooks are rendered pages, with their saved outputs (mkdocs-jupyter never executes them here).
+    for notebook in NOTEBOOKS:
+        page = (site / "notebooks" / notebook.stem / "index.html").read_text()
+        assert "jp-Notebook" in page and "jp-OutputArea" in page, f"{notebook.name} is not rendered with its outputs"
+
+
+def test_every_notebook_is_linked_into_the_docs_and_in_the_navigation():
+    """docs/notebooks/ links each examples/*.ipynb (mkdocs reads only docs/) and mkdocs.yml lists it under Notebooks."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert NOTEBOOKS, "no notebooks in examples/"
+    for notebook in NOTEBOOKS:
+        linked = ROOT / "docs" / "notebooks" / notebook.name
+        assert linked.is_symlink() and linked.resolve() == notebook.resolve(), (
+            f"link it: ln -s ../../examples/{notebook.name} docs/notebooks/")
+        assert f"notebooks/{notebook.name}" in nav, f"{notebook.name} is missing from the Notebooks section of mkdocs.yml"
+    extra = sorted(p.name for p in (ROOT / "docs" / "notebooks").iterdir() if not (ROOT / "examples" / p.name).exists())
+    assert extra == [], f"docs/notebooks/ links notebooks that examples/ no longer has: {extra}"

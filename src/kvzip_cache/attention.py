@@ -118,7 +118,8 @@ def kvzip_attention(
     else:
         raise TypeError(
             f"the kvzip attention got keys of type {type(key).__name__}; it only works with a KVzipCache. "
-            "Pass past_key_values=KVzipCache(model) (or load the model with another attn_implementation)."
+            "Pass cache=KVzipCache(model) (past_key_values= before transformers 5.24), or load the model with another "
+            "attn_implementation."
         )
     return out, None
 

@@ -218,7 +218,7 @@ def generate_ms(model: PreTrainedModel, cache: Cache, ids: torch.Tensor, mask: t
         torch.cuda.synchronize()
         began = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+            model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False)
         torch.cuda.synchronize()
         timings.append(time.perf_counter() - began)
@@ -230,7 +230,7 @@ def greedy(model: PreTrainedModel, cache: Cache, ids: torch.Tensor, mask: torch.
            new_tokens: int) -> torch.Tensor:
     """The ``[B, new_tokens]`` greedy tokens that ``model.generate`` appends to ``ids`` (``[B, S]``) on ``cache``."""
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False)
     return out[:, ids.shape[1]:]
 

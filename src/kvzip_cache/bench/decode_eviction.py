@@ -37,6 +37,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import KVzipCache
+from ..compat import cache_kwarg
 from ..scorers.predictor import ScorePredictor
 from .common import (GB, copy_bandwidth, free_memory, load_model, machine_record, peak_gb, report_header, reset_peak,
                      warm_up)
@@ -127,7 +128,7 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     reset_peak()
     clock.start()
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=base, max_new_tokens=args.new_tokens,
+        out = model.generate(**inputs, **{cache_kwarg(model): base}, max_new_tokens=args.new_tokens,
                              min_new_tokens=args.new_tokens, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([clock]))
     _sync()
@@ -216,7 +217,7 @@ def _warm_up_decode_eviction(model, predictor: ScorePredictor, device: str, wind
     cache.evict_while_decoding(model, predictor, 0.5, window=window)
     inputs = cache.inputs_for(torch.randint(10, 1000, (1, 8), device=device))
     with torch.no_grad():
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=3 * window, min_new_tokens=3 * window,
+        model.generate(**inputs, **{cache_kwarg(model): cache}, max_new_tokens=3 * window, min_new_tokens=3 * window,
                        do_sample=False)
     del cache
     free_memory()

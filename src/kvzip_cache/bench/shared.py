@@ -37,6 +37,7 @@ import torch
 
 from ..backends import use_backend
 from ..cache import KVzipCache
+from ..compat import cache_kwarg
 from ..scorers.predictor import ScorePredictor
 from .common import (GB, compiled_forward, copy_bandwidth, load_model, machine_record, question_step, report_header,
                      timed_steps, warm_up)
@@ -113,7 +114,7 @@ def _generate_calls(model, cache: KVzipCache, ask: torch.Tensor, steps: int) -> 
         torch.cuda.synchronize()
         began = time.perf_counter()
         with torch.no_grad():
-            model.generate(**inputs, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
+            model.generate(**inputs, **{cache_kwarg(model): cache}, max_new_tokens=steps, min_new_tokens=steps,
                            do_sample=False)
         torch.cuda.synchronize()
         timings.append(time.perf_counter() - began)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import KVzipCache
+from ..compat import cache_kwarg
 from ..templates import encode_contexts, encode_queries, encode_query
 from .methods import DEFAULT_METHODS, KVZIP_LEVELS, METHODS, PREDICTED_METHODS, sweep
 from .stats import bootstrap_interval
@@ -107,10 +108,8 @@ def _generate(model, cache: KVzipCache, inputs: dict, max_new_tokens: int) -> to
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
+    out = model.generate(**inputs, **{cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)
     cache.rollback()
     return out[:, inputs["input_ids"].shape[1] :]
 
@@ -414,7 +413,8 @@ def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
     try:
         import matplotlib
     except ModuleNotFoundError:
-        warnings.warn("matplotlib is not installed (pip install 'kvzip-cache[eval]'); no plot written", stacklevel=2)
+        warnings.warn("matplotlib is not installed (pip install matplotlib, or pip install -e '.[eval]' in the "
+                      "kvzip-cache clone); no plot written", stacklevel=2)
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
