@@ -227,3 +227,24 @@ def test_positions_mark_padding_for_layer_scorers():
     cache.compress(model, 0.5, scorer=Recorder())
     expected = positions_of(mask)[:, 2:]  # from the first context column on
     assert all(torch.equal(p, expected) for p in seen.values()) and int(expected[1, 0]) == -1
+
+
+def test_the_scoring_record_holds_no_reference_to_the_cached_pairs():
+    """A reconstruction pass reallocates each layer's keys with room for its tokens; a `PrefilledContext` that held
+    the old buffers kept a second copy of the whole KV alive through compress (21.0 against 18.9 GB peak, H100)."""
+    import gc
+    import weakref
+
+    model, _ = make_pair("llama")
+    cache = KVzipCache(model)
+    cache.prefill(model, torch.randint(3, 128, (1, 40)), context_start=4, chunk_size=16)
+    context = cache.prefilled_context()
+    idx = cache.compressible_layers[0]
+    before = [weakref.ref(cache.layers[i].keys) for i in cache.compressible_layers]
+    cache.reserve_scoring_room(8)
+    gc.collect()
+    assert all(ref() is None for ref in before)  # the old buffers are gone: nothing but the layers held them
+    keys, values = context.dense_pairs()[idx]  # read now, from the reallocated buffers
+    assert keys.shape[-2] == 40 - context.offset
+    assert keys.data_ptr() == cache.layers[idx].keys[:, :, context.offset :].data_ptr()
+    cache.release_scoring_room()

@@ -576,7 +576,6 @@ class KVzipCache(Cache):
         if self.input_ids is None:
             raise RuntimeError("scoring needs a prefilled cache: call cache.prefill(model, input_ids) first")
         self._check_rescorable()
-        full = self.compressible_layers
         return PrefilledContext(
             input_ids=self.input_ids,
             attention_mask=self.attention_mask,
@@ -586,8 +585,6 @@ class KVzipCache(Cache):
             layer_types=tuple(self.layer_types),
             num_kv_heads=self.num_kv_heads,
             selectable=self.selectable_pairs(),
-            keys={idx: self.layers[idx].keys for idx in full},
-            values={idx: self.layers[idx].values for idx in full},
             tensor_parallel=self.tensor_parallel,
             target=self,
         )
