@@ -10,7 +10,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > 
 export PYTHONPATH=/tmp/site
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "static or compile" 2>&1 | grep -v DEBUG | tail -40 | tee "$out/tests_compiled.log"
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "with_tail or scores" 2>&1 | tail -5 | tee -a "$out/tests_compiled.log"
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k "with_tail or scores" 2>&1 | tail -5 | tee -a "$out/tests_compiled.log"
 fi
 if [ "$#" -gt 0 ]; then
   python3 -m kvzip_cache.bench --compiled --out "$out/compiled" "$@" 2>&1 | grep -v -i warn | tee "$out/compiled.log"

@@ -4,6 +4,11 @@ Each replays the model with conftest's reference attention over a dense `Dynamic
 cached keys with the rating function under test (``rate(layer, keys, values, positions) -> [B, H, t]``, the layer
 scorer's contract), picks the kept pairs with its own top-k (`top_pairs`, not `kvzip_cache.selection`) and hides
 the rest from every later token. The library must then keep exactly the same pairs and produce the same logits.
+
+Nothing here calls the library: a score predictor is re-run from its raw weights in float64 (`predictor_rating`),
+RoPE is undone with tables computed from the config (`unrotate64`), the top-k is `top_pairs`. Tests in
+test_predictor.py check that each of these agrees with the library's own (`rotary_tables`, `predict`,
+`select_pairs`), so a bug in either shows as a disagreement instead of on both sides.
 """
 
 from __future__ import annotations
@@ -21,13 +26,63 @@ def full_layers(config) -> list[int]:
     return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
+def rope_tables64(config, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``[B, t, R / 2]`` float64, of the full-attention layers' default RoPE at ``positions``
+    (``theta_i = position * base^(-2i / R)`` over the ``R`` rotated dims), from the config alone."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:  # Gemma3: one set of parameters per layer type
+        params = dict(params["full_attention"])
+    if params.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"the test reference implements default RoPE only, not {params['rope_type']!r}")
+    base = params.get("rope_theta", getattr(config, "rope_theta", None))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    rotated = int(head_dim * factor)
+    exponents = torch.arange(0, rotated, 2, dtype=torch.float64) / rotated
+    angles = positions.double()[..., None] * base ** -exponents  # [B, t, R / 2]
+    return angles.cos(), angles.sin()
+
+
+def unrotate64(config, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys ``[B, H, t, D]`` float64 from cached (post-RoPE) ones at ``positions`` ``[B, t]``.
+
+    RoPE turns each pair ``(x_i, x_{i + R/2})`` by ``theta_i``: ``y_i = x_i cos - x_{i+R/2} sin``, ``y_{i+R/2} =
+    x_{i+R/2} cos + x_i sin``; turning back by ``-theta_i`` gives ``x``. Dims past ``R`` (partial rotary) pass as
+    they are.
+    """
+    cos, sin = rope_tables64(config, positions)
+    cos, sin = cos[:, None], sin[:, None]  # over heads
+    half = cos.shape[-1]
+    keys = keys.double()
+    first, second, rest = keys[..., :half], keys[..., half : 2 * half], keys[..., 2 * half :]
+    return torch.cat([first * cos + second * sin, second * cos - first * sin, rest], dim=-1)
+
+
+def predictor_forward64(module, features: torch.Tensor) -> torch.Tensor:
+    """A `LayerPredictor` (``linear`` or ``mlp``) run from its raw weights in float64: standardise, then ``W x + b``
+    or ``W2 gelu(W1 x + b1) + b2`` with the exact (erf) GELU. ``[..., F]`` -> ``[..., H]``."""
+    weights = {name: tensor.double() for name, tensor in module.state_dict().items()}
+    x = (features.double() - weights["mean"]) / weights["std"]
+    if "net.weight" in weights:
+        return x @ weights["net.weight"].T + weights["net.bias"]
+    hidden = x @ weights["net.0.weight"].T + weights["net.0.bias"]
+    hidden = 0.5 * hidden * (1.0 + torch.erf(hidden / math.sqrt(2.0)))
+    return hidden @ weights["net.2.weight"].T + weights["net.2.bias"]
+
+
 def predictor_rating(predictor, model):
-    """The rating a `ScorePredictor` gives, as a ``rate`` function (RoPE undone with ``model``'s own tables)."""
-    from kvzip_cache.scorers.rotary import rotary_tables
+    """The rating a `ScorePredictor` gives, as a ``rate`` function, recomputed in float64 without the library: RoPE
+    undone with `unrotate64` (``model``'s config), features ``[pre-RoPE key | value]`` of each KV head side by side,
+    then `predictor_forward64` on the layer's weights."""
+    if predictor.features != "key+value":
+        raise NotImplementedError(f"the test reference implements the key+value features only, not "
+                                  f"{predictor.features!r}")
+    config = model.config
 
     def rate(layer, keys, values, positions):
-        cos, sin = rotary_tables(model, positions.clamp(min=0))
-        return predictor.predict(layer, keys, values, cos, sin)
+        unrotated = unrotate64(config, keys, positions.clamp(min=0))
+        features = torch.cat([unrotated, values.double()], dim=-1).permute(0, 2, 1, 3).flatten(2)  # [B, t, H * 2D]
+        return predictor_forward64(predictor.layers[layer], features).transpose(1, 2)  # [B, H, t]
 
     return rate
 
@@ -73,7 +128,7 @@ def compressed_keep(reference, rate, ids, mask, starts, ratio, uniform=False) ->
     """The keep mask ``[L, B, H, S - min(starts)]`` of compressing a prefilled context with ``rate``."""
     config = reference.config
     layers = full_layers(config)
-    dense = DynamicCache(config=config)
+    dense = DynamicCache()  # full layers: sliding windows are the reference attention's business
     positions = positions_of(mask)
     reference(input_ids=ids, attention_mask=mask.long(), position_ids=positions.clamp(min=0), past_key_values=dense,
               use_cache=True)
@@ -108,7 +163,7 @@ def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question)
     positions = positions_of(full_mask)
     in_context = torch.arange(seq)[None, :] >= starts[:, None]
     hidden = {i: torch.zeros(batch, heads, seq, dtype=torch.bool) for i in layers}
-    dense = DynamicCache(config=config)
+    dense = DynamicCache()  # full layers: sliding windows are the reference attention's business
     base = int(starts.min())
     keep = torch.zeros(config.num_hidden_layers, batch, heads, seq - base, dtype=torch.bool)
     try:
@@ -151,7 +206,7 @@ def decode_with_eviction(reference, rate, context_hidden, ids, mask, question, q
     hidden = {i: torch.zeros(batch, heads, total, dtype=torch.bool) for i in layers}
     for i in layers:
         hidden[i][:, :, :ctx_len] = context_hidden[i][:, :, :ctx_len]
-    dense = DynamicCache(config=config)
+    dense = DynamicCache()  # full layers: sliding windows are the reference attention's business
     steps = [(ctx_len, ctx_len + question.shape[1])]
     steps += [(end, end + 1) for end in range(ctx_len + question.shape[1], total - 1)]
     decided, decisions, logits = ctx_len, [], []
@@ -177,3 +232,66 @@ def decode_with_eviction(reference, rate, context_hidden, ids, mask, question, q
     finally:
         HIDDEN_PAIRS.clear()
     return torch.stack(logits), decisions
+
+
+@torch.no_grad()
+def reference_generate(reference, context_ids, context_mask, hidden, prompt_ids, prompt_mask=None, *, seed=None,
+                       num_beams=1, **generate_kwargs):
+    """``reference.generate`` over ``[context; prompt]`` with the ``hidden`` context pairs masked from every token
+    after the context: the dense answer a compressed cache must give (greedy, beams or sampling).
+
+    The context is prefilled first into a dense `DynamicCache`, every pair visible (as when the cache was filled);
+    ``hidden`` (``{layer: [B, H, context_len]}``) then hides the evicted pairs from the prompt and from every
+    generated token, through conftest's reference attention. ``num_beams`` > 1 repeats the prefilled rows as
+    ``cache.batch_repeat_interleave`` does for the compressed cache. ``seed``: ``torch.manual_seed`` right before
+    ``generate``, so that sampling draws the same numbers as a run seeded the same way.
+    """
+    context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask
+    prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+    dense = DynamicCache()  # full layers: a sliding layer's window is left to the reference attention and its mask
+    reference(input_ids=context_ids, attention_mask=context_mask.long(),
+              position_ids=positions_of(context_mask).clamp(min=0), past_key_values=dense, use_cache=True)
+    hidden = {layer: pairs.repeat_interleave(num_beams, 0) if pairs.shape[0] > 1 else pairs
+              for layer, pairs in hidden.items()}
+    if num_beams > 1:
+        dense.batch_repeat_interleave(num_beams)
+    ids = torch.cat([context_ids, prompt_ids], 1)
+    mask = torch.cat([context_mask, prompt_mask], 1).long()
+    HIDDEN_PAIRS.update(hidden)
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return reference.generate(ids, attention_mask=mask, past_key_values=dense, num_beams=num_beams,
+                                  **generate_kwargs)
+    finally:
+        HIDDEN_PAIRS.clear()
+
+
+def held_bytes(cache) -> int:
+    """Bytes of every floating-point tensor storage the cache's layers hold (each storage once, views and spare
+    capacity included), found by walking the layers' attributes: what the cache really allocates for keys and
+    values, counted without `kv_bytes`."""
+    seen, total = set(), 0
+
+    def visit(value):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                visit(getattr(value, name))
+
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            visit(value)
+    return total

@@ -270,17 +270,44 @@ def test_head_level_equals_masked_dense_reference():
 
 
 def test_custom_evict_keeps_exactly_the_given_pairs():
+    """Every (layer, row, KV head) stores exactly the dense cache's pairs that its own slice of the mask selects (plus
+    the protected prefix), in position order: a mask applied with heads, rows or layers swapped stores other pairs."""
     model, reference = make_pair("qwen3")
-    context = _ids(25, 111)
+    context, mask = _ids(25, 111, batch=2), torch.ones(2, 25, dtype=torch.long)
+    context[1, :3], mask[1, :3] = 0, 0
+    starts = torch.tensor([5, 8])
     cache = KVzipCache(model)
-    cache.prefill(model, context, context_start=5)
-    keep = torch.zeros(3, 1, 2, 20, dtype=torch.bool)
-    keep[:, :, 0, ::3] = True
+    cache.prefill(model, context, mask, context_start=starts)
+    dense = {idx: (cache.layers[idx].keys.clone(), cache.layers[idx].values.clone())
+             for idx in cache.compressible_layers}
+    offset = int(starts.min())
+    selectable = (mask.bool() & (torch.arange(25)[None] >= starts[:, None]))[:, offset:]  # [B, 20]
+    keep = (torch.rand(3, 2, 2, 20, generator=torch.Generator().manual_seed(113)) < 0.4) & selectable[None, :, None]
+    assert not torch.equal(keep, keep.flip(2)) and not torch.equal(keep, keep.flip(1))  # every slice its own
     cache.evict(keep)
-    assert int(cache.keep_mask.sum()) == int(keep.sum())
-    question = _ids(4, 112)
-    expected = reference_logits(reference, context, question, hidden=_hidden(cache, 25))
-    torch.testing.assert_close(_forward(model, cache, question), expected, atol=1e-4, rtol=0)
+    assert torch.equal(cache.keep_mask, keep)
+    for idx in cache.compressible_layers:
+        context_store, (keys, values) = cache.layers[idx].context, dense[idx]
+        for row in range(2):
+            prefix = [p for p in range(int(starts[row])) if mask[row, p]]
+            for head in range(2):
+                segment = row * 2 + head
+                lo, hi = context_store.offsets[segment], context_store.offsets[segment + 1]
+                positions = prefix + (keep[idx, row, head].nonzero().flatten() + offset).tolist()
+                assert context_store.positions[lo:hi].tolist() == positions, (idx, row, head)
+                assert torch.equal(context_store.keys[lo:hi], keys[row, head, positions]), (idx, row, head)
+                assert torch.equal(context_store.values[lo:hi], values[row, head, positions]), (idx, row, head)
+    question = _ids(4, 112, batch=2)
+    hidden = {}
+    for idx in cache.compressible_layers:  # from the mask given, not the one the cache reports
+        hidden[idx] = torch.zeros(2, 2, 25, dtype=torch.bool)
+        hidden[idx][..., offset:] = ~keep[idx] & selectable[:, None]
+    expected = reference_logits(reference, context, question, context_mask=mask, hidden=hidden)
+    inputs = cache.inputs_for(question)
+    with torch.no_grad():
+        got = model(input_ids=question, attention_mask=inputs["attention_mask"], past_key_values=cache,
+                    position_ids=(inputs["attention_mask"].cumsum(-1) - 1)[:, -4:]).logits
+    torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=0)
 
 
 def test_generate_accepts_the_cache_under_either_keyword():

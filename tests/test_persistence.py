@@ -3,6 +3,7 @@ the saved one (fp32 logits and tokens; Llama, Gemma3 with sliding layers, a left
 second compress and make_static; broken, foreign and newer files are refused without touching anything; writes are
 atomic; the file is the kept pairs plus bookkeeping."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -101,14 +102,52 @@ def test_a_loaded_cache_rolls_back_recompresses_and_goes_static_like_the_saved_o
     assert torch.equal(_answer(model, loaded, question)[0], _answer(model, original, question)[0])
 
 
-def test_load_onto_another_dtype_and_device(tmp_path):
-    model, _ = make_pair("llama")
-    cache = _compressed(model, _ids(40, 10))
+def _stored(cache) -> dict:
+    """Every compressed layer's store (keys, values, positions, offsets) and every sliding layer's window."""
+    stored = {}
+    for idx, layer in enumerate(cache.layers):
+        if getattr(layer, "context", None) is not None:
+            ctx = layer.context
+            stored[idx] = (ctx.keys, ctx.values, ctx.positions, ctx.offsets)
+        else:
+            stored[idx] = (layer.keys, layer.values)
+    return stored
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_load_onto_another_dtype_and_device(tmp_path, arch):
+    """Loaded in bfloat16 (onto the CPU, named explicitly): every stored tensor is the saved one rounded to bfloat16,
+    pair for pair, and a bfloat16 copy of the model answers with the float32 tokens, its logits within a bound that
+    the evicted pairs' effect is shown to exceed."""
+    model, _ = make_pair(arch)
+    context, question = _ids(40, 10), _ids(5, 8)
+    cache = _compressed(model, context)
     cache.save(tmp_path / "c.kvzip")
-    half = KVzipCache.load(tmp_path / "c.kvzip", model, device="cpu", dtype=torch.bfloat16)
-    layer = half.layers[half.compressible_layers[0]]
-    assert layer.context.keys.dtype == torch.bfloat16 and layer.context.keys.device.type == "cpu"
+    half_model = copy.deepcopy(model).to(torch.bfloat16)
+    half = KVzipCache.load(tmp_path / "c.kvzip", half_model, device="cpu", dtype=torch.bfloat16)
+    saved, loaded = _stored(cache), _stored(half)
+    assert saved.keys() == loaded.keys()
+    for idx, tensors in saved.items():
+        for name, want, got in zip(("keys", "values", "positions", "offsets"), tensors, loaded[idx]):
+            if isinstance(want, torch.Tensor) and want.is_floating_point():
+                assert got.dtype == torch.bfloat16 and got.device.type == "cpu", (idx, name)
+                assert torch.equal(got, want.to(torch.bfloat16)), (idx, name)
+            elif isinstance(want, torch.Tensor):
+                assert torch.equal(got, want), (idx, name)
+            else:
+                assert got == want, (idx, name)
     assert half.kv_bytes() == cache.kv_bytes() // 2
+    assert torch.equal(half.keep_mask, cache.keep_mask) and half.compressed_with == cache.compressed_with
+
+    tokens, logits = _answer(model, cache, question)
+    half_tokens, half_logits = _answer(half_model, half, question)
+    assert torch.equal(half_tokens, tokens)
+    error = (half_logits.float() - logits).abs()
+    dense = KVzipCache(model)  # nothing evicted: what a load that lost the selection would answer, at best
+    dense.prefill(model, context, context_start=4, chunk_size=16)
+    dense_logits = _answer(model, dense, question)[1][:, :1]  # the first step: the same prompt as the others
+    evicted = (dense_logits - logits[:, :1]).abs()
+    assert error.mean() < 0.005 < evicted.mean() and error.max() < 0.02 < evicted.max()
 
 
 def test_the_file_is_the_kept_pairs_plus_bookkeeping(tmp_path):

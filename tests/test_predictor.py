@@ -1,20 +1,23 @@
 """Score predictors: RoPE inversion, predicted compress, eviction while prefilling, training, files, refusals.
 
 The references are independent of the library: transformers' own RoPE and projections, a float64 eager model that
-hides pairs chunk by chunk (conftest's reference attention), and selections recomputed from the reference's keys.
+hides pairs chunk by chunk (conftest's reference attention), predictions recomputed in float64 from the predictor's
+raw weights and RoPE tables built from the config (`references.py`), and selections by the references' own top-k;
+each of those is checked against the library's counterpart here.
 """
 
 import copy
+import math
 
 import pytest
 import torch
 
-from conftest import ByteTokenizer, make_pair
+from conftest import ARCHS, ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.scorers.rotary import rotary_tables, unrotate
 from kvzip_cache.selection import kept_count, select_pairs
 from kvzip_cache.tools.training import collect_samples, evaluate_predictor, fit_predictor
-from references import evicting_prefill, predictor_rating
+from references import evicting_prefill, held_bytes, predictor_rating, top_pairs, unrotate64
 
 
 def _batch(gen, length=29):
@@ -25,20 +28,60 @@ def _batch(gen, length=29):
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])
+def _head_dim(config):
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_unrotate_inverts_the_models_own_rope(arch):
+    """The library's inverse and the test reference's (`unrotate64`, tables from the config) both undo
+    transformers' own rotation."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model, _ = make_pair(arch)
     positions = torch.tensor([[0, 5, 17, 300], [3, 4, 9, 1000]])
     cos, sin = rotary_tables(model, positions)
-    keys = torch.randn(2, 2, 4, 16, dtype=torch.float64).float()
+    keys = torch.randn(2, 2, 4, _head_dim(model.config), dtype=torch.float64).float()
     # transformers' own forward rotation (cos, sin from the model's rotary embedding, as its attention applies it)
     decoder = model.get_decoder()
     args = (keys, positions, "full_attention") if arch == "gemma3" else (keys, positions)
     t_cos, t_sin = decoder.rotary_emb(*args)
     _, rotated = apply_rotary_pos_emb(keys, keys, t_cos, t_sin)
     torch.testing.assert_close(unrotate(rotated, cos, sin), keys, atol=1e-5, rtol=1e-5)
+    # transformers' float32 tables are off by ~1e-5 rad at position 1000; the reference's float64 ones are exact
+    torch.testing.assert_close(unrotate64(model.config, rotated, positions), keys.double(), atol=1e-4, rtol=1e-4)
+    assert (rotated - keys).abs().max() > 0.1  # the rotation did something to undo
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_references_predictions_and_top_k_agree_with_the_library(arch):
+    """`references.predictor_rating` (float64, raw weights, its own RoPE inverse) gives `ScorePredictor.predict`'s
+    scores, and `references.top_pairs` picks `select_pairs`' pairs (ties and NaN included): the references used
+    against the library below are right, and share no code with it."""
+    model, _ = make_pair(arch)
+    gen = torch.Generator().manual_seed(21)
+    config = model.config
+    heads, head_dim = config.num_key_value_heads, _head_dim(config)
+    positions = torch.tensor([[0, 1, 2, 7, 40, 300], [-1, -1, 0, 1, 2, 3]])  # row 1 left-padded
+    keys, values = torch.randn(2, 2, heads, 6, head_dim, generator=gen)
+    cos, sin = rotary_tables(model, positions.clamp(min=0))
+    for kind in ("linear", "mlp"):
+        predictor = ScorePredictor.init(model, kind, seed=5)
+        for module in predictor.layers.values():  # a standardisation that matters (init leaves 0 and 1)
+            module.mean.normal_(generator=gen)
+            module.std.uniform_(0.5, 2.0, generator=gen)
+        rate = predictor_rating(predictor, model)
+        for idx in predictor.layers:
+            expected = rate(idx, keys, values, positions)
+            assert expected.dtype == torch.float64 and expected.shape == (2, heads, 6)
+            torch.testing.assert_close(predictor.predict(idx, keys, values, cos, sin).double(), expected, atol=1e-5,
+                                       rtol=1e-5)
+    scores = torch.randint(0, 6, (3, 2, heads, 9), generator=gen).float()  # many ties
+    scores[1] = float("nan")  # a sliding layer
+    scores[:, 1, :, :2] = float("nan")  # padding / protected prefix of row 1
+    for ratio in (0.1, 0.35, 0.5, 1.0):
+        assert torch.equal(top_pairs(scores, ratio), select_pairs(scores, ratio))
+        assert torch.equal(top_pairs(scores, ratio, uniform=True), select_pairs(scores, ratio, "pair-uniform"))
 
 
 def test_unrotated_first_layer_keys_are_the_projection_of_the_token_embedding():
@@ -70,14 +113,13 @@ def test_predicted_compress_equals_evict_of_the_predictions_and_runs_no_forward(
     cache.prefill(model, ids, mask, context_start=starts)
     dense = copy.deepcopy(cache)
 
-    # the predictions, recomputed from the dense keys with transformers' RoPE tables and the layer modules
+    # the predictions, recomputed from the dense keys by the float64 reference (its own RoPE inverse, the raw weights)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, 2:]
-    expected = torch.full((4, 2, 2, 27), float("nan"))
-    cos, sin = rotary_tables(model, positions)
+    expected = torch.full((4, 2, 2, 27), float("nan"), dtype=torch.float64)
+    rate = predictor_rating(predictor, model)
     for idx in (1, 3):
         keys, values = dense.layers[idx].keys[:, :, 2:], dense.layers[idx].values[:, :, 2:]
-        features = torch.cat([unrotate(keys, cos, sin), values], -1).permute(0, 2, 1, 3).flatten(2)
-        expected[idx] = predictor.layers[idx](features).transpose(1, 2)
+        expected[idx] = rate(idx, keys, values, positions)
     selectable = dense.selectable_pairs()
     expected = expected.masked_fill(~selectable, float("nan"))
 
@@ -87,8 +129,8 @@ def test_predicted_compress_equals_evict_of_the_predictions_and_runs_no_forward(
     finally:
         handle.remove()
     assert calls == []
-    torch.testing.assert_close(cache.scores, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
-    dense.evict(select_pairs(expected, 0.4))
+    torch.testing.assert_close(cache.scores.double(), expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+    dense.evict(top_pairs(expected.float(), 0.4))
     assert torch.equal(cache.keep_mask, dense.keep_mask) and cache.kv_bytes() == dense.kv_bytes()
     assert cache.compressed_with == ("pair", 0.4) and cache.score_source == "predicted"
     question = torch.randint(3, 120, (2, 4), generator=torch.Generator().manual_seed(2))
@@ -148,6 +190,56 @@ def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch):
             post_hoc = model(input_ids=question, attention_mask=inputs["attention_mask"], position_ids=positions,
                              past_key_values=full).logits
         assert (post_hoc.double() - got.double()).abs().max() > 1e-3
+
+
+def test_an_evicting_prefill_holds_at_most_the_kept_pairs_and_one_chunk():
+    """What the cache's layers really allocate (every float storage they reference, not `kv_bytes`) is bounded at
+    every step of a prefill that evicts: before a chunk runs, the pairs kept so far; while it runs, those plus the
+    chunk's dense pairs; at the end, exactly the kept pairs. The bounds are counted here from the masks and the
+    ratio, and lie far below the full cache (which the test checks, so the bound can fail)."""
+    model, _ = make_pair("llama")
+    config = model.config
+    layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, 16
+    pair_bytes = 2 * head_dim * 4  # key + value, float32
+    predictor = ScorePredictor.init(model, "mlp", seed=7)
+    gen = torch.Generator().manual_seed(12)
+    seq, chunk, ratio = 256, 64, 0.25  # chunks of 64: the tail buffer's minimum capacity, so no slack beyond a chunk
+    ids = torch.randint(3, 120, (2, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    starts = torch.tensor([3, 14])
+    # what each chunk leaves behind, per row: ratio x its selectable pairs (halves rounded up) plus its protected prefix
+    kept, padding = [], []
+    for lo in range(0, seq, chunk):
+        total = 0
+        for row in range(2):
+            real = [p for p in range(lo, lo + chunk) if mask[row, p]]
+            selectable = sum(p >= int(starts[row]) for p in real)
+            total += math.floor(ratio * layers * heads * selectable + 0.5) + layers * heads * (len(real) - selectable)
+        kept.append(total)
+        padding.append(layers * heads * int((mask[:, lo : lo + chunk] == 0).sum()))
+
+    cache = KVzipCache(model)
+    seen = []
+    hooks = [model.register_forward_pre_hook(lambda *args: seen.append(("before", held_bytes(cache)))),
+             model.register_forward_hook(lambda *args: seen.append(("after", held_bytes(cache))))]
+    try:
+        cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=ratio)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    chunks = seq // chunk
+    assert [when for when, _ in seen] == ["before", "after"] * chunks
+    full = layers * 2 * heads * seq * pair_bytes  # the dense cache of the whole prefill
+    for c in range(chunks):
+        # a layer that dropped nothing yet is still dense: it also holds its padding slots
+        before = (sum(kept[:c]) + sum(padding[:c])) * pair_bytes
+        during = before + layers * 2 * heads * chunk * pair_bytes
+        assert seen[2 * c][1] <= before, (c, seen)
+        assert seen[2 * c + 1][1] <= during, (c, seen)
+    assert during < 0.5 * full  # the last chunk's bound: far below what a full prefill holds
+    assert held_bytes(cache) == sum(kept) * pair_bytes == cache.kv_bytes()
+    assert max(bytes_ for _, bytes_ in seen) > sum(kept[:-1]) * pair_bytes  # the hooks did see the chunks arrive
 
 
 def test_an_evicting_prefill_serves_generate_rollback_make_static_and_a_second_compress():

@@ -12,6 +12,7 @@ import torch
 from conftest import make_pair, reference_logits
 from kvzip_cache import KVzipCache
 from kvzip_cache.templates import left_pad
+from references import full_layers, hidden_from_keep, reference_generate
 from test_cache_behaviour import _hidden
 from test_static import TOK, _compressed, _ids
 
@@ -65,7 +66,7 @@ def test_shared_questions_equal_each_question_alone_and_the_dense_reference(arch
 
 def test_shared_batch_of_two_documents_with_stop_tokens_and_sampling():
     """Two left-padded documents, two questions each (rows 0-1 ask document 0, rows 2-3 document 1)."""
-    model, _ = make_pair("llama")
+    model, reference = make_pair("llama")
     contexts, context_mask = _ids(40, 5, batch=2), torch.ones(2, 40, dtype=torch.long)
     contexts[1, :7], context_mask[1, :7] = 0, 0
     cache = _compressed(model, contexts, attention_mask=context_mask, context_start=torch.tensor([4, 11]))
@@ -82,12 +83,25 @@ def test_shared_batch_of_two_documents_with_stop_tokens_and_sampling():
         torch.testing.assert_close(logits[row, :steps], expected_logits[c, :steps], atol=1e-5, rtol=1e-5)
     assert (tokens[0, ids.shape[1] + 40 + 2 :] == 0).all()  # stopped, then padded
 
+    # Sampling, seeded: the tokens the dense reference samples from the same seed, each row reading its document
+    # with that document's evicted pairs hidden (generate draws for the 4 rows at once on both sides).
     inputs = cache.inputs_for(ids, mask, shared=True)
     torch.manual_seed(0)
     sampled = model.generate(**inputs, past_key_values=cache, max_new_tokens=5, do_sample=True, top_k=20,
                              pad_token_id=0)
     assert sampled.shape == (4, inputs["input_ids"].shape[1] + 5)
     assert int(cache.get_seq_length()) == inputs["input_ids"].shape[1] + 4
+    cache.rollback()
+    rows = [0, 0, 1, 1]
+    hidden = hidden_from_keep(cache.keep_mask, context_mask, cache.context_start, full_layers(model.config), 40)
+    expected = reference_generate(reference, contexts[rows], context_mask[rows],
+                                  {layer: pairs[rows] for layer, pairs in hidden.items()}, ids, mask, seed=0,
+                                  max_new_tokens=5, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(sampled, expected)
+    torch.manual_seed(1)  # another seed draws other tokens: the comparison above is not between constant answers
+    other = model.generate(**cache.inputs_for(ids, mask, shared=True), past_key_values=cache, max_new_tokens=5,
+                           do_sample=True, top_k=20, pad_token_id=0)
+    assert not torch.equal(other, sampled)
 
 
 def test_shared_inputs_are_refused_clearly_without_touching_the_cache():
