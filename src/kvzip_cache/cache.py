@@ -32,7 +32,7 @@ from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture
                      check_model, check_model_object, check_nothing_appended, check_prefill_inputs, check_ranks,
                      check_ratio, check_recompress, check_rows_as_prefilled, check_same_source, check_static_room,
                      check_token_ids, check_tokenizer, check_unmasked_padding, check_weights, check_whole_forwards,
-                     check_window, no_new_tokens_error)
+                     check_window, dense_rows_changed_error, no_new_tokens_error)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
 from .eviction import DecodeEviction, PrefillEviction, position_ids
@@ -154,6 +154,9 @@ class KVzipCache(Cache):
         self.decode_eviction: DecodeEviction | None = None  # set by evict_while_decoding()
         # [B, n] bool padding mask of the last question built by inputs_for (tells DecodeEviction its padding)
         self.pending_query_mask: torch.Tensor | None = None
+        # Whether beams, batch_repeat_interleave or batch_select_indices changed the rows of a cache never compressed:
+        # its dense layers then hold rows that no longer match input_ids (a compressed layer tracks its src_rows).
+        self._dense_rows_changed = False
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -249,6 +252,30 @@ class KVzipCache(Cache):
         for layer in self.layers:
             layer.check_crop(tokens_to_remove, self.context_length)
         super().crop(tokens_to_remove)
+        if self.decode_eviction is not None:  # the padding it knew of may have been cut with the tail
+            self.decode_eviction.after_crop(self)
+
+    # Batch changes (generate calls them for beams and num_return_sequences): the layers change their rows; the cache
+    # remembers when the rows of a never-compressed cache no longer match its input_ids.
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._dense_rows_changed |= not self.is_compressed and repeats != 1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._check_static_batch(len(beam_idx), "reorder_cache()")
+        super().reorder_cache(beam_idx)
+        self._dense_rows_changed |= not self.is_compressed
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_static_batch(len(torch.as_tensor(indices).flatten()), "batch_select_indices()")
+        super().batch_select_indices(indices)
+        self._dense_rows_changed |= not self.is_compressed
+
+    def _check_static_batch(self, rows: int, call: str) -> None:
+        batch = len(self.layers[self._first_full].src_rows) if self.is_static else rows
+        if rows != batch:
+            raise RuntimeError(f"a static cache has a fixed batch of {batch} rows; {call} asked for {rows}: select "
+                               "rows before cache.make_static()")
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # query_length first: a compiled step (1 new token) must not read the context's length
@@ -515,6 +542,8 @@ class KVzipCache(Cache):
         layer = self.layers[self._first_full] if self._first_full >= 0 else None
         if layer is not None and layer.is_compressed:
             check_rows_as_prefilled(layer.src_rows, self.input_ids.shape[0], call)
+        elif self._dense_rows_changed:
+            raise RuntimeError(dense_rows_changed_error(call))
 
     def _check_scorer_tokenizer(self, scorer, tokenizer, scored_with: dict | None) -> dict | None:
         """The fields of the tokenizer a scorer loaded for itself (the reconstruction scorer, from the model's name),
@@ -698,6 +727,11 @@ class KVzipCache(Cache):
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
         if self.decode_eviction is not None:
             raise RuntimeError(STATIC_DECODE_EVICTION)
+        if any(self.layers[idx].context_length != self.context_length for idx in self.compressible_layers):
+            raise RuntimeError(
+                "eviction while decoding moved answer tokens into the compressed context, which a static cache's "
+                "rollback could not drop again: call cache.rollback() before make_static()"
+            )
         capacity = -(-max_new_tokens // _TAIL_BUCKET) * _TAIL_BUCKET
         for layer in self.layers:  # every check first, so that a refusal leaves the cache as it was
             layer.check_static(capacity)
@@ -761,6 +795,8 @@ class KVzipCache(Cache):
         """
         if self.input_ids is None:
             raise RuntimeError("rollback() needs a prefilled cache")
+        if not self.is_compressed and self._dense_rows_changed:  # before any layer moves: all of them or none
+            raise RuntimeError(dense_rows_changed_error("rollback()"))
         for layer in self.layers:
             layer.rollback(self.context_length, self.input_ids.shape[0])
         if self.decode_eviction is not None:

@@ -268,6 +268,14 @@ def check_rows_as_prefilled(src_rows: tuple[int, ...] | None, rows: int, call: s
         )
 
 
+def dense_rows_changed_error(call: str) -> str:
+    """The refusal of a call that needs the prefilled rows on an uncompressed cache whose rows changed."""
+    return (f"{call} after changing the batch rows (beams, batch_repeat_interleave, batch_select_indices) of a cache "
+            "that was never compressed: its layers no longer hold the prefilled rows. Compress before changing the "
+            "batch (ratio=1.0 keeps every pair; a compressed cache returns to its rows on rollback), or cache.reset() "
+            "and prefill again")
+
+
 def check_batch(batch: int, rows: int) -> None:
     """Refuse a forward of ``batch`` rows on a cache that holds ``rows``."""
     if batch != rows:

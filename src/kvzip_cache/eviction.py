@@ -186,17 +186,26 @@ class DecodeEviction:
 
     def _note_padding(self, cache, tail: int, new_tokens: int, batch: int) -> None:
         """Record which of the ``new_tokens`` slots about to be appended are padding (never kept)."""
-        if new_tokens == 1 or batch == 1:
-            return  # one token per row (decoding) or one row: no padding inside the tail
+        if new_tokens == 1:
+            return  # one token per row (decoding): no padding inside the tail
         pending = cache.pending_query_mask
         if tail == 0 and pending is not None and pending.shape == (batch, new_tokens):
             self._tail_real = None if bool(pending.all()) else pending.clone()
             return
+        if batch == 1:
+            return  # one row and no padding recorded for it: every slot is a real token
         raise ValueError(
             f"evict_while_decoding() needs to know which of these {new_tokens} tokens of a batch of {batch} are left "
             "padding: build the first forward after the context with cache.inputs_for(query_ids, query_mask) (a "
             "multi-token step later in a batched conversation cannot be told apart from padding)"
         )
+
+    def after_crop(self, cache) -> None:
+        """Forget the padding of tail slots a crop cut (`KVzipCache.crop` cannot cut into the absorbed pairs)."""
+        tail = cache.layers[self.layers[0]].tail_length
+        if self._tail_real is not None:
+            kept = self._tail_real[:, :tail]
+            self._tail_real = None if bool(kept.all()) else kept
 
     def _evict(self, cache, count: int) -> None:
         """Rate the tail's oldest ``count`` tokens, move the kept pairs into the ragged store, free the rest."""

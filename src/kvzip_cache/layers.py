@@ -523,6 +523,9 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         # (end, tokens) of each multi-token step after the prefill that is still within reach of the window: its
         # slots may be padding (a left-padded question), so they do not count against the window.
         self._padded_steps: list[tuple[int, int]] = []
+        # Which snapshot row each row of the batch came from (None: the snapshot's rows, in order), followed through
+        # beams, batch_repeat_interleave and batch_select_indices, so that make_static takes each row's own window.
+        self._rows: torch.Tensor | None = None
 
     @property
     def is_static(self) -> bool:
@@ -586,12 +589,9 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         if self.is_static:
             return
         window_keys, window_values, context_length = self._snapshot
-        rows = self.keys.shape[0]
-        if window_keys.shape[0] != rows:
-            # The rows were repeated (shared questions) before the batch was fixed: each row gets the window.
-            repeats = rows // window_keys.shape[0]
-            window_keys = window_keys.repeat_interleave(repeats, 0)
-            window_values = window_values.repeat_interleave(repeats, 0)
+        if self._rows is not None:  # rows repeated (shared questions), reordered or selected: each row's own window
+            rows = self._rows.to(window_keys.device)
+            window_keys, window_values = window_keys.index_select(0, rows), window_values.index_select(0, rows)
         width, tail = window_keys.shape[2], self.cumulative_length - context_length
         batch, heads, _, head_dim = self.keys.shape
         keys = self.keys.new_zeros((batch, heads, width + capacity, head_dim))
@@ -648,11 +648,14 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         if self._snapshot is None:
             raise RuntimeError("rollback() needs a prefilled cache")
         keys, values, cumulative = self._snapshot
-        if self.is_static:  # the window's slots were never written over: only the device-side ends go back
+        if self.is_static:  # in place (a captured graph reads these buffers); beams may have reordered the windows
+            self.keys[:, :, : keys.shape[2]].copy_(keys)
+            self.values[:, :, : keys.shape[2]].copy_(values)
             self.end.fill_(keys.shape[2])
             self.length.fill_(cumulative)
         else:
             self.keys, self.values = keys.clone(), values.clone()
+            self._rows = None
         self.cumulative_length = cumulative
         self._padded_steps = []
 
@@ -674,6 +677,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_static:
+            self._follow_rows(lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
             return super().reorder_cache(beam_idx)
         index = beam_idx.to(self.keys.device)
         self.keys.copy_(self.keys.index_select(0, index))
@@ -681,13 +685,25 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         _refuse_batch_change(self, repeats)
+        self._follow_rows(lambda rows: rows.repeat_interleave(repeats, 0))
         super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._follow_rows(lambda rows: rows[torch.as_tensor(indices, device=rows.device).flatten()])
+        super().batch_select_indices(indices)
+
+    def _follow_rows(self, change) -> None:
+        """Apply a batch change to the record of which snapshot row each row came from."""
+        if self._snapshot is not None and self.is_initialized:
+            rows = self._rows if self._rows is not None else torch.arange(self.keys.shape[0])
+            self._rows = change(rows)
 
     def reset(self) -> None:
         _release(self)
         self.cumulative_length = 0
         self._snapshot = None
         self._padded_steps = []
+        self._rows = None
         self.length = self.end = self.start = None
         self.is_compileable = False
 
