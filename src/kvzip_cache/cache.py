@@ -218,11 +218,12 @@ class KVzipCache(Cache):
         if layer_idx == 0 and not torch.compiler.is_compiling():  # once per eager forward, before any layer appends
             if not self.is_static:  # a static cache's lengths live on the device: no host sync per step
                 check_whole_forwards({layer.cumulative_length for layer in self.layers})
+            else:  # before any layer writes (a sliding layer 0 would write its slots first)
+                first = self.layers[self._first_full]
+                check_static_room(first.tail_keys.shape[2] - int(first.tail_end), key_states.shape[-2])
             self._check_forward_batch(key_states.shape[0])
             if self.decode_eviction is not None:
                 self._evict_tail(key_states.shape[-2], key_states.shape[0])
-        if layer.is_static and layer_idx == self._first_full and not torch.compiler.is_compiling():
-            check_static_room(layer.tail_keys.shape[2] - int(layer.tail_end), key_states.shape[-2])
         return layer.update(key_states, value_states)
 
     def _check_forward_batch(self, batch: int) -> None:
@@ -779,12 +780,14 @@ class KVzipCache(Cache):
         window = check_window(window)
         level = check_level(level or scorer_level(scorer), LEVELS, "evict_while_decoding()")
         first = self.layers[self.compressible_layers[0]]
-        if first.tail_length and len(first.src_rows) > 1:
+        pending = self.pending_query_mask
+        padded_tail = pending is not None and not bool(pending.all())
+        if first.tail_length and (len(first.src_rows) > 1 or padded_tail):
             raise RuntimeError(
-                "evict_while_decoding() on a batch must start before the questions (it learns their padding from "
-                "cache.inputs_for): call cache.rollback() first"
+                "evict_while_decoding() on a batch, or after a left-padded question, must start before the questions "
+                "(it learns their padding from cache.inputs_for): call cache.rollback() first"
             )
-        # (one row mid-conversation: the tail holds no padding, so every token in it is real)
+        # (one row mid-conversation, its question unpadded: every token in the tail is real)
         self.decode_eviction = DecodeEviction(self, scorer, ratio, window, level)
 
     # ------------------------------------------------------------------------------------------------ queries

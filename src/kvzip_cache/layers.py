@@ -615,7 +615,8 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         """Raise unless `make_static` can succeed (changes nothing)."""
         if self.is_static:
             if self.keys.shape[2] - self._snapshot[0].shape[2] != capacity:
-                raise ValueError("this layer is already static with another capacity")
+                raise ValueError(f"this layer is already static with room for "
+                                 f"{self.keys.shape[2] - self._snapshot[0].shape[2]} tokens")
             return
         if not self.is_initialized or self.cumulative_length < self.sliding_window:
             raise ValueError(
