@@ -392,10 +392,7 @@ class KVzipLayer(DynamicLayer):
         Writing past the capacity is not checked here (that would read the length on the host); `KVzipCache`
         checks it on eager paths, and `generate` is bounded by ``max_new_tokens``.
         """
-        slots = self.tail_end + torch.arange(key_states.shape[-2], device=self.tail_end.device)
-        self.tail_keys.index_copy_(2, slots, key_states)
-        self.tail_values.index_copy_(2, slots, value_states)
-        self.tail_end.add_(key_states.shape[-2])
+        _write_at_end(self.tail_keys, self.tail_values, self.tail_end, key_states, value_states)
         view = RaggedKV(
             context=self.context,
             src_rows=self.src_rows,
@@ -548,10 +545,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
             return keys, values
         # Static: write at the device-side end of [the prefill's window | tail room] (fixed addresses and shapes for
         # CUDA graphs); the attention masks the window by real tokens and the slots not written yet.
-        slots = self.end + torch.arange(key_states.shape[-2], device=self.end.device)
-        self.keys.index_copy_(2, slots, key_states)
-        self.values.index_copy_(2, slots, value_states)
-        self.end.add_(key_states.shape[-2])
+        _write_at_end(self.keys, self.values, self.end, key_states, value_states)
         self.length.add_(key_states.shape[-2])
         view = WindowKV(self.keys, self.values, self.start, self.end)
         return view, view
@@ -726,6 +720,16 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.keys, self.values = state["keys"].clone(), state["values"].clone()
         self.cumulative_length = cumulative_length
         self.take_snapshot()
+
+
+def _write_at_end(keys: torch.Tensor, values: torch.Tensor, end: torch.Tensor, key_states: torch.Tensor,
+                  value_states: torch.Tensor) -> None:
+    """Write ``[B, H, q, D]`` states into fixed ``[B, H, capacity, D]`` buffers at the 0-dim device-side ``end`` and
+    advance it (static layers: no host sync, fixed addresses for CUDA graphs)."""
+    slots = end + torch.arange(key_states.shape[-2], device=end.device)
+    keys.index_copy_(2, slots, key_states)
+    values.index_copy_(2, slots, value_states)
+    end.add_(key_states.shape[-2])
 
 
 def _refuse_batch_change(layer, repeats: int) -> None:
