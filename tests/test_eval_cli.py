@@ -38,12 +38,14 @@ def test_bootstrap_interval_constant_deterministic_and_near_the_normal_approxima
     assert bootstrap_interval([0.0, 1.0], resamples=4000) == (0.0, 1.0)
 
 
-def test_summary_shows_mean_interval_and_n():
-    rows = [{"task": "needle", "method": "kvzip", "ratio": 0.3, "scores": {"contains": float(i % 2)}}
-            for i in range(10)]
+def test_summary_shows_mean_interval_n_and_contexts():
+    # one question per context: the context-clustered interval is the per-question one
+    rows = [{"task": "needle", "context_id": f"needle-{i}", "question_id": "needle-0.5", "method": "kvzip",
+             "ratio": 0.3, "scores": {"contains": float(i % 2)}} for i in range(10)]
     text = runner.summary_markdown(rows, EvalConfig(methods=["kvzip"], ratios=[0.3]))
-    lo, hi = bootstrap_interval([float(i % 2) for i in range(10)])
-    assert f"| kvzip | 10 | 0.500 [{lo:.3f}, {hi:.3f}] |" in text
+    lo, hi = bootstrap_interval([float(r["scores"]["contains"]) for r in sorted(rows, key=lambda r: r["context_id"])])
+    assert f"| kvzip | 10 | 10 | 0.500 [{lo:.3f}, {hi:.3f}] |" in text
+    assert "paired difference" not in text  # one method: nothing to compare
 
 
 # ------------------------------------------------------------------------------------------- user JSONL task
@@ -89,6 +91,7 @@ def test_malformed_jsonl_lines_say_where_and_what(tmp_path, line, expected):
     (["--tasks", "needle", "missing.jsonl"], "task file 'missing.jsonl' does not exist"),
     (["--tasks", "nedle"], "unknown task 'nedle'"),
     (["--batch-contexts", "0"], "--batch-contexts must be >= 1"),
+    (["--methods", "kvzip", "random", "--paired-reference", "full"], "--paired-reference 'full' is not one of"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda:0"], "CUDA is not available")]))
 def test_cli_errors_are_one_clear_line(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -4,7 +4,8 @@
 
 `tasks` builds contexts with several questions each, `methods` turns a prefilled `KVzipCache` into compressed ones
 (KVzip and query-agnostic baselines, nested over decreasing ratios), `runner` asks the questions and writes
-``results.jsonl`` (resumable), ``summary.md`` and ``score_vs_ratio.png``.
+``results.jsonl`` (resumable), ``summary.md``, ``summary.json`` (context-clustered intervals, paired differences
+against a reference method; `stats`) and ``score_vs_ratio.png``.
 """
 
 from .methods import METHODS, method_scorer, sweep

@@ -6,7 +6,7 @@ import argparse
 
 from ..zoo.loading import DTYPES, model_source, resolve_device, resolve_dtype
 from .methods import DEFAULT_METHODS, METHODS
-from .runner import EvalConfig, run_eval
+from .runner import EvalConfig, labels, run_eval
 from .tasks import TASKS, is_user_task, jsonl_contexts
 
 
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                              "rows '<method> +decode R', beside those without")
     parser.add_argument("--decode-window", type=int, default=128,
                         help="with --decode-ratios: tokens per eviction, and the recent tokens always kept")
+    parser.add_argument("--paired-reference", default=None, metavar="METHOD",
+                        help="the summary's paired tables give each method minus this one on the same questions "
+                             "(default: kvzip when in --methods, else full, else the first method)")
     config = EvalConfig(**vars(parser.parse_args(argv)))
     # The user's mistakes, said before anything loads: device, dtype, model folder, task names and files.
     try:
@@ -65,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         parser.error(f"--decode-window must be >= 1; got {config.decode_window}")
     if config.batch_contexts is not None and config.batch_contexts < 1:
         parser.error(f"--batch-contexts must be >= 1; got {config.batch_contexts}")
+    if config.paired_reference is not None and config.paired_reference not in labels(config):
+        parser.error(f"--paired-reference {config.paired_reference!r} is not one of the run's methods: "
+                     f"{', '.join(labels(config))}")
     return config
 
 

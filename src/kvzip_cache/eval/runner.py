@@ -10,6 +10,10 @@ one, whose extra answers are dropped). With ``decode_ratios``, every (method, ra
 decode ratio with `KVzipCache.evict_while_decoding` (the run's predictor, ``decode_window``): the answer itself is
 compressed as it grows; those rows are labelled ``"<method> +decode <r>"`` (`method_label`). Rows go to ``results.jsonl`` as they are produced, so an interrupted run
 resumes where it stopped.
+
+The summary's intervals resample contexts, not questions (`cell_stats`): the questions of one context share its
+compressed cache and are not independent. Each method is also compared with a reference method on the same
+questions (`paired_stats`): the mean per-question difference and its context-clustered interval.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..cache import KVzipCache
 from ..compat import cache_kwarg
 from ..templates import encode_contexts, encode_queries, encode_query
 from .methods import DEFAULT_METHODS, KVZIP_LEVELS, METHODS, PREDICTED_METHODS, sweep
-from .stats import bootstrap_interval
+from .stats import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, cluster_bootstrap_interval, paired_difference
 from .tasks import Context, is_user_task, load_task, question_prompt, score, task_max_new_tokens, task_metrics
 
 GPU_BATCH_CONTEXTS = 16  # default --batch-contexts on CUDA (1 on the CPU: one context, one question at a time)
@@ -56,6 +60,8 @@ class EvalConfig:
     batch_contexts: int | None = None  # contexts prefilled together; None: 1 on the CPU, GPU_BATCH_CONTEXTS on CUDA
     decode_ratios: list[float] = field(default_factory=list)  # also evict while decoding, keeping these fractions
     decode_window: int = 128  # evict_while_decoding's window (tokens per eviction, recent tokens always kept)
+    paired_reference: str | None = None  # the summary's paired differences are against it; None: kvzip when run,
+    # else full, else the first method (`paired_reference`)
 
 
 DECODE_TAG = " +decode "
@@ -263,7 +269,8 @@ def load_predictor(config: EvalConfig, model):
 
 
 def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
-    """Run (or resume) the evaluation; write ``results.jsonl``, ``summary.md`` and ``score_vs_ratio.png``.
+    """Run (or resume) the evaluation; write ``results.jsonl``, ``summary.md``, ``summary.json`` and
+    ``score_vs_ratio.png``.
 
     Returns:
         all result rows of the output folder (old and new) for the configured tasks, methods and model.
@@ -279,6 +286,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
         raise ValueError(f"decode_window must be a positive number of tokens; got {config.decode_window!r}")
     if config.batch_contexts is not None and config.batch_contexts < 1:
         raise ValueError(f"batch_contexts must be >= 1; got {config.batch_contexts}")
+    if config.paired_reference is not None and config.paired_reference not in labels(config):
+        raise ValueError(f"paired_reference {config.paired_reference!r} is not one of the run's methods "
+                         f"{labels(config)}")
     check_predictor_source(config)  # before loading anything
     out = Path(config.out)
     _check_same_contexts(out, config)
@@ -325,6 +335,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
     rows = [r for r in read_rows(path) if r.get("model") == config.model and r["task"] in config.tasks
             and r["method"] in labels(config)]
     (out / "summary.md").write_text(summary_markdown(rows, config))
+    (out / "summary.json").write_text(json.dumps(summary_json(rows, config), indent=2) + "\n")
     plot(rows, config, out / "score_vs_ratio.png")
     return rows
 
@@ -344,16 +355,19 @@ def _check_same_contexts(out: Path, config: EvalConfig) -> None:
 
 @dataclass(frozen=True)
 class Cell:
-    """One (task, metric, method, ratio) cell: mean over its questions, bootstrap interval, question count."""
+    """A mean over questions with its 95% context-clustered bootstrap interval, and how many questions and contexts
+    it holds: one (task, metric, method, ratio) cell of `cell_stats`, or one method-minus-reference difference of
+    `paired_stats`."""
 
     mean: float
     lo: float
     hi: float
-    n: int
+    n: int  # questions
+    contexts: int  # distinct contexts among them: the units the interval resamples
 
 
 def cell_values(rows: list[dict]) -> dict[tuple[str, str, str, float], list[float]]:
-    """``{(task, metric, method, ratio): [score of each question]}``."""
+    """``{(task, metric, method, ratio): [score of each row]}``."""
     values = defaultdict(list)
     for row in rows:
         for metric, value in row["scores"].items():
@@ -366,50 +380,162 @@ def mean_scores(rows: list[dict]) -> dict[tuple[str, str, str, float], float]:
     return {key: sum(v) / len(v) for key, v in cell_values(rows).items()}
 
 
+def cell_scores(rows: list[dict]) -> dict[tuple[str, str, str, float], dict[tuple[str, str], float]]:
+    """``{(task, metric, method, ratio): {(context_id, question_id): score}}``, the questions in sorted order.
+
+    A question is identified by its context and its id together (the needle ids ``needle-0.2`` ... repeat in every
+    document); a question with two rows keeps the last one. Sorted, so that a cell's interval does not depend on the
+    order in which a (batched, resumed) run wrote its rows.
+    """
+    scores = defaultdict(dict)
+    for row in rows:
+        for metric, value in row["scores"].items():
+            scores[(row["task"], metric, row["method"], float(row["ratio"]))][
+                (str(row["context_id"]), str(row["question_id"]))] = float(value)
+    return {key: dict(sorted(cell.items())) for key, cell in scores.items()}
+
+
+def _clustered_cell(scores: dict[tuple[str, str], float], seed: int) -> Cell:
+    values, contexts = list(scores.values()), [cid for cid, _ in scores]
+    lo, hi = cluster_bootstrap_interval(values, contexts, seed=seed)
+    return Cell(sum(values) / len(values), lo, hi, len(values), len(set(contexts)))
+
+
 def cell_stats(rows: list[dict], seed: int = 0) -> dict[tuple[str, str, str, float], Cell]:
-    """``{(task, metric, method, ratio): Cell}``: mean and 95% percentile-bootstrap interval over questions."""
-    return {key: Cell(sum(v) / len(v), *bootstrap_interval(v, seed=seed), len(v))
-            for key, v in cell_values(rows).items()}
+    """``{(task, metric, method, ratio): Cell}``: the mean over the cell's questions and its 95% percentile-bootstrap
+    interval resampling contexts (`cluster_bootstrap_interval`: the questions of a context are not independent)."""
+    return {key: _clustered_cell(scores, seed) for key, scores in cell_scores(rows).items()}
+
+
+def _cell_ratio(method: str, ratio: float) -> float:
+    # "full" never evicts: its one value (ratio 1.0) holds for every ratio
+    return 1.0 if _base_method(method) == "full" else ratio
 
 
 def _method_value(cells: dict, task: str, metric: str, method: str, ratio: float):
-    # "full" never evicts: its one value (ratio 1.0) holds for every ratio
-    return cells.get((task, metric, method, 1.0 if _base_method(method) == "full" else ratio))
+    return cells.get((task, metric, method, _cell_ratio(method, ratio)))
+
+
+def paired_reference(config: EvalConfig) -> str:
+    """The method the paired differences are taken against: ``config.paired_reference``, else ``kvzip`` when the run
+    has it, else ``full``, else the first method."""
+    if config.paired_reference is not None:
+        return config.paired_reference
+    return next((m for m in ("kvzip", "full") if m in config.methods), config.methods[0])
+
+
+def paired_stats(rows: list[dict], reference: str, ratios: list[float],
+                 seed: int = 0) -> dict[tuple[str, str, str, float], Cell]:
+    """``{(task, metric, method, ratio): Cell}`` of ``method - reference`` on the questions both answered.
+
+    For every method of ``rows`` but ``reference`` and every ratio of ``ratios`` (``full``'s ratio-1.0 rows stand for
+    every ratio, on either side), the two methods' scores are matched by (context id, question id), questions only
+    one of them answered are left out, and the Cell holds the mean per-question difference with its
+    context-clustered 95% interval (`paired_difference`); ``n`` and ``contexts`` count the matched questions. A
+    difference whose interval excludes 0 is one the questions can tell apart. Cells with no matched question are
+    absent.
+    """
+    scores = cell_scores(rows)
+    groups = sorted({(task, metric) for task, metric, _, _ in scores})
+    methods = sorted({method for _, _, method, _ in scores} - {reference})
+    paired = {}
+    for task, metric in groups:
+        for method in methods:
+            for ratio in ratios:
+                mine = _method_value(scores, task, metric, method, ratio)
+                theirs = _method_value(scores, task, metric, reference, ratio)
+                if mine is None or theirs is None:
+                    continue
+                shared = [key for key in mine if key in theirs]  # sorted, as `cell_scores` sorts
+                if not shared:
+                    continue
+                mean, lo, hi = paired_difference([mine[k] for k in shared], [theirs[k] for k in shared],
+                                                 [cid for cid, _ in shared], seed=seed)
+                paired[(task, metric, method, float(ratio))] = Cell(mean, lo, hi, len(shared),
+                                                                    len({cid for cid, _ in shared}))
+    return paired
+
+
+def _count(cells: list[Cell | None], attr: str) -> str:
+    counts = sorted({getattr(c, attr) for c in cells if c is not None})
+    return "" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def summary_markdown(rows: list[dict], config: EvalConfig) -> str:
-    """A table per task and metric: methods x ratios, ``mean [lo, hi]`` (95% bootstrap interval over questions)
-    and the questions per cell (``full`` = no eviction, repeated)."""
+    """A table per task and metric: methods x ratios, ``mean [lo, hi]`` (95% bootstrap interval resampling
+    contexts), the questions ``n`` and the ``contexts`` per cell (``full`` = no eviction, repeated); then the paired
+    table: each method minus the reference (`paired_reference`) on the same questions, with its context-clustered
+    95% interval."""
     cells = cell_stats(rows, config.seed)
     ratios = sorted(set(config.ratios), reverse=True)
+    reference = paired_reference(config)
+    paired = paired_stats(rows, reference, ratios, config.seed)
     lines = [f"# KV cache compression eval: {config.model}", "",
              "ratio = fraction of context KV pairs kept; query-agnostic (compressed once per context, all questions "
-             "asked from the same cache); `full` keeps everything. Cells: mean [95% bootstrap interval over "
-             "questions]; n = questions per cell.", ""]
+             "asked from the same cache); `full` keeps everything. Cells: mean [95% bootstrap interval resampling "
+             "contexts, since a context's questions share its cache]; n = questions and contexts = contexts per "
+             "cell.", "",
+             f"Paired tables: each method minus `{reference}` on the same questions (matched by context and "
+             "question): mean difference [95% interval resampling contexts]. An interval that excludes 0 is a "
+             "difference these questions can tell apart.", ""]
     if config.decode_ratios:
         lines += [f"`<method> +decode <r>`: the same, and the answer too is compressed while it is generated "
                   f"(`evict_while_decoding`, score predictor, window {config.decode_window}): every "
                   f"{config.decode_window} tokens the oldest ones of the question and answer keep a fraction r of "
                   "their pairs.", ""]
+    header = " | ".join(f"{r:g}" for r in ratios)
     for task in config.tasks:
         for metric in task_metrics(task):
             n = sum(1 for r in rows if r["task"] == task and r["method"] == config.methods[0])
             lines += [f"## {task} — {metric} ({n} rows per method)", "",
-                      "| method | n | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-                      "|---|---:|" + "---:|" * len(ratios)]
+                      f"| method | n | contexts | {header} |", "|---|---:|---:|" + "---:|" * len(ratios)]
             for method in labels(config):
                 row = [_method_value(cells, task, metric, method, r) for r in ratios]
-                counts = sorted({c.n for c in row if c is not None})
-                count = "" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-                lines.append(f"| {method} | {count} | " + " | ".join(
+                lines.append(f"| {method} | {_count(row, 'n')} | {_count(row, 'contexts')} | " + " | ".join(
                     "" if c is None else f"{c.mean:.3f} [{c.lo:.3f}, {c.hi:.3f}]" for c in row) + " |")
+            lines.append("")
+            others = [m for m in labels(config) if m != reference]
+            if not others:
+                continue
+            lines += [f"### {task} — {metric}: paired difference vs {reference}, context-clustered 95% interval", "",
+                      f"| method − {reference} | n | contexts | {header} |",
+                      "|---|---:|---:|" + "---:|" * len(ratios)]
+            for method in others:
+                row = [paired.get((task, metric, method, float(r))) for r in ratios]
+                lines.append(f"| {method} | {_count(row, 'n')} | {_count(row, 'contexts')} | " + " | ".join(
+                    "" if c is None else f"{c.mean:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in row) + " |")
             lines.append("")
     return "\n".join(lines)
 
 
+def summary_json(rows: list[dict], config: EvalConfig) -> dict:
+    """What ``summary.json`` holds: the cells of `cell_stats` and the paired differences of `paired_stats`, one
+    record each, with how the intervals were made (``interval``).
+
+    ``cells``: ``{task, metric, method, ratio, mean, lo, hi, n, contexts}`` at the ratios the rows have (``full``:
+    1.0). ``paired``: the same fields plus ``reference``, ``mean`` being the mean of ``method - reference``, at the
+    run's ratios.
+    """
+    ratios = sorted(set(config.ratios), reverse=True)
+    reference = paired_reference(config)
+
+    def records(stats: dict, **extra) -> list[dict]:
+        return [{"task": task, "metric": metric, "method": method, **extra, "ratio": ratio, **asdict(cell)}
+                for (task, metric, method, ratio), cell in sorted(stats.items())]
+
+    return {
+        "model": config.model,
+        "interval": {"level": BOOTSTRAP_LEVEL, "resamples": BOOTSTRAP_RESAMPLES, "resampled": "contexts",
+                     "seed": config.seed},
+        "cells": records(cell_stats(rows, config.seed)),
+        "reference": reference,
+        "paired": records(paired_stats(rows, reference, ratios, config.seed), reference=reference),
+    }
+
+
 def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
-    """Score vs ratio, one line per method with its 95% bootstrap interval as a band, one panel per (task,
-    metric)."""
+    """Score vs ratio, one line per method with its 95% interval (bootstrap resampling contexts) as a band, one panel
+    per (task, metric)."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -439,7 +565,7 @@ def plot(rows: list[dict], config: EvalConfig, path: Path) -> None:
                     ax.errorbar(xs, [c.mean], yerr=[[c.mean - c.lo], [c.hi - c.mean]], color=line.get_color(),
                                 capsize=3)
         ax.set(title=f"{Path(task).name if is_user_task(task) else task} ({config.model})",
-               xlabel="ratio (fraction of KV pairs kept)", ylabel=f"{metric} (95% bootstrap interval)",
+               xlabel="ratio (fraction of KV pairs kept)", ylabel=f"{metric} (95% interval over contexts)",
                ylim=(-0.05, 1.05))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
