@@ -153,9 +153,26 @@ def hidden_from_keep(keep: torch.Tensor, mask, starts, layers, total: int) -> di
 
 
 @torch.no_grad()
-def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question):
+def top_among(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``[L, B, H, n]`` bool: per row, ``floor(ratio * n + 0.5)`` pairs (``n``: the row's non-NaN scores), the best of
+    the ``candidates`` (earlier index first on ties): a budget carried over everything rated so far."""
+    keep = torch.zeros_like(candidates)
+    for row in range(scores.shape[1]):
+        flat, allowed = scores[:, row].flatten(), candidates[:, row].flatten() & ~torch.isnan(scores[:, row].flatten())
+        k = math.floor(ratio * int((~torch.isnan(flat)).sum()) + 0.5)
+        order = sorted((i for i in range(flat.numel()) if allowed[i]), key=lambda i: (-float(flat[i]), i))
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[order[:k]] = True
+        keep[:, row] = chosen.view(keep[:, row].shape)
+    return keep
+
+
+def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question, carry=False):
     """A prefill that, after every chunk, rates the chunk's context pairs, keeps the top ``ratio`` per row and hides
-    the rest from all later tokens. Returns ``(keep [L, B, H, S - min(starts)], logits of the question)``."""
+    the rest from all later tokens. Returns ``(keep [L, B, H, S - min(starts)], logits of the question)``.
+
+    ``carry``: instead, after every chunk the top ``ratio`` of ALL pairs rated so far are kept among those not hidden
+    yet (each with the score it got when its chunk was rated); the others are hidden from then on."""
     batch, seq = ids.shape
     config = reference.config
     layers, heads = full_layers(config), config.num_key_value_heads
@@ -166,6 +183,7 @@ def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question)
     dense = DynamicCache()  # full layers: sliding windows are the reference attention's business
     base = int(starts.min())
     keep = torch.zeros(config.num_hidden_layers, batch, heads, seq - base, dtype=torch.bool)
+    rated = torch.full(keep.shape, float("nan"))
     try:
         for lo in range(0, seq, chunk):
             hi = min(lo + chunk, seq)
@@ -173,11 +191,21 @@ def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question)
             reference(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi].clamp(min=0),
                       past_key_values=dense, use_cache=True)
             selectable = mask[:, lo:hi].bool() & in_context[:, lo:hi]
-            chunk_keep = top_pairs(rate_span(rate, dense, layers, config.num_hidden_layers, slice(lo, hi),
-                                             positions[:, lo:hi], selectable), ratio)
+            chunk_scores = rate_span(rate, dense, layers, config.num_hidden_layers, slice(lo, hi), positions[:, lo:hi],
+                                     selectable)
+            first = max(lo, base)
+            if carry:
+                rated[..., first - base : hi - base] = chunk_scores[..., first - lo :]
+                held = keep[..., : hi - base].clone()
+                held[..., first - base :] = True
+                keep[..., : hi - base] = top_among(rated[..., : hi - base], held, ratio)
+                for i in layers:
+                    hidden[i][:, :, base:hi] = ~keep[i, :, :, : hi - base] & (mask[:, base:hi].bool()
+                                                                              & in_context[:, base:hi])[:, None, :]
+                continue
+            chunk_keep = top_pairs(chunk_scores, ratio)
             for i in layers:
                 hidden[i][:, :, lo:hi] = ~chunk_keep[i] & selectable[:, None, :]
-            first = max(lo, base)
             keep[..., first - base : hi - base] = chunk_keep[..., first - lo :]
         HIDDEN_PAIRS.update(hidden)
         out = reference(input_ids=question, attention_mask=full_mask, position_ids=positions[:, seq:],

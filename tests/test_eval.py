@@ -240,8 +240,9 @@ def test_head_sweeps_keep_whole_heads_ranked_by_their_best_pair(method, monkeypa
 
 # ------------------------------------------------------------------------------ kvzip+ and predicted methods
 def test_new_methods_are_listed_and_predicted_ones_are_opt_in():
-    assert {"kvzip+", "predicted", "predicted-prefill"} <= set(methods.METHODS)
-    assert set(methods.DEFAULT_METHODS) == set(methods.METHODS) - {"predicted", "predicted-prefill"}
+    assert {"kvzip+", "predicted", "predicted-prefill", "predicted-prefill-carry"} <= set(methods.METHODS)
+    assert set(methods.DEFAULT_METHODS) == set(methods.METHODS) - {"predicted", "predicted-prefill",
+                                                                   "predicted-prefill-carry"}
     assert EvalConfig().methods == list(methods.DEFAULT_METHODS) and EvalConfig().predictor is None
     config = parse_args(["--out", "x", "--methods", "kvzip+", "predicted", "--predictor", "p.safetensors"])
     assert config.methods == ["kvzip+", "predicted"] and config.predictor == "p.safetensors"
@@ -306,6 +307,12 @@ def test_predicted_prefill_evicts_while_prefilling_at_each_ratio(monkeypatch):
         assert torch.equal(direct.keep_mask, cache.keep_mask)
         sizes.append(cache.kv_bytes())
     assert sizes[0] > sizes[1] > sizes[2]  # ratios 1.0, 0.5, 0.25
+    for ratio in sweep("predicted-prefill-carry", model, ByteTokenizer(), cache, [0.5], predictor=predictor):
+        direct = KVzipCache(model)
+        direct.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=ratio,
+                       budget="carry")
+        assert torch.equal(direct.keep_mask, cache.keep_mask)  # the carried budget: one top-k over all seen
+        assert _row_counts(cache) == [kept_count(ratio, int(n) * pairs) for n in context.sum(dim=1)]
 
 
 class _DecodingTokenizer(ByteTokenizer):
@@ -334,6 +341,10 @@ def test_run_eval_with_predicted_methods_writes_rows(monkeypatch, tmp_path):
     counts = {m: sum(r["method"] == m for r in rows) for m in config.methods}
     assert counts == {"full": 2, "predicted": 4, "predicted-prefill": 4}  # 2 contexts x 1 question x ratios
     assert "| predicted-prefill |" in (tmp_path / "out" / "summary.md").read_text()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reference"] == "full"  # no kvzip in the run
+    assert {(p["method"], p["ratio"], p["n"], p["contexts"]) for p in summary["paired"]} == {
+        (m, r, 2, 2) for m in ("predicted", "predicted-prefill") for r in (1.0, 0.5)}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["predictor"] == config.predictor
 
 

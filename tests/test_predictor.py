@@ -16,7 +16,7 @@ from conftest import ARCHS, ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.scorers.rotary import rotary_tables, unrotate
 from kvzip_cache.selection import kept_count, select_pairs
-from kvzip_cache.tools.training import collect_samples, evaluate_predictor, fit_predictor
+from kvzip_cache.tools.training import collect_dataset, evaluate_predictor, fit_predictor
 from references import evicting_prefill, held_bytes, predictor_rating, top_pairs, unrotate64
 
 
@@ -159,20 +159,31 @@ def test_level_predicted_is_pair_level_with_the_predictor():
 
 
 # --------------------------------------------------------------------------------- eviction while prefilling
+@pytest.mark.parametrize("budget", ["chunk", "carry"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch):
+def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch, budget):
+    """budget "chunk": each chunk keeps ratio x its own pairs; "carry": after each chunk, ratio x every pair rated so
+    far, chosen among those still held. A float64 reference that hides pairs from then on gives the same keep mask
+    and question logits, and the two budgets select differently (so the test tells them apart)."""
     model, reference = make_pair(arch)
     predictor = ScorePredictor.init(model, "mlp", seed=7)
     gen = torch.Generator().manual_seed(11)
     ids, mask, starts = _batch(gen)
     question = torch.randint(3, 120, (2, 5), generator=gen)
     cache = KVzipCache(model)
-    cache.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=0.5)
-    expected_keep, expected = evicting_prefill(reference, predictor_rating(predictor, reference), ids, mask, starts, 8,
-                                               0.5, question)
+    cache.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=0.5, budget=budget)
+    rate = predictor_rating(predictor, reference)
+    expected_keep, expected = evicting_prefill(reference, rate, ids, mask, starts, 8, 0.5, question,
+                                               carry=budget == "carry")
 
     assert cache.compressed_with == ("pair", 0.5) and cache.score_source == "predicted"
     assert torch.equal(cache.keep_mask, expected_keep)
+    if budget == "carry":
+        selectable = cache.selectable_pairs()
+        for row in range(2):  # ratio x everything seen, exactly, as a one-shot selection would keep
+            assert int(cache.keep_mask[:, row].sum()) == kept_count(0.5, int(selectable[:, row].sum()))
+        per_chunk, _ = evicting_prefill(reference, rate, ids, mask, starts, 8, 0.5, question)
+        assert not torch.equal(per_chunk, expected_keep)
     # every chunk keeps round(0.5 x its selectable pairs) per row: the full cache never existed
     full = KVzipCache(model)
     full.prefill(model, ids, mask, context_start=starts)
@@ -190,6 +201,19 @@ def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch):
             post_hoc = model(input_ids=question, attention_mask=inputs["attention_mask"], position_ids=positions,
                              past_key_values=full).logits
         assert (post_hoc.double() - got.double()).abs().max() > 1e-3
+
+
+def test_a_carried_budget_is_refused_where_it_means_nothing():
+    model, _ = make_pair("llama")
+    ids = torch.randint(3, 120, (1, 20))
+    cache = KVzipCache(model)
+    with pytest.raises(ValueError, match="scorer= and ratio="):
+        cache.prefill(model, ids, budget="carry")
+    with pytest.raises(ValueError, match="choose one of"):
+        cache.prefill(model, ids, scorer=ScorePredictor.init(model, "linear"), ratio=0.5, budget="global")
+    with pytest.raises(ValueError, match="level 'head'"):
+        cache.prefill(model, ids, scorer=ScorePredictor.init(model, "linear"), ratio=0.5, level="head", budget="carry")
+    assert cache.input_ids is None and cache.get_seq_length() == 0
 
 
 def test_an_evicting_prefill_holds_at_most_the_kept_pairs_and_one_chunk():
@@ -274,14 +298,14 @@ def test_an_evicting_prefill_serves_generate_rollback_make_static_and_a_second_c
 def _samples(model):
     gen = torch.Generator().manual_seed(5)
     texts = ["".join(chr(65 + int(c)) for c in torch.randint(0, 26, (n,), generator=gen)) for n in (40, 50, 45)]
-    return collect_samples(model, ByteTokenizer(), texts, progress=False)
+    return collect_dataset(model, ByteTokenizer(), texts, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_training_is_deterministic_and_fits_the_exact_scores(kind):
     model, _ = make_pair("qwen3")
     samples = _samples(model)
-    options = dict(epochs=20, batch_size=16, progress=False)
+    options = dict(steps=60, window=16, windows_per_step=8, progress=False) if kind == "mlp" else dict(progress=False)
     first = fit_predictor(samples, ScorePredictor.init(model, kind), **options)
     second = fit_predictor(samples, ScorePredictor.init(model, kind), **options)
     for idx in first.layers:

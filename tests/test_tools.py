@@ -14,13 +14,13 @@ TEXTS = [" ".join(f"word{i}x{j}" for j in range(9)) for i in range(5)]
 def test_training_on_given_texts_holds_out_the_last_quarter(monkeypatch):
     model, _ = make_pair("llama")
     collected = []
-    original = training.collect_samples
+    original = training.collect_dataset
 
     def recording(model, tokenizer, texts, **kwargs):
         collected.append(list(texts))
         return original(model, tokenizer, texts, **kwargs)
 
-    monkeypatch.setattr(training, "collect_samples", recording)
+    monkeypatch.setattr(training, "collect_dataset", recording)
     predictor = train_score_predictor(model, ByteTokenizer(), TEXTS, kind="linear", progress=False)
     assert collected == [TEXTS[:4], TEXTS[4:]]  # 5 texts: 4 to train on, the last one held out
     assert predictor.training["texts"] == 4 and set(predictor.metrics) >= {"mean_r2", "overlap"}
@@ -36,9 +36,9 @@ def test_missing_default_data_fails_before_any_scoring(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("scored before the held-out texts were found")
 
-    monkeypatch.setattr(training, "heldout_texts", missing)
-    monkeypatch.setattr(training, "training_texts", lambda tokenizer: TEXTS)
-    monkeypatch.setattr(training, "collect_samples", never)
+    monkeypatch.setattr(training, "heldout_corpus", missing)
+    monkeypatch.setattr(training, "training_corpus", lambda tokenizer: [("text", t) for t in TEXTS])
+    monkeypatch.setattr(training, "collect_dataset", never)
     with pytest.raises(ModuleNotFoundError, match="long_context_eval"):
         train_score_predictor(model, ByteTokenizer(), kind="linear", progress=False)
 

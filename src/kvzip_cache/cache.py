@@ -35,7 +35,7 @@ from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture
                      check_window, dense_rows_changed_error, no_new_tokens_error)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
-from .eviction import DecodeEviction, PrefillEviction, position_ids
+from .eviction import BUDGETS, DecodeEviction, PrefillEviction, position_ids
 from .fingerprints import attention_module_ids, weight_digests
 from .layers import KVzipLayer, KVzipSlidingLayer
 from .parallel import TensorParallel, tensor_parallel_of
@@ -303,6 +303,7 @@ class KVzipCache(Cache):
         level: str | None = None,
         head_scores=None,
         predictor=None,
+        budget: str = "chunk",
     ) -> None:
         """Fill the cache with ``[protected prefix | context]``, ``chunk_size`` tokens per forward pass.
 
@@ -328,14 +329,17 @@ class KVzipCache(Cache):
             level: with ``scorer``: the selection within each chunk; default the scorer's ``level``.
             head_scores: the same as ``scorer=head_scores`` (drops whole heads chunk by chunk).
             predictor: the same as ``scorer=predictor``.
+            budget: with ``scorer``: ``"chunk"``: each chunk keeps ``ratio`` of its own pairs; ``"carry"``: after
+                each chunk, ``ratio`` of all pairs seen so far are re-selected among those still held, so budget moves
+                from sparse chunks to dense later ones (pair levels; `kvzip_cache.eviction`). Same memory bound.
         """
         spec = _one_scorer("prefill()", scorer=scorer, predictor=predictor, head_scores=head_scores)
         check_ranks(self.tensor_parallel, model, "prefill()", input_ids, context_start, chunk_size, ratio, str(level),
-                    scorer_label(spec))
+                    scorer_label(spec), budget)
         mask, starts = agree_on_checks(self.tensor_parallel, model, "prefill()",
                                        lambda: self._check_prefill(model, input_ids, attention_mask, context_start,
                                                                    chunk_size))
-        eviction = self._prefill_eviction(model, spec, ratio, level, mask, starts)
+        eviction = self._prefill_eviction(model, spec, ratio, level, mask, starts, budget)
         digests = weight_digests(model)
         try:
             for lo in range(0, input_ids.shape[1], chunk_size):
@@ -355,9 +359,13 @@ class KVzipCache(Cache):
                              f"prefill is kept); call prefill() again{hint}")
             raise
 
-    def _prefill_eviction(self, model, spec, ratio, level, mask, starts) -> PrefillEviction | None:
+    def _prefill_eviction(self, model, spec, ratio, level, mask, starts, budget) -> PrefillEviction | None:
         """The per-chunk eviction step of a prefill with a scorer (None without one); checks its arguments first."""
+        if budget not in BUDGETS:
+            raise ValueError(f"prefill(budget={budget!r}): choose one of {BUDGETS}")
         if spec is None and ratio is None:
+            if budget != "chunk":
+                raise ValueError("prefill(budget=...) applies to eviction while prefilling: pass scorer= and ratio= too")
             return None
         if spec is None:
             raise ValueError("prefill(ratio=...) evicts while filling and needs scorer=...: a layer scorer such as a "
@@ -369,8 +377,11 @@ class KVzipCache(Cache):
             raise ValueError("every layer of this model uses sliding-window attention: there is nothing to evict")
         scorer = _layer_scorer(resolve_scorer(spec, model), "prefill()")
         level = check_level(level or scorer_level(scorer), LEVELS, "prefill()")
+        if budget == "carry" and level == "head":
+            raise ValueError("prefill(budget='carry') re-selects pairs across chunks; at level 'head' use "
+                             "budget='chunk'")
         return PrefillEviction(scorer, ratio, level, mask, starts, len(self.layers), self.num_kv_heads,
-                               self.compressible_layers, self.tensor_parallel)
+                               self.compressible_layers, self.tensor_parallel, budget)
 
     def _forward(self, model, input_ids: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> None:
         """One prefill forward of positions ``[lo, hi)``, attending to everything cached before them."""

@@ -8,11 +8,18 @@ one eviction path (`KVzipCache.keep_pairs`).
 rates the chunk's context pairs from the keys and values the cache now holds, a top-k keeps ``r`` of them, and the
 layers free the rest before the next chunk arrives.
 
-Why the budget is spread per chunk: within a chunk one top-k over layers x heads x positions gives the same
-non-uniform budgets as pair-level KVzip (when the scores are on one scale, as the predictor's log scores are);
-across chunks, a global threshold would need the scores of chunks not seen yet, and could not bound memory. A fixed
-share per chunk guarantees peak KV <= ratio x full + one chunk, at the cost of a selection that cannot move budget
-between chunks (compress-after-prefill can). A layer that has dropped nothing yet (a head-level selection that keeps
+Two budgets (``budget=``), both holding peak KV <= ratio x full + one chunk:
+
+- ``"chunk"`` (default): each chunk keeps ``ratio`` of its own pairs. Within a chunk one top-k over layers x heads x
+  positions gives the same non-uniform budgets as pair-level KVzip (the predictor's log scores are on one scale),
+  but budget cannot move between chunks: a fact-dense chunk loses pairs that a sparse one wastes.
+- ``"carry"``: after each chunk, one top-k re-selects ``ratio`` of every context pair seen so far among those still
+  held (the earlier chunks' survivors and the new chunk), by the scores each got when its chunk was rated; pairs
+  kept earlier can lose their place to better ones later. The kept set can only shrink toward the past, never grow
+  back (an evicted pair is gone), so the result is not compress-after-prefill's selection, but budget flows from
+  sparse chunks to dense ones that come later. Pair levels only.
+
+A global threshold over the whole context would need the scores of chunks not seen yet and could not bound memory. A layer that has dropped nothing yet (a head-level selection that keeps
 all its heads) stays dense, and so is attended to densely, until it first drops a pair.
 
 `DecodeEviction` does the same for the tokens appended after the context (question, answer, later turns): set by
@@ -31,7 +38,9 @@ import torch
 
 from .parallel import TensorParallel
 from .scorers.base import LayerScorer, rate_layers
-from .selection import select
+from .selection import select, select_among
+
+BUDGETS = ("chunk", "carry")
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -70,6 +79,7 @@ class PrefillEviction:
         num_kv_heads: its KV heads per layer (all ranks).
         full_layers: the layers that are scored and evicted.
         parallel: the cache's tensor-parallel layout, or None.
+        budget: ``"chunk"`` or ``"carry"`` (see the module docstring).
 
     Attributes:
         scores: ``[L, B, H, S - min(context_start)]`` float32 scores of every context pair (NaN where not
@@ -78,8 +88,13 @@ class PrefillEviction:
     """
 
     def __init__(self, scorer: LayerScorer, ratio: float, level: str, mask: torch.Tensor, starts: torch.Tensor,
-                 num_layers: int, num_kv_heads: int, full_layers: list[int], parallel: TensorParallel | None) -> None:
-        self.scorer, self.ratio, self.level = scorer, ratio, level
+                 num_layers: int, num_kv_heads: int, full_layers: list[int], parallel: TensorParallel | None,
+                 budget: str = "chunk") -> None:
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown prefill budget {budget!r}; choose one of {BUDGETS}")
+        if budget == "carry" and level == "head":
+            raise ValueError("budget='carry' re-selects pairs across chunks; at level 'head' use budget='chunk'")
+        self.scorer, self.ratio, self.level, self.budget = scorer, ratio, level, budget
         self.mask, self.starts, self.layers, self.parallel = mask, starts, full_layers, parallel
         self.positions = position_ids(mask)
         self.base = int(starts.min())
@@ -97,12 +112,16 @@ class PrefillEviction:
         in_context = columns[None, :] >= self.starts[:, None]
         scores = rate_pairs(self.scorer, cache.dense_pairs(lo, hi - lo), self.positions[:, lo:hi], real & in_context,
                             len(self.scores), self.parallel)
-        keep = select(scores, self.ratio, self.level)
         prefix = (real & ~in_context)[:, None, :]  # protected prefix: always kept; padding: never
-        chunk_keep = {idx: keep[idx] | prefix for idx in self.layers}
         first = max(lo, self.base)
         if first < hi:
             self.scores[..., first - self.base : hi - self.base] = scores[..., first - lo :]
+        if self.budget == "carry":
+            self._carry(cache, lo, hi)
+            return
+        keep = select(scores, self.ratio, self.level)
+        chunk_keep = {idx: keep[idx] | prefix for idx in self.layers}
+        if first < hi:
             self.keep_mask[..., first - self.base : hi - self.base] = keep[..., first - lo :]
         dropping = {idx for idx in self._dense if bool((~chunk_keep[idx] & real[:, None, :]).any())}
         self._dense -= dropping
@@ -111,6 +130,25 @@ class PrefillEviction:
         if dropping:  # a dense layer drops its first pairs: it keeps every real pair before this chunk
             cache.keep_pairs({idx: torch.cat([self.kept_before(lo, keep.shape[2]), chunk_keep[idx]], dim=-1)
                               for idx in dropping}, start=0)
+
+    def _carry(self, cache, lo: int, hi: int) -> None:
+        """``budget="carry"``: re-select ``ratio`` of every context pair seen so far among those still held."""
+        first = max(lo, self.base)
+        held = self.keep_mask[..., : hi - self.base].clone()
+        held[..., first - self.base :] = True  # the new chunk competes whole
+        keep = select_among(self.scores[..., : hi - self.base], held, self.ratio, self.level)  # [L, B, H, hi - base]
+        self.keep_mask[..., : hi - self.base] = keep
+        columns = torch.arange(hi, device=keep.device)
+        protected = self.kept_before(hi, keep.shape[2]) & (columns[None, :] < self.starts[:, None])[:, None, :]
+
+        def padded(layer_keep: torch.Tensor) -> torch.Tensor:  # [B, H, hi - base] -> [B, H, hi], prefix kept
+            return torch.cat([protected[..., : self.base], protected[..., self.base :] | layer_keep], dim=-1)
+
+        ragged = [idx for idx in self.layers if idx not in self._dense]
+        if ragged:  # the chunk joins the ragged store (what survives of it)
+            cache.keep_pairs({idx: padded(keep[idx])[..., lo:] for idx in ragged}, start=lo)
+        cache.keep_pairs({idx: padded(keep[idx]) for idx in self.layers}, start=0)  # earlier pairs that lost: freed
+        self._dense.clear()
 
     def finish(self, cache) -> None:
         """Make the layers that never dropped a pair ragged too (the cache is then compressed throughout)."""

@@ -40,11 +40,29 @@ def select_pairs(scores: torch.Tensor, ratio: float, level: str = "pair") -> tor
         ``[L, B, H, C]`` bool: exactly ``round(ratio * n)`` True per row for "pair" (n = selectable pairs of the row),
         ``round(ratio * c)`` per (layer, head) for "pair-uniform" (c = selectable positions of the row).
     """
+    return select_among(scores, ~torch.isnan(scores), ratio, level)
+
+
+def select_among(scores: torch.Tensor, candidates: torch.Tensor, ratio: float, level: str = "pair") -> torch.Tensor:
+    """Keep as many pairs as `select_pairs` of ``scores`` would, but choose them only among ``candidates``.
+
+    What a budget carried across prefill chunks needs: ``ratio`` of every pair rated so far, among those still held.
+
+    Args:
+        scores: ``[L, B, H, C]`` float, NaN = not selectable (the budget counts every non-NaN entry).
+        candidates: ``[L, B, H, C]`` bool, the pairs that may be kept.
+        ratio: fraction of the selectable pairs kept, in (0, 1].
+        level: ``"pair"`` or ``"pair-uniform"`` (see `select_pairs`).
+
+    Returns:
+        ``[L, B, H, C]`` bool, True only on selectable candidates (fewer than the budget if they are too few).
+    """
     num_layers, batch, num_heads, length = scores.shape
     valid = ~torch.isnan(scores)
+    ranked = scores.masked_fill(~candidates, float("nan"))
     keep = torch.zeros_like(valid)
     for row in range(batch):
-        row_scores = scores[:, row]
+        row_scores = ranked[:, row]
         if level == "pair":
             k = kept_count(ratio, int(valid[:, row].sum()))
             keep[:, row] = _top_mask(row_scores.flatten(), k).view(num_layers, num_heads, length)
@@ -57,7 +75,7 @@ def select_pairs(scores: torch.Tensor, ratio: float, level: str = "pair") -> tor
             keep[:, row] = _top_mask(row_scores, k) & valid[:, row]
         else:
             raise ValueError(f"unknown pair level {level!r}; choose one of {LEVELS}")
-    return keep & valid
+    return keep & valid & candidates
 
 
 def select(scores: torch.Tensor, ratio: float, level: str = "pair") -> torch.Tensor:

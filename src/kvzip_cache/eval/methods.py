@@ -8,7 +8,8 @@ scores), so every ratio costs one selection, not one scoring:
 - ``kvzip`` / ``kvzip-uniform``: reconstruction scores (``"kvzip"``) at level ``"pair"`` / ``"pair-uniform"``;
   ``kvzip+``: KVzip+ scores (KVzap's output-norm-weighted reconstruction attention).
 - ``predicted``: a trained `ScorePredictor` (no forward pass); ``predicted-prefill`` evicts while prefilling
-  (``prefill(scorer=predictor, ratio=...)``, ``PREDICTED_PREFILL_CHUNK`` tokens per chunk), a fresh prefill per ratio.
+  (``prefill(scorer=predictor, ratio=...)``, ``PREDICTED_PREFILL_CHUNK`` tokens per chunk), a fresh prefill per ratio;
+  ``predicted-prefill-carry`` does the same with the budget carried between chunks (``budget="carry"``).
 - ``kvzip-head``: whole KV heads (``ratio`` = fraction of heads), ranked by precomputed `HeadScores` when the run
   has them, else, per context, by each head's best KVzip pair score. ``kvzip-head-duo`` is the DuoAttention-style
   variant: the dropped heads keep their first ``DUO_SINK`` and last ``DUO_RECENT`` context tokens ("streaming
@@ -31,7 +32,8 @@ KVZIP_LEVELS = {"kvzip": "pair", "kvzip-uniform": "pair-uniform"}  # these two s
 KVZIP_PLUS = "kvzip+"
 BASELINES = ("random", "streaming", "snapkv", "h2o", "keydiff")
 HEAD_METHODS = ("kvzip-head", "kvzip-head-duo")
-PREDICTED_METHODS = ("predicted", "predicted-prefill")  # need a ScorePredictor
+PREFILL_BUDGETS = {"predicted-prefill": "chunk", "predicted-prefill-carry": "carry"}  # evict while prefilling
+PREDICTED_METHODS = ("predicted", *PREFILL_BUDGETS)  # need a ScorePredictor
 METHODS = ("full", *KVZIP_LEVELS, KVZIP_PLUS, *HEAD_METHODS, *PREDICTED_METHODS, *BASELINES)
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in PREDICTED_METHODS)  # what runs without a predictor
 
@@ -83,14 +85,14 @@ def sweep(
     if method == "full":
         yield 1.0
         return
-    if method == "predicted-prefill":
+    if method in PREFILL_BUDGETS:
         if predictor is None:
             raise ValueError(f"method {method!r} needs a ScorePredictor: sweep(..., predictor=...)")
         ids, mask, starts = cache.input_ids, cache.attention_mask, cache.context_start
         for ratio in ratios:
             cache.reset()
             cache.prefill(model, ids, mask, context_start=starts, chunk_size=PREDICTED_PREFILL_CHUNK,
-                          scorer=predictor, ratio=ratio)
+                          scorer=predictor, ratio=ratio, budget=PREFILL_BUDGETS[method])
             yield ratio
         return
     scorer, level = method_scorer(method, seed=seed, kvzip_scores=kvzip_scores, head_scores=head_scores,

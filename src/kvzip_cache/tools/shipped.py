@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from importlib.resources import files
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def model_label(spec: str) -> tuple[str, str]:
     if spec in PYPI_MODELS:
         return spec, PYPI_MODELS[spec].hub_id
     return Path(spec.rstrip("/")).name or spec, spec
+
+
+def write_report(path: str | Path | None, data: dict, indent: int = 2) -> None:
+    """Write a command's results as JSON to ``path`` (its folder created), if a path was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=indent) + "\n")
