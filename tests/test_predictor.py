@@ -216,11 +216,13 @@ def test_a_carried_budget_is_refused_where_it_means_nothing():
     assert cache.input_ids is None and cache.get_seq_length() == 0
 
 
-def test_an_evicting_prefill_holds_at_most_the_kept_pairs_and_one_chunk():
+@pytest.mark.parametrize("budget", ["chunk", "carry"])
+def test_an_evicting_prefill_holds_at_most_the_kept_pairs_and_one_chunk(budget):
     """What the cache's layers really allocate (every float storage they reference, not `kv_bytes`) is bounded at
     every step of a prefill that evicts: before a chunk runs, the pairs kept so far; while it runs, those plus the
     chunk's dense pairs; at the end, exactly the kept pairs. The bounds are counted here from the masks and the
-    ratio, and lie far below the full cache (which the test checks, so the bound can fail)."""
+    ratio, and lie far below the full cache (which the test checks, so the bound can fail). With the carried budget
+    the pairs kept so far are ratio x everything seen (re-selected), every layer ragged from the first chunk on."""
     model, _ = make_pair("llama")
     config = model.config
     layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, 16
@@ -242,13 +244,25 @@ def test_an_evicting_prefill_holds_at_most_the_kept_pairs_and_one_chunk():
             total += math.floor(ratio * layers * heads * selectable + 0.5) + layers * heads * (len(real) - selectable)
         kept.append(total)
         padding.append(layers * heads * int((mask[:, lo : lo + chunk] == 0).sum()))
+    if budget == "carry":  # after chunk c: ratio x every selectable pair seen so far, plus the prefix seen
+        seen_kept = []
+        for lo in range(chunk, seq + 1, chunk):
+            total = 0
+            for row in range(2):
+                real = [p for p in range(lo) if mask[row, p]]
+                selectable = sum(p >= int(starts[row]) for p in real)
+                total += math.floor(ratio * layers * heads * selectable + 0.5) + layers * heads * (len(real) - selectable)
+            seen_kept.append(total)
+        kept = [seen_kept[0]] + [b - a for a, b in zip(seen_kept, seen_kept[1:])]  # sum(kept[:c]) = seen_kept[c-1]
+        padding = [0] * len(padding)  # no layer stays dense (with its padding slots) after the first chunk
 
     cache = KVzipCache(model)
     seen = []
     hooks = [model.register_forward_pre_hook(lambda *args: seen.append(("before", held_bytes(cache)))),
              model.register_forward_hook(lambda *args: seen.append(("after", held_bytes(cache))))]
     try:
-        cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=ratio)
+        cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=ratio,
+                      budget=budget)
     finally:
         for hook in hooks:
             hook.remove()
