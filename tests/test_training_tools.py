@@ -115,6 +115,8 @@ def test_rank_training_orders_a_hidden_rule_better_than_chance():
     exact = select_pairs(targets.permute(0, 2, 1)[:, None], 0.3, "pair-uniform")
     kept = select_pairs(pred.permute(0, 2, 1)[:, None], 0.3, "pair-uniform")
     assert float((exact & kept).sum()) / float(exact.sum()) > 0.7
+    with pytest.raises(ValueError, match="at least 2 context tokens"):
+        fit_mlp(features[:, :201], targets[:, :201], torch.tensor([0, 200, 201]), hidden=4, steps=1)
 
 
 # ------------------------------------------------------------------------------------------------------- diagnosis

@@ -179,7 +179,11 @@ def fit_mlp(features: torch.Tensor, targets: torch.Tensor, bounds: torch.Tensor,
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    window = min(window, int((bounds[1:] - bounds[:-1]).min()))
+    shortest = int((bounds[1:] - bounds[:-1]).min())
+    if shortest < 2:
+        raise ValueError(f"the MLP trains on windows of consecutive positions of one context; a training context holds "
+                         f"{shortest} position(s): give texts of at least 2 context tokens")
+    window = min(window, shortest)
     generator = torch.Generator().manual_seed(seed)
     mean = torch.stack([features[j].float().mean(dim=0) for j in range(len(features))])
     std = torch.stack([features[j].float().std(dim=0) for j in range(len(features))]).clamp(min=1e-6)
