@@ -345,6 +345,23 @@ def test_save_load_round_trip_keeps_weights_and_metadata(tmp_path):
     torch.testing.assert_close(loaded.predict(3, keys, values, cos, sin), predictor.predict(3, keys, values, cos, sin))
 
 
+def test_files_of_another_format_are_refused_with_what_to_do(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, _ = make_pair("llama")
+    path = ScorePredictor.init(model, "linear").save(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, str(tmp_path / "newer.safetensors"), metadata={**meta, "format": "kvzip-score-predictor/2"})
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={**meta, "format": "something-else"})
+    with pytest.raises(ValueError, match="format 'kvzip-score-predictor/2'.*install the kvzip-cache version"):
+        ScorePredictor.load(tmp_path / "newer.safetensors")
+    with pytest.raises(ValueError, match="not a kvzip-cache score predictor file"):
+        ScorePredictor.load(tmp_path / "other.safetensors")
+    assert ScorePredictor.load(path).kind == "linear"
+
+
 def test_shipped_predictors_load_by_short_name_and_know_their_model():
     from kvzip_cache import shipped_predictors
 

@@ -290,8 +290,13 @@ class ScorePredictor:
         """Read a file written by `save`."""
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a kvzip-cache score predictor file (format {meta.get('format')!r}, "
+            found = meta.get("format")
+            if found != _FORMAT:
+                if str(found).startswith(_FORMAT.split("/")[0] + "/"):
+                    raise ValueError(f"{path} is a score predictor of format {found!r}; this kvzip-cache reads "
+                                     f"{_FORMAT!r}: install the kvzip-cache version that wrote it, or retrain with "
+                                     "`python -m kvzip_cache.train_predictor`")
+                raise ValueError(f"{path} is not a kvzip-cache score predictor file (format {found!r}, "
                                  f"expected {_FORMAT!r})")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         hidden = int(meta["hidden"]) if meta.get("hidden") else None
