@@ -157,3 +157,7 @@ def test_a_tiny_model_dataset_packs_every_context_in_order():
     assert data.bounds.tolist() == [0, 10, 23] and data.layers == [1, 3] and data.sources == ["a", "b"]
     assert data.features.shape[:2] == (2, 23) and data.targets.shape == (2, 23, 2)
     assert bool(torch.isfinite(data.targets).all()) and data.head(10).tokens == 10 and data.head(5).tokens == 10
+    with pytest.raises(ValueError, match="one label per text"):
+        collect_dataset(model, ByteTokenizer(), ["abc", "def"], sources=["a"], progress=False)
+    with pytest.raises(ValueError, match="at least one text"):
+        collect_dataset(model, ByteTokenizer(), [], progress=False)

@@ -90,6 +90,10 @@ def collect_dataset(model, tokenizer, texts: list[str], *, target: str = "kvzip"
     """
     if features not in FEATURES:
         raise ValueError(f"unknown feature spec {features!r}; choose one of {FEATURES}")
+    if not texts:
+        raise ValueError("collect_dataset needs at least one text")
+    if sources is not None and len(sources) != len(texts):
+        raise ValueError(f"sources labels {len(sources)} texts, but {len(texts)} were given: one label per text")
     device = next(model.parameters()).device
     storage_dtype = storage_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     encoded = [encode_context(tokenizer, text) for text in texts]
