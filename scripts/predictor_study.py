@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from kvzip_cache import ScorePredictor
-from kvzip_cache.eval.tasks import hotpotqa_contexts, needle_contexts, squad_contexts
 from kvzip_cache.tools.fitting import fit_mlp, gather_features
 from kvzip_cache.tools.shipped import model_label
 from kvzip_cache.tools.training import (
-    OVERLAP_RATIOS, ScoreDataset, collect_dataset, evaluate_predictor, fit_predictor, training_corpus,
+    OVERLAP_RATIOS, ScoreDataset, collect_dataset, evaluate_predictor, fit_predictor, heldout_corpus,
+    training_corpus,
 )
 from kvzip_cache.zoo import load_model
 
@@ -35,14 +35,6 @@ VARIANTS = {
     "mlp-rank-previous": ("mlp", "rank", None, True),
     "mlp-censored": ("mlp", "censored", None, False),
 }
-
-
-def heldout(tokenizer, count: int, tokens: int, needle_tokens: int) -> list[tuple[str, str]]:
-    squad = squad_contexts(tokenizer, count, tokens)
-    hotpot = hotpotqa_contexts(tokenizer, count, tokens, max_questions=100)
-    needles = needle_contexts(tokenizer, count, needle_tokens)
-    return ([("squad", c.text) for c in squad] + [("hotpotqa", c.text) for c in hotpot]
-            + [("needles", c.text) for c in needles])
 
 
 def stack_predict(stack, data: ScoreDataset, previous: bool):
@@ -96,7 +88,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     hub_id = model_label(args.model)[1]
     corpus = training_corpus(tokenizer, args.tokens, **({"lengths": tuple(args.lengths)} if args.lengths else {}))
-    held = heldout(tokenizer, args.heldout, args.heldout_tokens, args.needle_tokens)
+    held = heldout_corpus(tokenizer, 3 * args.heldout, args.heldout_tokens, args.needle_tokens)
     t0 = time.perf_counter()
     train = collect_dataset(model, tokenizer, [t for _, t in corpus], sources=[s for s, _ in corpus],
                             desc="exact scores (train)")

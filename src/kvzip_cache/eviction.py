@@ -19,8 +19,9 @@ Two budgets (``budget=``), both holding peak KV <= ratio x full + one chunk:
   back (an evicted pair is gone), so the result is not compress-after-prefill's selection, but budget flows from
   sparse chunks to dense ones that come later. Pair levels only.
 
-A global threshold over the whole context would need the scores of chunks not seen yet and could not bound memory. A layer that has dropped nothing yet (a head-level selection that keeps
-all its heads) stays dense, and so is attended to densely, until it first drops a pair.
+A global threshold over the whole context would need the scores of chunks not seen yet and could not bound memory.
+A layer that has dropped nothing yet (a head-level selection that keeps all its heads) stays dense, and so is
+attended to densely, until it first drops a pair.
 
 `DecodeEviction` does the same for the tokens appended after the context (question, answer, later turns): set by
 `KVzipCache.evict_while_decoding`, it runs at the start of a forward pass, before any layer appends. Once the tail
@@ -79,7 +80,7 @@ class PrefillEviction:
         num_kv_heads: its KV heads per layer (all ranks).
         full_layers: the layers that are scored and evicted.
         parallel: the cache's tensor-parallel layout, or None.
-        budget: ``"chunk"`` or ``"carry"`` (see the module docstring).
+        budget: ``"chunk"`` or ``"carry"`` (see the module docstring; `KVzipCache.prefill` checks it).
 
     Attributes:
         scores: ``[L, B, H, S - min(context_start)]`` float32 scores of every context pair (NaN where not
@@ -90,10 +91,6 @@ class PrefillEviction:
     def __init__(self, scorer: LayerScorer, ratio: float, level: str, mask: torch.Tensor, starts: torch.Tensor,
                  num_layers: int, num_kv_heads: int, full_layers: list[int], parallel: TensorParallel | None,
                  budget: str = "chunk") -> None:
-        if budget not in BUDGETS:
-            raise ValueError(f"unknown prefill budget {budget!r}; choose one of {BUDGETS}")
-        if budget == "carry" and level == "head":
-            raise ValueError("budget='carry' re-selects pairs across chunks; at level 'head' use budget='chunk'")
         self.scorer, self.ratio, self.level, self.budget = scorer, ratio, level, budget
         self.mask, self.starts, self.layers, self.parallel = mask, starts, full_layers, parallel
         self.positions = position_ids(mask)
@@ -141,13 +138,13 @@ class PrefillEviction:
         columns = torch.arange(hi, device=keep.device)
         protected = self.kept_before(hi, keep.shape[2]) & (columns[None, :] < self.starts[:, None])[:, None, :]
 
-        def padded(layer_keep: torch.Tensor) -> torch.Tensor:  # [B, H, hi - base] -> [B, H, hi], prefix kept
-            return torch.cat([protected[..., : self.base], protected[..., self.base :] | layer_keep], dim=-1)
-
+        # [B, H, hi] per layer: the prefix and the kept context pairs, in the layers' padded positions
+        whole = {idx: torch.cat([protected[..., : self.base], protected[..., self.base :] | keep[idx]], dim=-1)
+                 for idx in self.layers}
         ragged = [idx for idx in self.layers if idx not in self._dense]
         if ragged:  # the chunk joins the ragged store (what survives of it)
-            cache.keep_pairs({idx: padded(keep[idx])[..., lo:] for idx in ragged}, start=lo)
-        cache.keep_pairs({idx: padded(keep[idx]) for idx in self.layers}, start=0)  # earlier pairs that lost: freed
+            cache.keep_pairs({idx: whole[idx][..., lo:] for idx in ragged}, start=lo)
+        cache.keep_pairs(whole, start=0)  # earlier pairs that lost their place: freed
         self._dense.clear()
 
     def finish(self, cache) -> None:

@@ -232,7 +232,7 @@ def train_score_predictor(model, tokenizer, texts: list[str] | None = None, *, k
         target: ``"kvzip"`` or ``"kvzip+"`` scores.
         features: the feature spec (`FEATURES`).
         eval_texts: held-out texts; default: with ``texts`` given, the last quarter of them is held out (at least
-            one, when there are two or more); without, SQuAD, HotpotQA and needle contexts (`heldout_texts`).
+            one, when there are two or more); without, SQuAD, HotpotQA and needle contexts (`heldout_corpus`).
             ``[]``: none.
         train_data: an already collected `ScoreDataset` instead of texts.
         eval_data: an already collected held-out `ScoreDataset` instead of ``eval_texts``.
@@ -293,23 +293,19 @@ def training_corpus(tokenizer, total_tokens: int = 32_768, **options) -> list[tu
     return corpus(tokenizer, total_tokens, **options)
 
 
-def heldout_corpus(tokenizer, num_texts: int = 9, tokens: int = 1000) -> list[tuple[str, str]]:
+def heldout_corpus(tokenizer, num_texts: int = 9, tokens: int = 1000,
+                   needle_tokens: int | None = None) -> list[tuple[str, str]]:
     """``[(source, text)]`` held out from training: SQuAD and HotpotQA contexts of the evaluation and its needle
-    documents, a third each, ~``tokens`` tokens each (the training corpus takes other SQuAD and HotpotQA items, and
-    plants its facts in other templates)."""
+    documents, a third each, ~``tokens`` tokens each (needle documents: ``needle_tokens``, default ``tokens``). The
+    training corpus takes other SQuAD and HotpotQA items, and plants its facts in other templates."""
     from ..eval.tasks import hotpotqa_contexts, needle_contexts, squad_contexts
 
     third = num_texts // 3
     squad = squad_contexts(tokenizer, num_texts - 2 * third, tokens)
     hotpot = hotpotqa_contexts(tokenizer, third, tokens, max_questions=100)
-    needles = needle_contexts(tokenizer, third, tokens)
+    needles = needle_contexts(tokenizer, third, needle_tokens or tokens)
     return [("squad", c.text) for c in squad] + [("hotpotqa", c.text) for c in hotpot] + [
         ("needles", c.text) for c in needles]
-
-
-def heldout_texts(tokenizer, num_texts: int = 9, tokens: int = 1000) -> list[str]:
-    """The texts of `heldout_corpus`."""
-    return [text for _, text in heldout_corpus(tokenizer, num_texts, tokens)]
 
 
 def compare_features(model, tokenizer, train_texts: list[str], eval_texts: list[str], kind: str = "linear",
