@@ -84,6 +84,33 @@ def test_the_references_predictions_and_top_k_agree_with_the_library(arch):
         assert torch.equal(top_pairs(scores, ratio, uniform=True), select_pairs(scores, ratio, "pair-uniform"))
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_half_precision_keys_are_rated_in_their_own_dtype(kind):
+    """bf16 keys (a bf16 model on the GPU) are unrotated and meet the first layer in bf16, not float32: the float64
+    reference's scores within bf16 rounding, and the same top 30% of pairs but for a few near ties."""
+    from kvzip_cache.scorers.predictor import pair_features
+
+    model, _ = make_pair("llama")
+    gen = torch.Generator().manual_seed(22)
+    config = model.config
+    heads, head_dim = config.num_key_value_heads, _head_dim(config)
+    positions = torch.arange(400)[None].expand(2, -1)
+    keys, values = (torch.randn(2, 2, heads, 400, head_dim, generator=gen) * 3).to(torch.bfloat16)
+    cos, sin = rotary_tables(model, positions)
+    predictor = ScorePredictor.init(model, kind, seed=5)
+    rate = predictor_rating(predictor, model)
+    assert pair_features("key+value", keys, values, cos, sin).dtype == torch.bfloat16
+    for idx in predictor.layers:
+        half = predictor.predict(idx, keys, values, cos, sin)
+        expected = rate(idx, keys.float(), values.float(), positions)
+        assert half.dtype == torch.float32
+        spread = expected.std()
+        assert (half.double() - expected).abs().max() < 0.05 * spread  # bf16: 8 bits of mantissa, summed
+        assert (half.double() - expected).abs().max() > 0  # computed in bf16 indeed
+        kept, kept_expected = top_pairs(half[None], 0.3), top_pairs(expected.float()[None], 0.3)
+        assert (kept & kept_expected).sum() >= 0.95 * kept_expected.sum()
+
+
 def test_unrotated_first_layer_keys_are_the_projection_of_the_token_embedding():
     model, _ = make_pair("llama")
     ids = torch.tensor([[5, 9, 5, 7, 9, 5]])

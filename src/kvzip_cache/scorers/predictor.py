@@ -72,12 +72,15 @@ def pair_features(spec: str, keys: torch.Tensor, values: torch.Tensor, cos: torc
         sin: ``[B, t, R]``, likewise.
 
     Returns:
-        ``[B, t, F]`` float32: the KV heads' features side by side (``F = H * D`` or ``2 * H * D``).
+        ``[B, t, F]``: the KV heads' features side by side (``F = H * D`` or ``2 * H * D``), in the keys' dtype when
+        that is bf16 or fp16 (half the bytes of every pass over them, and tensor cores for the first layer: the
+        predicted compress is a few percent of a prefill only so), else float32.
     """
     if spec not in FEATURES:
         raise ValueError(f"unknown feature spec {spec!r}; choose one of {FEATURES}")
-    key_part = keys.float() if spec == "rotated-key+value" else unrotate(keys, cos, sin)
-    parts = [key_part] if spec == "key" else [key_part, values.float()]
+    dtype = keys.dtype if keys.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    key_part = keys.to(dtype) if spec == "rotated-key+value" else unrotate(keys, cos, sin, dtype)
+    parts = [key_part] if spec == "key" else [key_part, values.to(dtype)]
     return torch.cat(parts, dim=-1).permute(0, 2, 1, 3).flatten(2)
 
 
@@ -98,7 +101,8 @@ class LayerPredictor(nn.Module):
             self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_kv_heads))
 
     def forward(self, features: torch.Tensor, parallel: TensorParallel | None = None) -> torch.Tensor:
-        """``[..., F]`` features -> ``[..., H]`` predicted log scores.
+        """``[..., F]`` features -> ``[..., H]`` float32 predicted log scores (half-precision features meet the first
+        layer's weights in their dtype; what follows it runs in float32).
 
         ``parallel``: tensor parallelism, ``features`` holding only this rank's KV heads' columns (``[..., F / W]``).
         The first layer is then row-parallel: each rank multiplies its columns, one all-reduce sums the partial
@@ -109,12 +113,14 @@ class LayerPredictor(nn.Module):
         # [N, F] features are read once instead of going through a subtraction and a division first
         weight, mean = first.weight / self.std, self.mean
         if parallel is None:
-            hidden = nn.functional.linear(features, weight, first.bias - weight @ mean)
+            bias = first.bias - weight @ mean
+            hidden = nn.functional.linear(features, weight.to(features.dtype), bias.to(features.dtype)).float()
         else:
             columns = features.shape[-1]
             weight, mean = weight[:, parallel.rank * columns : (parallel.rank + 1) * columns], mean.narrow(
                 0, parallel.rank * columns, columns)
-            hidden = parallel.all_reduce(nn.functional.linear(features, weight, -(weight @ mean))) + first.bias
+            partial = nn.functional.linear(features, weight.to(features.dtype), (-(weight @ mean)).to(features.dtype))
+            hidden = parallel.all_reduce(partial.float()) + first.bias
         return hidden if first is self.net else self.net[2](self.net[1](hidden))
 
 

@@ -43,23 +43,25 @@ def rotary_tables(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return cos.float(), sin.float()
 
 
-def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Pre-RoPE keys from post-RoPE ones.
 
     Args:
         keys: ``[B, H, t, D]`` post-RoPE keys (any float dtype).
         cos: ``[B, t, R]`` from `rotary_tables` at the keys' positions, ``R <= D``.
         sin: ``[B, t, R]``, likewise.
+        dtype: the dtype of the result and of the arithmetic (the tables are prepared in float32 first).
 
     Returns:
-        ``[B, H, t, D]`` float32 keys before the rotation.
+        ``[B, H, t, D]`` keys before the rotation, in ``dtype``.
     """
-    keys = keys.float()
+    keys = keys.to(dtype)
     rot = cos.shape[-1]
     # R(theta)^-1 = R(-theta) / a^2 for the rotation a * R(theta) that transformers applies; the 1 / a^2 goes into
     # the small [B, t, R] tables, not the [B, H, t, D] keys
     scale = (cos * cos + sin * sin).reciprocal()
-    cos, sin = (cos * scale)[:, None], (sin * scale)[:, None]  # broadcast over heads
+    cos, sin = (cos * scale).to(dtype)[:, None], (sin * scale).to(dtype)[:, None]  # broadcast over heads
     head, rest = keys[..., :rot], keys[..., rot:]
     restored = head * cos - _rotate_half(head) * sin
     return torch.cat([restored, rest], dim=-1) if rest.shape[-1] else restored
