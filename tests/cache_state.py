@@ -32,7 +32,8 @@ def _layer_state(layer) -> dict:
     context = getattr(layer, "context", None)
     if context is not None:
         state["context"] = (_bits(context.keys), _bits(context.values), _bits(context.positions),
-                            _bits(context.cu_seqlens), context.offsets, context.num_heads, context.max_seqlen)
+                            _bits(context.cu_seqlens), context.offsets, context.num_heads, context.max_seqlen,
+                            _bits(context.key_scales), _bits(context.value_scales), str(context.dtype))
     if getattr(layer, "src_index", None) is not None:
         state["src_index"] = _bits(layer.src_index)
     if getattr(layer, "tail_keys", None) is not None and layer.tail_length:
@@ -56,6 +57,7 @@ def cache_state(cache) -> dict:
         "tokenizer_fields": copy.deepcopy(cache.tokenizer_fields),
         "decode_eviction": None if cache.decode_eviction is None else len(cache.decode_eviction.history),
         "scoring_pass": cache._scoring_pass,
+        "kv_dtype": str(cache.kv_dtype),
     }
     for name in ("input_ids", "attention_mask", "context_start", "scores", "keep_mask", "pending_query_mask"):
         state[name] = _bits(getattr(cache, name))

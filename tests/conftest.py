@@ -145,12 +145,13 @@ AttentionInterface.register("kvzip_test_reference", reference_attention)
 AttentionMaskInterface.register("kvzip_test_reference", reference_mask)
 
 
-def reference_logits(reference, context_ids, *segments, context_mask=None, hidden=None):
+def reference_logits(reference, context_ids, *segments, context_mask=None, hidden=None, fp8=False):
     """Logits of the last segment from a dense DynamicCache: prefill the context, then feed each segment in turn.
 
     ``segments``: ``[B, n]`` id tensors (or ``(ids, mask)`` pairs) fed after the context, e.g. a question, or
     question, answer and follow-up for multi-turn. ``hidden``: optional {layer_idx: [B, H, k] bool} context pairs
-    hidden from every segment's tokens (never from the context's own prefill).
+    hidden from every segment's tokens (never from the context's own prefill). ``fp8``: the full layers' context
+    pairs are rounded to fp8 (`references.fp8_round`) after the prefill, as a cache of fp8 kept pairs holds them.
     """
     cache = DynamicCache()  # full layers only: a sliding layer's window is the attention's business here
     masks = [torch.ones_like(context_ids) if context_mask is None else context_mask]
@@ -167,6 +168,10 @@ def reference_logits(reference, context_ids, *segments, context_mask=None, hidde
             for index, seg_ids in enumerate(ids):
                 if index == 1:
                     HIDDEN_PAIRS.update(hidden or {})
+                    if fp8:
+                        from references import full_layers, round_cached
+
+                        round_cached(cache, full_layers(reference.config), slice(None))
                 end = start + seg_ids.shape[1]
                 out = reference(input_ids=seg_ids, attention_mask=full_mask[:, :end],
                                 position_ids=positions[:, start:end], past_key_values=cache, use_cache=True)

@@ -26,6 +26,21 @@ def full_layers(config) -> list[int]:
     return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
+def fp8_round(pairs: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` keys or values as an fp8 store holds them: each row divided by its own ``amax / 448`` scale,
+    rounded to float8 e4m3fn, multiplied back (the format's definition, written here without the library)."""
+    scale = (pairs.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return ((pairs.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(pairs.dtype)
+
+
+def round_cached(dense: DynamicCache, layers: list[int], span: slice) -> None:
+    """Round the pairs of positions ``span`` of the full ``layers`` of a dense cache to fp8 (`fp8_round`), in place."""
+    for i in layers:
+        layer = dense.layers[i]
+        layer.keys[:, :, span] = fp8_round(layer.keys[:, :, span])
+        layer.values[:, :, span] = fp8_round(layer.values[:, :, span])
+
+
 def rope_tables64(config, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)``, each ``[B, t, R / 2]`` float64, of the full-attention layers' default RoPE at ``positions``
     (``theta_i = position * base^(-2i / R)`` over the ``R`` rotated dims), from the config alone."""
@@ -167,9 +182,12 @@ def top_among(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> t
     return keep
 
 
-def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question, carry=False):
+def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question, carry=False, fp8=False):
     """A prefill that, after every chunk, rates the chunk's context pairs, keeps the top ``ratio`` per row and hides
     the rest from all later tokens. Returns ``(keep [L, B, H, S - min(starts)], logits of the question)``.
+
+    ``fp8``: once rated, each chunk's pairs are rounded to fp8 (`fp8_round`), as the store of fp8 kept pairs holds
+    them for every later chunk and the question.
 
     ``carry``: instead, after every chunk the top ``ratio`` of ALL pairs rated so far are kept among those not hidden
     yet (each with the score it got when its chunk was rated); the others are hidden from then on."""
@@ -193,6 +211,8 @@ def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question,
             selectable = mask[:, lo:hi].bool() & in_context[:, lo:hi]
             chunk_scores = rate_span(rate, dense, layers, config.num_hidden_layers, slice(lo, hi), positions[:, lo:hi],
                                      selectable)
+            if fp8:
+                round_cached(dense, layers, slice(lo, hi))
             first = max(lo, base)
             if carry:
                 rated[..., first - base : hi - base] = chunk_scores[..., first - lo :]

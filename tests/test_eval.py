@@ -386,6 +386,39 @@ def test_decode_ratios_answer_every_cell_again_while_evicting_the_answer(monkeyp
         run_eval(EvalConfig(model="tiny-llama", decode_ratios=[1.5], out=str(tmp_path / "bad")), model)
 
 
+def test_kv_dtypes_run_every_compressing_method_again_with_fp8_pairs(monkeypatch, tmp_path):
+    """``kv_dtypes=["model", "fp8"]``: each compressing method answers every cell twice, the second time from a cache
+    whose kept pairs are fp8 (rows "<method> fp8"); full runs once; the run resumes; the CLI spells it --kv-dtype."""
+    monkeypatch.setattr(runner, "load_task", _tiny_contexts)
+    monkeypatch.setattr(runner, "plot", lambda *args: None)
+    stored = []
+    original = KVzipCache.compress
+
+    def compress(self, *args, **kwargs):
+        report = original(self, *args, **kwargs)
+        stored.append((kwargs.get("kv_dtype"), self.kv_dtype))
+        return report
+
+    monkeypatch.setattr(KVzipCache, "compress", compress)
+    model, _ = make_pair("llama")
+    config = EvalConfig(model="tiny-llama", tasks=["needle"], methods=["full", "kvzip"], ratios=[1.0, 0.5],
+                        max_new_tokens=2, out=str(tmp_path / "out"), kv_dtypes=["model", "fp8"])
+    rows = run_eval(config, model, _DecodingTokenizer())
+    counts = {}
+    for r in rows:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+    assert counts == {"full": 2, "kvzip": 4, "kvzip fp8": 4}  # 2 contexts x 1 question x ratios
+    assert ("fp8", torch.float8_e4m3fn) in stored and (None, None) in stored
+    assert all(kind == torch.float8_e4m3fn for asked, kind in stored if asked == "fp8")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reference"] == "kvzip"
+    assert {(p["method"], p["ratio"]) for p in summary["paired"]} >= {("kvzip fp8", 0.5), ("kvzip fp8", 1.0)}
+    assert len(run_eval(config, model, _DecodingTokenizer())) == len(rows)  # resumed: nothing left to do
+    parsed = parse_args(["--out", str(tmp_path / "cli"), "--methods", "kvzip", "--kv-dtype", "model", "fp8",
+                         "--paired-reference", "kvzip"])
+    assert parsed.kv_dtypes == ["model", "fp8"]
+
+
 def test_predicted_methods_without_a_predictor_say_what_to_do(tmp_path):
     model, _ = make_pair("llama")
     config = EvalConfig(model="tiny-llama", methods=["full", "predicted"], out=str(tmp_path / "out"))

@@ -103,6 +103,41 @@ def test_triton_backend_matches_reference_backend(arch, dtype):
         _assert_bf16_matches_float32(model, ask, cache, fast, bounds=(0.05, 0.006, 0.03))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_pairs_on_cuda_match_the_reference_backend(arch, dtype):
+    """fp8 kept pairs on the GPU: the Triton kernels (fp8 tiles converted in registers, scales folded in) give the
+    reference backend's logits (PyTorch dequantization) on the same cache, whose store is the CPU's quantization of
+    the plain store bit for bit; fp8 moves the logits, but by less than a logit."""
+    model, _ = _on_gpu(arch, dtype)
+    context, question = _ids(300, 5), _ids(9, 6)
+    cache = KVzipCache(model)
+    cache.prefill(model, context, context_start=7, chunk_size=128)
+    plain = copy.deepcopy(cache)
+    cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100, kv_dtype="fp8")
+    plain.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
+    assert torch.equal(cache.keep_mask, plain.keep_mask)
+    store, plain_store = (c.layers[c.compressible_layers[0]].context for c in (cache, plain))
+    assert store.is_fp8 and store.keys.element_size() == 1 and store.keys.shape == plain_store.keys.shape
+    assert torch.equal(store.to("cpu").keys.view(torch.uint8), plain_store.to("cpu").to_fp8().keys.view(torch.uint8))
+    n = cache.get_seq_length()
+    position = torch.arange(n, n + question.shape[1], device="cuda")[None]
+
+    def logits(c):
+        with torch.no_grad():
+            return model(question, past_key_values=c, position_ids=position).logits.float()
+
+    fast = logits(cache)
+    cache.rollback()
+    with use_backend("reference"):
+        slow = logits(cache)
+    bf16 = dtype == torch.bfloat16
+    torch.testing.assert_close(fast, slow, atol=0.03 if bf16 else 1e-3, rtol=0)
+    unquantized = logits(plain)
+    difference = (fast - unquantized).abs().max()
+    assert 1e-3 < difference < 1.0, difference
+
+
 def test_greedy_generation_matches_dynamic_cache_on_cuda():
     model, reference = _on_gpu("llama", torch.float32)
     reference.set_attn_implementation("sdpa")
@@ -239,25 +274,27 @@ def test_phi3_head_dim_96_greedy_generation_matches_dynamic_cache(monkeypatch):
     assert torch.equal(out, expected)
 
 
-def _static_pair(model, context, ratio=0.3, room=48):
+def _static_pair(model, context, ratio=0.3, room=48, kv_dtype=None):
     caches = []
     for _ in range(2):
         cache = KVzipCache(model)
         cache.prefill(model, context, context_start=7, chunk_size=128)
-        cache.compress(model, ratio, tokenizer=TOK, chunk_size=100)
+        cache.compress(model, ratio, tokenizer=TOK, chunk_size=100, kv_dtype=kv_dtype)
         caches.append(cache)
     caches[1].make_static(room)
     return caches
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch):
+@pytest.mark.parametrize("arch,dtype,kv_dtype", [("llama", torch.float32, None), ("gemma3", torch.float32, None),
+                                                  ("llama", torch.bfloat16, "fp8")])
+def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch, dtype, kv_dtype):
     """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens
-    (Gemma3: with its sliding layers' windows in fixed buffers)."""
+    (Gemma3: with its sliding layers' windows in fixed buffers; fp8 kept pairs: their scales in fixed buffers too)."""
     torch._dynamo.reset()
-    model, _ = _on_gpu(arch, torch.float32)
+    model, _ = _on_gpu(arch, dtype)
     context, question = _ids(300, 11), _ids(6, 12)
-    eager, static = _static_pair(model, context)
+    eager, static = _static_pair(model, context, kv_dtype=kv_dtype)
+    assert static.layers[static.compressible_layers[0]].context.is_fp8 == (kv_dtype == "fp8")
     compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
     def greedy(cache, forward, steps=12):

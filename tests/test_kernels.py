@@ -119,6 +119,104 @@ def test_ragged_context_attention(dtype, head_dim, rows):
     assert _outside(wrong_out, ref_out, OUT_TOL[dtype]) and _outside(wrong_lse, ref_lse, LSE_TOL[dtype])
 
 
+def _dense_float64(query, keys, values, offsets, src_rows, scaling):
+    """Attention in float64 over each segment: an independent reference (no kernel, no twin code)."""
+    batch, num_heads, rows, head_dim = query.shape
+    out = torch.zeros(batch, num_heads, rows, head_dim, dtype=torch.float64, device=query.device)
+    for b, src in enumerate(src_rows):
+        for h in range(num_heads):
+            lo, hi = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
+            if hi > lo:
+                weights = torch.softmax(query[b, h].double() @ keys[lo:hi].double().T * scaling, dim=-1)
+                out[b, h] = weights @ values[lo:hi].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rows", [(64, 1), (64, 20), (128, 4), (96, 20), (80, 1)])
+def test_ragged_context_attention_fp8(dtype, head_dim, rows):
+    """fp8 keys/values with per-pair scales: the kernel (conversion in registers, scales folded into logits and
+    probabilities) matches its PyTorch twin, the twin matches float64 attention over the dequantized pairs, and a
+    kernel that forgot either scale would fall outside the bounds."""
+    from kvzip_cache.storage import dequantize_fp8, quantize_fp8
+
+    gen = torch.Generator().manual_seed(rows * 100 + head_dim + 7)
+    num_heads, lengths = 2, [0, 1, 129, 64, 300, 5]
+    wide_keys, wide_values, offsets = _flat_context(lengths, head_dim, torch.float32, gen)
+    wide_keys = wide_keys * torch.linspace(0.05, 4.0, offsets[-1], device=DEVICE)[:, None]  # scales vary by pair
+    (keys, key_scales), (values, value_scales) = quantize_fp8(wide_keys), quantize_fp8(wide_values)
+    src_rows = (2, 0, 0, 1)
+    query = torch.randn(len(src_rows), num_heads, rows, head_dim, generator=gen).to(DEVICE, dtype)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    src = torch.tensor(src_rows, dtype=torch.int32, device=DEVICE)
+    twin_out, twin_lse = kernels.ragged_context_attention_reference(query.float(), keys, values, tuple(offsets),
+                                                                    src_rows, 0.3, key_scales, value_scales)
+    exact = _dense_float64(query, dequantize_fp8(keys, key_scales, torch.float64),
+                           dequantize_fp8(values, value_scales, torch.float64), offsets, src_rows, 0.3)
+    torch.testing.assert_close(twin_out.double(), exact, atol=2e-5, rtol=2e-5)
+    for splits in (None, 3):
+        out, lse = kernels.ragged_context_attention(query, keys, values, cu, src, max(lengths), 0.3,
+                                                    num_splits=splits, poison=True, key_scales=key_scales,
+                                                    value_scales=value_scales)
+        assert not out.isnan().any() and not lse.isnan().any()
+        _close(out, twin_out, OUT_TOL[dtype])
+        _close(lse, twin_lse, LSE_TOL[dtype])
+    ones = torch.ones_like(key_scales)
+    no_key_scale, _ = kernels.ragged_context_attention_reference(query.float(), keys, values, tuple(offsets),
+                                                                 src_rows, 0.3, ones, value_scales)
+    no_value_scale, _ = kernels.ragged_context_attention_reference(query.float(), keys, values, tuple(offsets),
+                                                                   src_rows, 0.3, key_scales, ones)
+    assert _outside(no_key_scale, twin_out, OUT_TOL[dtype]) and _outside(no_value_scale, twin_out, OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_context_through_the_backends(dtype):
+    """A compressed context stored in fp8 (`CompressedContext.to_fp8`): the Triton backend and the reference
+    backend agree (per-row, shared rows, static tail), and both equal attention over the dequantized pairs."""
+    from kvzip_cache.backends import triton_backend
+    from kvzip_cache.storage import CompressedContext
+    from kvzip_cache.views import RaggedKV
+
+    gen = torch.Generator().manual_seed(11)
+    head_dim, num_heads, q_len, group = 64, 2, 3, 2
+    keys, values, offsets = _flat_context([0, 150, 33, 129], head_dim, dtype, gen)
+    counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
+                                        counts.to(DEVICE), num_heads).to_fp8()
+    assert ctx.keys.dtype == torch.float8_e4m3fn and ctx.dtype == dtype
+    dequantized = dataclasses.replace(ctx, keys=ctx.read(slice(None), torch.float32)[0],
+                                      values=ctx.read(slice(None), torch.float32)[1], key_scales=None,
+                                      value_scales=None, dtype=torch.float32)
+    for src_rows in ((1, 0, 1), (0, 0, 0, 1, 1, 1)):
+        batch, tail = len(src_rows), q_len + 20
+        buffer_k = torch.randn(batch, num_heads, tail + 3, head_dim, generator=gen).to(DEVICE, dtype)
+        buffer_v = torch.randn(batch, num_heads, tail + 3, head_dim, generator=gen).to(DEVICE, dtype)
+        index = torch.tensor(src_rows, dtype=torch.int32, device=DEVICE)
+        share = 3 if batch == 6 else 1
+        kv = RaggedKV(ctx, src_rows, index, buffer_k[:, :, :tail], buffer_v[:, :, :tail], length=400, share=share)
+        static = RaggedKV(ctx, src_rows, index, buffer_k, buffer_v, length=403,
+                          tail_end=torch.tensor(tail, device=DEVICE), share=share)
+        query = torch.randn(batch, num_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
+        valid = torch.ones(batch, tail, dtype=torch.bool, device=DEVICE)
+        valid[1, :7] = False
+        padded_valid = torch.cat([valid, torch.ones(batch, 3, dtype=torch.bool, device=DEVICE)], 1)
+        expected = reference.ragged_attention(query.float(), _float32(dataclasses.replace(kv, context=dequantized)),
+                                              0.125, valid)
+        for got in (triton_backend.ragged_attention(query, kv, 0.125, valid),
+                    triton_backend.ragged_attention(query, static, 0.125, padded_valid),
+                    reference.ragged_attention(query, kv, 0.125, valid),
+                    reference.ragged_attention(query, static, 0.125, padded_valid)):
+            assert got.shape == expected.shape and got.dtype == dtype and not got.isnan().any()
+            _close(got, expected, OUT_TOL[dtype])
+        long_query = torch.randn(batch, num_heads * group, reference.LARGE_QUERY + 1, head_dim,
+                                 generator=gen).to(DEVICE, dtype)  # many queries: the SDPA path per segment
+        long_tail = torch.randn(batch, num_heads, reference.LARGE_QUERY + 1, head_dim, generator=gen).to(DEVICE, dtype)
+        long_kv = RaggedKV(ctx, src_rows, index, long_tail, long_tail, length=900)
+        _close(reference.ragged_attention(long_query, long_kv, 0.125),
+               reference.ragged_attention(long_query.float(), _float32(dataclasses.replace(long_kv, context=dequantized)),
+                                          0.125), OUT_TOL[dtype])
+
+
 SCORE_SHAPES = [(0, 1, 1, 1), (5, 70, 37, 4), (13, 130, 129, 3)]  # prefix, chunk, n_new, GQA group
 
 

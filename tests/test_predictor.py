@@ -186,22 +186,27 @@ def test_level_predicted_is_pair_level_with_the_predictor():
 
 
 # --------------------------------------------------------------------------------- eviction while prefilling
-@pytest.mark.parametrize("budget", ["chunk", "carry"])
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch, budget):
+@pytest.mark.parametrize("arch,budget,kv_dtype", [(arch, budget, None) for arch in ("llama", "gemma3")
+                                                   for budget in ("chunk", "carry")]
+                         + [("llama", "chunk", "fp8"), ("gemma3", "carry", "fp8")])
+def test_prefill_with_eviction_equals_the_chunked_masked_reference(arch, budget, kv_dtype):
     """budget "chunk": each chunk keeps ratio x its own pairs; "carry": after each chunk, ratio x every pair rated so
     far, chosen among those still held. A float64 reference that hides pairs from then on gives the same keep mask
-    and question logits, and the two budgets select differently (so the test tells them apart)."""
+    and question logits, and the two budgets select differently (so the test tells them apart). With fp8 kept pairs
+    every later chunk and the question attend to fp8-rounded pairs: the reference rounds each chunk's pairs once
+    rated (`references.fp8_round`)."""
     model, reference = make_pair(arch)
     predictor = ScorePredictor.init(model, "mlp", seed=7)
     gen = torch.Generator().manual_seed(11)
     ids, mask, starts = _batch(gen)
     question = torch.randint(3, 120, (2, 5), generator=gen)
     cache = KVzipCache(model)
-    cache.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=0.5, budget=budget)
+    cache.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=0.5, budget=budget,
+                  kv_dtype=kv_dtype)
+    assert all(cache.layers[i].context.is_fp8 == (kv_dtype == "fp8") for i in cache.compressible_layers)
     rate = predictor_rating(predictor, reference)
     expected_keep, expected = evicting_prefill(reference, rate, ids, mask, starts, 8, 0.5, question,
-                                               carry=budget == "carry")
+                                               carry=budget == "carry", fp8=kv_dtype == "fp8")
 
     assert cache.compressed_with == ("pair", 0.5) and cache.score_source == "predicted"
     assert torch.equal(cache.keep_mask, expected_keep)

@@ -2,7 +2,7 @@
 
 Each rank loads the same tiny model with ``tp_plan="auto"`` and caches one of its two KV heads. Selection must be
 global: the keep mask and the scores equal a single-process run with the same weights (fp32), and so do the greedy
-tokens, for pair, pair-uniform and head levels, KVzip+ scores, predicted scores (compress, and eviction while
+tokens, for pair, pair-uniform and head levels, fp8 kept pairs, KVzip+ scores, predicted scores (compress, and eviction while
 prefilling), a left-padded batch, rollback and a head-dropping prefill; each rank holds half the KV bytes; bad inputs
 are refused on every rank, also when only one rank can see what is wrong (its own shard of the weights).
 """
@@ -67,6 +67,12 @@ def run_scenarios(model) -> dict:
         first = _answer(model, cache, question)
         results[level] = {"keep": cache.keep_mask, "scores": cache.scores, "tokens": first,
                           "again": _answer(model, cache, question), "bytes": (dense_bytes, cache.kv_bytes())}
+    cache = KVzipCache(model)  # fp8 kept pairs: each rank quantizes its own heads' pairs (a scale per pair)
+    cache.prefill(model, context, context_start=4, chunk_size=16)
+    dense_bytes = cache.kv_bytes()
+    cache.compress(model, 0.4, tokenizer=TOK, chunk_size=16, kv_dtype="fp8")
+    results["fp8"] = {"keep": cache.keep_mask, "scores": cache.scores, "tokens": _answer(model, cache, question),
+                      "bytes": (dense_bytes, cache.kv_bytes())}
     cache = KVzipCache(model)  # KVzip+ scores: each rank weights by its own slice of o_proj
     cache.prefill(model, context, context_start=4, chunk_size=16)
     cache.compress(model, 0.4, tokenizer=TOK, chunk_size=16, score="kvzip+")
@@ -193,7 +199,7 @@ def test_tensor_parallel_selection_and_tokens_equal_one_process(runs, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_rank_holds_half_the_kv(runs, arch):
     single, ranks = runs
-    for level in ("pair", "pair-uniform", "head"):
+    for level in ("pair", "pair-uniform", "head", "fp8"):
         dense, compressed = single[arch][level]["bytes"]
         per_rank = [results[arch][level]["bytes"] for results in ranks]
         assert sum(d for d, _ in per_rank) == dense and all(2 * d == dense for d, _ in per_rank)

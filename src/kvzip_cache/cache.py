@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture, check_batch, check_level,
-                     check_model, check_model_object, check_nothing_appended, check_prefill_inputs, check_ranks,
-                     check_ratio, check_recompress, check_rows_as_prefilled, check_same_source, check_static_room,
-                     check_token_ids, check_tokenizer, check_unmasked_padding, check_weights, check_whole_forwards,
-                     check_window, dense_rows_changed_error, no_new_tokens_error)
+from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture, check_batch, check_kv_dtype,
+                     check_level, check_model, check_model_object, check_nothing_appended, check_prefill_inputs,
+                     check_ranks, check_ratio, check_recompress, check_rows_as_prefilled, check_same_source,
+                     check_static_room, check_token_ids, check_tokenizer, check_unmasked_padding, check_weights,
+                     check_whole_forwards, check_window, dense_rows_changed_error, no_new_tokens_error)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
 from .eviction import BUDGETS, DecodeEviction, PrefillEviction, position_ids
@@ -146,6 +146,7 @@ class KVzipCache(Cache):
         self.keep_mask: torch.Tensor | None = None
         self.compressed_with: tuple[str, float] | None = None
         self.score_source: str | None = None
+        self.kv_dtype: torch.dtype | None = None  # how kept pairs are stored: None, the model's dtype; or fp8
         # What filled this context besides the architecture (see `kvzip_cache.fingerprints`): a sample of the
         # model's weights (recorded by prefill) and the tokenizer that scored it (recorded by compress).
         self.weight_digests: dict[str, int] | None = None
@@ -304,6 +305,7 @@ class KVzipCache(Cache):
         head_scores=None,
         predictor=None,
         budget: str = "chunk",
+        kv_dtype=None,
     ) -> None:
         """Fill the cache with ``[protected prefix | context]``, ``chunk_size`` tokens per forward pass.
 
@@ -332,15 +334,22 @@ class KVzipCache(Cache):
             budget: with ``scorer``: ``"chunk"``: each chunk keeps ``ratio`` of its own pairs; ``"carry"``: after
                 each chunk, ``ratio`` of all pairs seen so far are re-selected among those still held, so budget moves
                 from sparse chunks to dense later ones (pair levels; `kvzip_cache.eviction`). Same memory bound.
+            kv_dtype: with ``scorer``: ``"fp8"`` stores the kept pairs as float8 e4m3 with a scale per pair (see
+                `compress`); default: the model's dtype.
         """
         spec = _one_scorer("prefill()", scorer=scorer, predictor=predictor, head_scores=head_scores)
         check_ranks(self.tensor_parallel, model, "prefill()", input_ids, context_start, chunk_size, ratio, str(level),
-                    scorer_label(spec), budget)
+                    scorer_label(spec), budget, str(kv_dtype))
         mask, starts = agree_on_checks(self.tensor_parallel, model, "prefill()",
                                        lambda: self._check_prefill(model, input_ids, attention_mask, context_start,
                                                                    chunk_size))
         eviction = self._prefill_eviction(model, spec, ratio, level, mask, starts, budget)
+        if kv_dtype is not None and eviction is None:
+            raise ValueError("prefill(kv_dtype=...) sets how the pairs kept while prefilling are stored: pass scorer= "
+                             "and ratio= too, or give kv_dtype to compress() after a plain prefill")
+        kv_dtype = _storage_dtype(kv_dtype, model, "prefill()")
         digests = weight_digests(model)
+        self.kv_dtype = kv_dtype  # the eviction after each chunk stores the kept pairs so (a reset clears it)
         try:
             for lo in range(0, input_ids.shape[1], chunk_size):
                 hi = min(lo + chunk_size, input_ids.shape[1])
@@ -449,6 +458,7 @@ class KVzipCache(Cache):
         predictor=None,
         score: str | None = None,
         progress: bool = False,
+        kv_dtype=None,
     ) -> CompressReport:
         """Score the context and evict all but ``ratio`` of its pairs, for real.
 
@@ -469,6 +479,11 @@ class KVzipCache(Cache):
             predictor: the same as ``scorer=predictor``: predicted scores, no forward pass at all.
             score: the same as ``scorer=score`` for ``"kvzip"`` or ``"kvzip+"`` (KVzap's KVzip+).
             progress: show a progress bar over the reconstruction passes.
+            kv_dtype: how the kept pairs are stored: None (default) keeps the cache's current storage (the model's
+                dtype unless an earlier call chose fp8); ``"fp8"`` (or ``torch.float8_e4m3fn``) stores them as float8
+                e4m3 with a float32 scale per key and per value (about half of bf16's bytes). Selection happens
+                before quantizing: the scores are the same either way. Tokens after the context (question, answer)
+                stay in the model's dtype; pairs that eviction while decoding moves into the store are quantized.
 
         A second `compress` on a compressed cache re-selects among the kept pairs with the stored scores (same
         level, a ratio no larger than before; ratios stay relative to the original context).
@@ -483,15 +498,16 @@ class KVzipCache(Cache):
             level = "pair"
         spec = _one_scorer("compress()", scorer=scorer, predictor=predictor, head_scores=head_scores, score=score)
         check_ranks(self.tensor_parallel, model, "compress()", ratio, str(level), chunk_size,
-                    scorer_label(spec))
+                    scorer_label(spec), str(kv_dtype))
         ratio, scored_with = agree_on_checks(self.tensor_parallel, model, "compress()",
                                              lambda: self._check_compress(model, ratio, level, tokenizer))
+        kv_dtype = _storage_dtype(kv_dtype, model, "compress()")
         bytes_before = self.kv_bytes()
         scores, source, level, scored_with = self._scores_for(model, spec, ratio, level, tokenizer, chunk_size,
                                                               progress, scored_with)
         selectable = self.selectable_pairs()
         keep = self._select(scores, ratio, level, selectable)
-        self._evict_context(keep)
+        self._evict_context(keep, kv_dtype)
         self._bind_model(model)  # its weights passed the check: an identical copy may take the cache over
         self.scores, self.compressed_with, self.score_source = scores, (level, ratio), source
         if self.tokenizer_fields is None and scored_with is not None:
@@ -632,13 +648,14 @@ class KVzipCache(Cache):
 
     # --------------------------------------------------------------------------------------------------- evict
     @torch.no_grad()
-    def evict(self, keep_mask: torch.Tensor) -> None:
+    def evict(self, keep_mask: torch.Tensor, kv_dtype=None) -> None:
         """Keep exactly the context pairs where ``keep_mask`` is True (plus the protected prefix), free the rest.
 
         Args:
             keep_mask: ``[num_layers, batch, num_kv_heads, context_len]`` bool, the layout of `scores`. Entries of
                 sliding layers, padding and the protected prefix are ignored. On a compressed cache it may only
                 drop more pairs (an evicted pair cannot come back).
+            kv_dtype: how the kept pairs are stored, as in `compress`.
         """
         if self.input_ids is None:
             raise RuntimeError("evict() needs a prefilled cache: call cache.prefill(model, input_ids) first")
@@ -654,12 +671,13 @@ class KVzipCache(Cache):
         keep_mask = keep_mask & selectable
         if self.keep_mask is not None and bool((keep_mask & ~self.keep_mask).any()):
             raise ValueError("keep_mask re-admits pairs that were already evicted; they cannot be restored")
-        self._evict_context(keep_mask)
+        self._evict_context(keep_mask, check_kv_dtype(kv_dtype, selectable.device, "evict()"))
         if self.compressed_with is None:
             self.compressed_with = ("custom", float(keep_mask.sum()) / max(int(selectable.sum()), 1))
 
-    def _evict_context(self, keep_mask: torch.Tensor) -> None:
-        """Evict the context down to ``keep_mask`` (``[L, B, H, C]``, selectable pairs only) plus the protected prefix.
+    def _evict_context(self, keep_mask: torch.Tensor, kv_dtype: torch.dtype | None = None) -> None:
+        """Evict the context down to ``keep_mask`` (``[L, B, H, C]``, selectable pairs only) plus the protected prefix,
+        the kept pairs stored as ``kv_dtype`` (None: as they are now).
 
         An eviction that stops (out of memory, KeyboardInterrupt) before any layer changed leaves the cache as it
         was; one that stops after some layers dropped their pairs resets it: evicted pairs cannot come back, and
@@ -673,7 +691,7 @@ class KVzipCache(Cache):
                 keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
                 keep[:, :, base:] |= keep_mask[idx]
                 before = _layer_state(self.layers[idx])
-                self.keep_pairs({idx: keep}, start=0)
+                self.keep_pairs({idx: keep}, start=0, fp8=kv_dtype is not None or None)
                 done, before = done + 1, None
         except BaseException as error:
             if done == 0 and (before is None or _same_state(_layer_state(self.layers[idx]), before)):
@@ -684,8 +702,9 @@ class KVzipCache(Cache):
                                  "cannot be restored; the cache was reset to empty: prefill it again")
             raise
         self.keep_mask = keep_mask
+        self.kv_dtype = kv_dtype or self.kv_dtype
 
-    def keep_pairs(self, keeps: dict[int, torch.Tensor], start: int) -> None:
+    def keep_pairs(self, keeps: dict[int, torch.Tensor], start: int, fp8: bool | None = None) -> None:
         """The one path by which keep masks reach the layers: every eviction (`compress`, `evict`, a prefill or a
         decoding step that evicts) ends here.
 
@@ -695,14 +714,17 @@ class KVzipCache(Cache):
             start: ``0``: ``n`` covers everything the layer holds as its context (a dense layer becomes ragged; a
                 ragged one keeps a subset); the layer's context length: the tail's oldest ``n`` tokens join the
                 ragged store.
+            fp8: store what the layers keep as float8 (`CompressedContext.to_fp8`); default: whether the cache
+                stores its pairs so (`kv_dtype`). A layer's store that is fp8 already quantizes what joins it.
         """
+        fp8 = self.kv_dtype is not None if fp8 is None else fp8
         for idx, keep in keeps.items():
             layer = self.layers[idx]
             keep = keep if self.tensor_parallel is None else self.tensor_parallel.local(keep, dim=1)
             if layer.is_compressed and start == layer.context_length:
                 layer.absorb_tail(keep, keep.shape[-1])
             elif start == 0:
-                layer.evict(keep)
+                layer.evict(keep, fp8=fp8)
             else:
                 raise ValueError(f"layer {idx} holds its context up to position {layer.context_length}; a keep mask "
                                  f"from position {start} fits neither its context nor its tail")
@@ -899,32 +921,41 @@ class KVzipCache(Cache):
         return save_cache(self, path, scores=scores)
 
     @classmethod
-    def load(cls, path, model, device=None, dtype: torch.dtype | None = None, verify: bool = True) -> KVzipCache:
+    def load(cls, path, model, device=None, dtype: torch.dtype | None = None, verify: bool = True,
+             kv_dtype=None) -> KVzipCache:
         """A cache restored from a file written by `save`, for ``model`` (the one that compressed it).
 
-        ``device`` (default: the model's) and ``dtype`` (default: the saved one) say where the keys and values go.
+        ``device`` (default: the model's) and ``dtype`` (default: the saved one) say where the keys and values go
+        and what they are read in. ``kv_dtype="fp8"`` stores the loaded pairs as fp8 (as `compress` does); a file
+        of fp8 pairs loads as fp8 whatever it is given.
         Refuses, naming the mismatch, a file for another model, of a newer format, truncated or corrupted
         (``verify`` checks every tensor's CRC-32). The loaded cache behaves as the saved one: ``generate``,
         `rollback`, a second `compress` at a smaller ratio, `make_static`.
         """
         check_model(model)
         cache = cls(model)
-        cache._restore(read_cache(path, cache, model, device=device, dtype=dtype, verify=verify))
+        saved = read_cache(path, cache, model, device=device, dtype=dtype, verify=verify)
+        kv_dtype = check_kv_dtype(kv_dtype, saved.input_ids.device, "KVzipCache.load()")
+        cache._restore(saved, kv_dtype)
         cache._bind_model(model)
         return cache
 
-    def _restore(self, saved: SavedContext) -> None:
-        """Become the compressed cache a file described (see `kvzip_cache.persistence`); never half of it."""
+    def _restore(self, saved: SavedContext, kv_dtype: torch.dtype | None = None) -> None:
+        """Become the compressed cache a file described (see `kvzip_cache.persistence`), its kept pairs stored as
+        ``kv_dtype`` (None: as saved); never half of it."""
         try:
             for layer, (kind, state, length) in zip(self.layers, saved.layers):
                 if kind == FULL:
-                    layer.import_state(state, self.num_kv_heads, length)
+                    layer.import_state(state, self.num_kv_heads, length, saved.dtype)
+                    if kv_dtype is not None:
+                        layer.context = layer.context.to_fp8()
                 else:
                     layer.import_state(state, length)
             self.input_ids, self.attention_mask = saved.input_ids, saved.attention_mask
             self.context_start, self.keep_mask, self.scores = saved.context_start, saved.keep_mask, saved.scores
             self.compressed_with, self.score_source = saved.compressed_with, saved.score_source
             self.weight_digests, self.tokenizer_fields = saved.weight_digests, saved.tokenizer_fields
+            self.kv_dtype = kv_dtype or saved.kv_dtype
         except BaseException:
             self.reset()
             raise
@@ -969,6 +1000,11 @@ def _one_scorer(call: str, **given):
         if name == "score" and value not in RECONSTRUCTION_TARGETS:
             raise ValueError(f"unknown score {value!r}; choose one of {RECONSTRUCTION_TARGETS} (or pass scorer=...)")
     return next(iter(named.values()), None)
+
+
+def _storage_dtype(kv_dtype, model, call: str) -> torch.dtype | None:
+    """`check_kv_dtype` on the device of the model's first weights (what fp8 pairs must be served on)."""
+    return None if kv_dtype is None else check_kv_dtype(kv_dtype, next(model.parameters()).device, call)
 
 
 def _pad_token_id(model):

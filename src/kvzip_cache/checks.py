@@ -46,6 +46,30 @@ def check_token_ids(ids, name: str, fix: str) -> torch.Tensor:
     return ids
 
 
+def check_kv_dtype(kv_dtype, device: torch.device, call: str) -> torch.dtype | None:
+    """The storage dtype of kept pairs that ``kv_dtype`` names: None (the model's dtype) or float8 e4m3fn (``"fp8"``,
+    ``"float8_e4m3fn"`` or ``torch.float8_e4m3fn``), if this torch and ``device`` can serve it."""
+    if kv_dtype is None:
+        return None
+    from . import storage  # (looked up at call time: tests stand in a torch without float8)
+    from .backends import select_backend
+
+    if kv_dtype not in ("fp8", "float8_e4m3fn") and (storage.FP8 is None or kv_dtype != storage.FP8):
+        raise ValueError(f"{call}: kv_dtype={kv_dtype!r} is not a storage type of kept pairs; use None (the model's "
+                         "dtype, the default) or 'fp8' (float8 e4m3 with a scale per pair: half the bytes of bf16)")
+    if storage.FP8 is None:
+        raise RuntimeError(f"{call}: kv_dtype='fp8' needs a torch with float8 types (torch >= 2.1; this is "
+                           f"{torch.__version__}): upgrade torch, or leave kv_dtype unset to keep the model's dtype")
+    if (device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+            and select_backend(device).name != "reference"):
+        raise RuntimeError(
+            f"{call}: the Triton kernels read fp8 pairs on GPUs of compute capability 8.9 or newer (Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {torch.cuda.get_device_capability(device)}: leave kv_dtype "
+            "unset, or run with the reference backend (`with kvzip_cache.backends.use_backend('reference'):`)"
+        )
+    return storage.FP8
+
+
 def check_level(level: str, allowed: tuple[str, ...], call: str) -> str:
     if level not in allowed:
         raise ValueError(f"unknown level {level!r} for {call}; choose one of {allowed}")

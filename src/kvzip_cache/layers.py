@@ -272,11 +272,12 @@ class KVzipLayer(DynamicLayer):
             and self.keys.shape[-2] + new <= spare.shape[-2]
         )
 
-    def evict(self, keep: torch.Tensor) -> None:
+    def evict(self, keep: torch.Tensor, fp8: bool = False) -> None:
         """Keep exactly the pairs where ``keep`` ([B, H, context_length] bool, padded coordinates) is True.
 
         A dense layer becomes compressed; a compressed layer keeps the subset of its pairs selected by ``keep``
-        (which must not re-admit evicted pairs). The tail, if any, is untouched.
+        (which must not re-admit evicted pairs). The tail, if any, is untouched. ``fp8``: store the kept pairs as
+        float8 with per-pair scales (`CompressedContext.to_fp8`); a store that is fp8 already stays fp8 either way.
         """
         if self.is_static:
             raise RuntimeError("a static cache cannot be re-compressed; compress before cache.make_static()")
@@ -294,6 +295,8 @@ class KVzipLayer(DynamicLayer):
             if ctx.num_rows != len(self.src_rows) or self.src_rows != tuple(range(ctx.num_rows)):
                 raise RuntimeError("re-compressing after batch_repeat_interleave/reorder is not supported; rollback() first")
             self.context = ctx.keep(keep)
+        if fp8:
+            self.context = self.context.to_fp8()
         self._set_src_rows(self.src_rows)
 
     def absorb_tail(self, keep: torch.Tensor, count: int | None = None) -> None:
@@ -359,7 +362,8 @@ class KVzipLayer(DynamicLayer):
         bucket = length_bucket(self.context_length)
         self.context = ctx = dataclasses.replace(self.context, max_seqlen=bucket)
         shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
-        tail_keys, tail_values = ctx.keys.new_zeros(shape), ctx.values.new_zeros(shape)
+        tail_keys = torch.zeros(shape, dtype=ctx.dtype, device=ctx.keys.device)  # the model's dtype, even for fp8 pairs
+        tail_values = torch.zeros(shape, dtype=ctx.dtype, device=ctx.keys.device)
         if self.tail_length:
             tail_keys[:, :, : self.tail_length] = self.tail_keys[:, :, : self.tail_length]
             tail_values[:, :, : self.tail_length] = self.tail_values[:, :, : self.tail_length]
@@ -370,12 +374,13 @@ class KVzipLayer(DynamicLayer):
         self._static_rows = self.src_rows
         self.is_compileable = True
         # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.
-        for tensor in (ctx.keys, ctx.values, ctx.cu_seqlens, self.src_index, tail_keys, tail_values, self.tail_end,
-                       self.context_end):
+        scales = (ctx.key_scales, ctx.value_scales) if ctx.is_fp8 else ()
+        for tensor in (ctx.keys, ctx.values, *scales, ctx.cu_seqlens, self.src_index, tail_keys, tail_values,
+                       self.tail_end, self.context_end):
             torch._dynamo.mark_static_address(tensor)
         if ctx.keys.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
-            torch._dynamo.mark_dynamic(ctx.keys, 0)
-            torch._dynamo.mark_dynamic(ctx.values, 0)
+            for tensor in (ctx.keys, ctx.values, *scales):
+                torch._dynamo.mark_dynamic(tensor, 0)
 
     def check_static(self, capacity: int) -> None:
         """Raise unless `make_static(capacity)` can succeed (changes nothing)."""
@@ -434,18 +439,27 @@ class KVzipLayer(DynamicLayer):
     # ------------------------------------------------------------------------------------------ save / load
     def export_state(self) -> dict[str, torch.Tensor]:
         """The compressed context as plain tensors (`kvzip_cache.persistence` writes them): ``keys`` and ``values``
-        ``[N, D]``, ``cu_seqlens`` ``[S + 1]``, ``positions`` ``[N]``. Needs a compressed layer with an empty tail."""
+        ``[N, D]``, ``cu_seqlens`` ``[S + 1]``, ``positions`` ``[N]``, and for an fp8 store ``key_scales`` and
+        ``value_scales`` ``[N]``. Needs a compressed layer with an empty tail."""
         ctx = self.context
-        return {"keys": ctx.keys, "values": ctx.values, "cu_seqlens": ctx.cu_seqlens, "positions": ctx.positions}
+        state = {"keys": ctx.keys, "values": ctx.values, "cu_seqlens": ctx.cu_seqlens, "positions": ctx.positions}
+        if ctx.is_fp8:
+            state.update(key_scales=ctx.key_scales, value_scales=ctx.value_scales)
+        return state
 
-    def import_state(self, state: dict[str, torch.Tensor], num_heads: int, context_length: int) -> None:
-        """Become the compressed layer `export_state` described (rows ``0..B-1``, empty tail)."""
+    def import_state(self, state: dict[str, torch.Tensor], num_heads: int, context_length: int,
+                     dtype: torch.dtype | None = None) -> None:
+        """Become the compressed layer `export_state` described (rows ``0..B-1``, empty tail). ``dtype``: the
+        dtype the pairs are read in, for an fp8 state (the model's; default: the keys' own dtype)."""
         self.reset()
         keys, cu = state["keys"], state["cu_seqlens"].long()
-        self.lazy_initialization(keys[None, None], state["values"][None, None])  # dtype, device, is_initialized
+        dtype = dtype or keys.dtype
+        empty = torch.empty(1, 1, 0, keys.shape[-1], dtype=dtype, device=keys.device)
+        self.lazy_initialization(empty, empty)  # dtype, device, is_initialized
         self.keys = self.values = None  # as after evict(): the context lives in the ragged store
         self.context = CompressedContext.from_counts(keys, state["values"], state["positions"], cu[1:] - cu[:-1],
-                                                     num_heads)
+                                                     num_heads, state.get("key_scales"), state.get("value_scales"),
+                                                     dtype)
         self.context_length = self.cumulative_length = context_length
         self._set_src_rows(tuple(range(self.context.num_rows)))
 

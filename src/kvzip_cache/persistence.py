@@ -33,7 +33,9 @@ from .config import FULL, field_differences
 from .fingerprints import weight_differences, weight_digests
 
 FORMAT = "kvzip-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this release reads and writes
+# Format 2 adds fp8 kept pairs (`key_scales` / `value_scales` per layer). A file without them is written as format 1,
+# which every earlier release reads; only fp8 files are format 2 (older readers refuse them, saying to upgrade).
 
 
 def _crc(tensor: torch.Tensor) -> str:
@@ -67,14 +69,14 @@ def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
         layers.append({"kind": kind, "length": layer.context_length if kind == FULL else layer.cumulative_length})
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     level, ratio = cache.compressed_with
-    dtype = next(t for name, t in tensors.items() if name.endswith(".keys")).dtype
+    store = next(cache.layers[idx].context for idx in cache.compressible_layers)
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if store.is_fp8 else 1),
         "library_version": __version__,
         "fingerprint": cache.fingerprint,
         "config": json.dumps(cache.config_fields),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(store.dtype).removeprefix("torch."),  # the model's: what the pairs are read in
         "level": level,
         "ratio": repr(float(ratio)),
         "score_source": cache.score_source or "",
@@ -82,6 +84,8 @@ def save_cache(cache, path: str | os.PathLike, *, scores: bool = True) -> Path:
         "layers": json.dumps(layers),
         "crc32": json.dumps({name: _crc(tensor) for name, tensor in tensors.items()}),
     }
+    if store.is_fp8:
+        metadata["kv_dtype"] = str(store.keys.dtype).removeprefix("torch.")
     # Optional keys: a reader of this format version that finds none skips the checks (no version bump needed).
     if cache.weight_digests is not None:
         metadata["weights"] = json.dumps(cache.weight_digests)
@@ -122,6 +126,8 @@ class SavedContext:
         compressed_with: ``(level, ratio)``; score_source: where the scores came from.
         weight_digests: the loading model's digests (checked against the file's when it has them).
         tokenizer_fields: the tokenizer the context was scored with, or None.
+        kv_dtype: float8 e4m3fn for a file of fp8 kept pairs, else None.
+        dtype: the dtype the kept pairs are read in (the model's).
     """
 
     layers: list[tuple[str, dict[str, torch.Tensor], int]]
@@ -134,14 +140,16 @@ class SavedContext:
     score_source: str | None
     weight_digests: dict[str, int] | None
     tokenizer_fields: dict | None
+    kv_dtype: torch.dtype | None = None
+    dtype: torch.dtype | None = None
 
 
 def read_cache(path: str | os.PathLike, cache, model, *, device=None, dtype: torch.dtype | None = None,
                verify: bool = True) -> SavedContext:
     """Read the file at ``path`` for the new, empty ``cache`` (made for ``model``); nothing of ``cache`` changes.
 
-    ``device``: where the tensors go (default: the model's device); ``dtype``: the keys' and values' dtype (default:
-    the saved one). ``verify``: check every tensor's CRC-32 (reads each once more; off only for trusted files).
+    ``device``: where the tensors go (default: the model's device); ``dtype``: the dtype the keys and values are read
+    in (default: the saved one; the pairs of an fp8 file stay fp8 and are read in ``dtype``). ``verify``: check every tensor's CRC-32 (reads each once more; off only for trusted files).
     Raises ValueError, naming what is wrong, for a file that is not a kvzip cache, is truncated or corrupted, was
     written by a newer format, or was made for another model (architecture, or weights: a sample of them).
     """
@@ -178,9 +186,11 @@ def read_cache(path: str | os.PathLike, cache, model, *, device=None, dtype: tor
     for idx, entry in enumerate(entries):
         prefix = f"layers.{idx}."
         state = {name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items() if name.startswith(prefix)}
-        if dtype is not None:
+        fp8 = "key_scales" in state
+        if dtype is not None and not fp8:
             state.update({name: state[name].to(dtype) for name in ("keys", "values")})
         layers.append((entry["kind"], state, entry["length"]))
+    read_dtype = dtype or getattr(torch, metadata["dtype"])
     return SavedContext(
         layers=layers,
         input_ids=tensors["input_ids"].to(device),
@@ -192,6 +202,8 @@ def read_cache(path: str | os.PathLike, cache, model, *, device=None, dtype: tor
         score_source=metadata["score_source"] or None,
         weight_digests=digests,  # checked above when the file has them; else this model is taken as given
         tokenizer_fields=json.loads(metadata["tokenizer"]) if "tokenizer" in metadata else None,
+        kv_dtype=getattr(torch, metadata["kv_dtype"]) if "kv_dtype" in metadata else None,
+        dtype=read_dtype,
     )
 
 

@@ -169,8 +169,9 @@ def segment_attention(
     for b, src in enumerate(kv.src_rows):
         for h in range(ctx.num_heads):
             start, end = offsets[src * ctx.num_heads + h], offsets[src * ctx.num_heads + h + 1]
-            keys = torch.cat([ctx.keys[start:end], kv.tail_keys[b, h]])[None, None]  # [1, 1, kept + t, D]
-            values = torch.cat([ctx.values[start:end], kv.tail_values[b, h]])[None, None]
+            kept_keys, kept_values = ctx.read(slice(start, end), kv.tail_keys.dtype)
+            keys = torch.cat([kept_keys, kv.tail_keys[b, h]])[None, None]  # [1, 1, kept + t, D]
+            values = torch.cat([kept_values, kv.tail_values[b, h]])[None, None]
             valid = None
             if tail_valid is not None:
                 valid = torch.cat([tail_valid.new_ones(end - start), tail_valid[b]])[None]
@@ -221,7 +222,7 @@ def ragged_attention(
             start, end = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
             if end == start:
                 continue  # this head kept no context pair
-            seg_out, seg_lse = attend(grouped[index, h], ctx.keys[start:end], ctx.values[start:end], scaling)
+            seg_out, seg_lse = attend(grouped[index, h], *ctx.read(slice(start, end), torch.float32), scaling)
             out[index, h] = merge_attention(seg_out, seg_lse, out[index, h], lse[index, h])
     return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
 
@@ -249,7 +250,7 @@ def _static_context_attention(grouped: torch.Tensor, kv: RaggedKV, scaling: floa
     slots = torch.arange(max(ctx.max_seqlen, 1), device=grouped.device)
     valid = slots < length[..., None]  # [B, H, L]
     index = (start[..., None] + slots).clamp(max=ctx.keys.shape[0] - 1)
-    keys, values = ctx.keys[index], ctx.values[index]  # [B, H, L, D]
+    keys, values = ctx.read(index, torch.float32)  # [B, H, L, D]
     return attend(grouped, keys.unsqueeze(2), values.unsqueeze(2), scaling, valid[:, :, None, None, :])
 
 

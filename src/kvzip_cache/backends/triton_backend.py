@@ -1,8 +1,8 @@
 """CUDA backend: Triton kernels for the compressed context and for scoring; SDPA for dense attention.
 
 - ragged: `ragged_attention_with_tail`: split-K over each (row, KV head)'s kept pairs (GQA group folded into the
-  query rows; rows sharing one compressed context stacked too, so it is read once), then one kernel for the dense
-  tail and the log-sum-exp merge (two launches per layer).
+  query rows; rows sharing one compressed context stacked too, so it is read once; fp8 pairs dequantized in
+  registers), then one kernel for the dense tail and the log-sum-exp merge (two launches per layer).
 - scoring: the output through SDPA; the scores through `restricted_max_scores_triton` (two tiled passes, no
   ``[q, keys]`` matrix in memory). KVzip+ scores use the reference's PyTorch function (no kernel).
 - dense: the reference's (SDPA, with a lower-right causal bias instead of a materialised mask when unpadded).
@@ -51,7 +51,7 @@ def ragged_attention(
         return ragged_attention_with_tail(
             grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
             kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
-            share=kv.share if shared else 1,
+            share=kv.share if shared else 1, key_scales=ctx.key_scales, value_scales=ctx.value_scales,
         )
 
 

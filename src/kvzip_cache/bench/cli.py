@@ -35,6 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiled", action="store_true",
                         help="compiled decoding instead: StaticCache + torch.compile vs a static KVzip cache "
                              "(kvzip_cache.bench.compiled)")
+    parser.add_argument("--baselines", nargs="+", default=None,
+                        choices=("dynamic-eager", "static-compiled", "quantized-fp8-eager"),
+                        help="with --compiled: the full-cache rows to run (default: dynamic-eager and static-compiled, "
+                             "and quantized-fp8-eager when --kv-dtypes has fp8)")
+    parser.add_argument("--no-generate", action="store_true",
+                        help="with --compiled: skip timing model.generate on the static KVzip cache (a second compile)")
+    parser.add_argument("--kv-dtypes", nargs="+", choices=("model", "fp8"), default=["model"],
+                        help="with --compiled: the KVzip rows once per storage type of the kept pairs (fp8: float8 "
+                             "with a scale per pair, beside transformers' own fp8 QuantizedCache on the full context)")
     parser.add_argument("--predictor", choices=PREDICTOR_KINDS, default=None,
                         help="also the rows of a score predictor of this kind (random weights): predicted compress "
                              "and prefill with eviction (see predictor_rows)")

@@ -8,8 +8,12 @@ For every (context, batch) that fits, one row per method, decode ms/token measur
 - ``dynamic-eager``: `DynamicCache` + SDPA, eager (transformers' default);
 - ``static-compiled``: `StaticCache` + SDPA, ``torch.compile(model.forward, mode="reduce-overhead")`` (the fastest
   HF-native decoding: CUDA graphs);
+- ``quantized-fp8-eager``: transformers' own `QuantizedCache(backend="fp8")` on the full context (per-tensor fp8,
+  dequantized whole at every step), eager, where the installed transformers has it;
 - ``kvzip-eager``: `KVzipCache` compressed to ``ratio``, eager;
-- ``kvzip-compiled``: the same cache after `KVzipCache.make_static`, the same compiled forward as StaticCache.
+- ``kvzip-compiled``: the same cache after `KVzipCache.make_static`, the same compiled forward as StaticCache;
+- ``kvzip-fp8-eager`` / ``kvzip-fp8-compiled``: the same with the kept pairs stored in fp8
+  (``compress(..., kv_dtype="fp8")``), when ``--kv-dtypes`` includes ``fp8``.
 
 Beside each: the physical floor ``(weight bytes + KV bytes read per step) / copy bandwidth``. For KVzip it also
 checks that greedy tokens from the compiled static cache equal those of the eager compressed cache, and times
@@ -37,6 +41,16 @@ def _prefill_static(model, cache, ids: torch.Tensor, chunk: int) -> None:
             hi = min(lo + chunk, ids.shape[1])
             model(input_ids=ids[:, lo:hi], position_ids=torch.arange(lo, hi, device=ids.device)[None].expand(
                 ids.shape[0], -1), use_cache=True, logits_to_keep=1, **{kwarg: cache})
+
+
+def _fp8_quantized_cache(config):
+    """transformers' `QuantizedCache(backend="fp8")` for ``config``, or None where the installed version lacks it."""
+    try:
+        from transformers import QuantizedCache
+
+        return QuantizedCache("fp8", config)
+    except (ImportError, ValueError, TypeError):
+        return None
 
 
 def run_compiled(args) -> dict:
@@ -74,72 +88,91 @@ def run_compiled(args) -> dict:
             ask = torch.randint(10, config.vocab_size, (batch, args.question_tokens), device=device)
             start = context + args.question_tokens
 
-            # ---- baselines on the full cache: eager DynamicCache, compiled StaticCache
+            # ---- baselines on the full cache: eager DynamicCache, compiled StaticCache, transformers' fp8 cache
             model.set_attn_implementation("sdpa")
-            for method in ("dynamic-eager", "static-compiled"):
+            baselines = getattr(args, "baselines", None) or ["dynamic-eager", "static-compiled"] + (
+                ["quantized-fp8-eager"] if "fp8" in (getattr(args, "kv_dtypes", None) or []) else [])
+            for method in baselines:
+                if method.startswith("quantized") and _fp8_quantized_cache(config) is None:
+                    print(f"skip {method}: this transformers has no QuantizedCache(backend='fp8')")
+                    continue
                 compiled = method.endswith("compiled")
                 cache = (StaticCache(config=config, max_cache_len=context + room) if compiled
+                         else _fp8_quantized_cache(config) if method.startswith("quantized")
                          else DynamicCache(config=config))
                 _prefill_static(model, cache, ids, args.prefill_chunk)
                 token, position = question_step(model, cache, ask, context)
                 forward = compiled_forward(model) if compiled else model
-                row = Row(method, context, batch, kv_gb=kv_per_token * context * batch / GB)
+                per_element = 1 if method.startswith("quantized") else dtype.itemsize  # fp8: 1 byte per element
+                row = Row(method, context, batch, kv_gb=kv_per_token / dtype.itemsize * per_element * context * batch
+                          / GB)
                 began = time.perf_counter()
                 timed_steps(forward, model, cache, token, position, 1, warmup=2)  # compile + record the graph
                 row.compile_s = time.perf_counter() - began if compiled else float("nan")
                 torch.cuda.reset_peak_memory_stats()
                 row.decode_ms, _ = timed_steps(forward, model, cache, token, position + 3, steps)
                 row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
-                row.floor_ms = floor(kv_per_token * (context + room) * batch)
+                row.floor_ms = floor(kv_per_token / dtype.itemsize * per_element * (context + room) * batch)
                 record(row)
                 del cache, forward
                 gc.collect()
                 torch.cuda.empty_cache()
 
-            # ---- KVzip: eager compressed cache, then the same cache made static and compiled
+            # ---- KVzip: eager compressed cache, then the same cache made static and compiled; per storage type
             model.set_attn_implementation("kvzip")
-            cache = KVzipCache(model)
-            cache.prefill(model, ids, context_start=16, chunk_size=args.prefill_chunk)
-            for ratio in args.ratios:
-                cache.compress(model, ratio, tokenizer=NoTemplateTokenizer(), chunk_size=args.score_chunk)
-                kept_kv = cache.kv_bytes()
-                token, position = question_step(model, cache, ask, context)
-                row = Row("kvzip-eager", context, batch, ratio, kv_gb=kept_kv / GB)
-                torch.cuda.reset_peak_memory_stats()
-                row.decode_ms, eager_tokens = timed_steps(model, model, cache, token, position, steps, warmup=0)
-                row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
-                row.floor_ms = floor(kept_kv)
-                record(row)
-                cache.rollback()
-
-            cache.make_static(room)
-            token, position = question_step(model, cache, ask, context)
-            forward = compiled_forward(model)
-            row = Row("kvzip-compiled", context, batch, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
-            began = time.perf_counter()
-            _, warm_tokens = timed_steps(forward, model, cache, token, position, 1, warmup=2)
-            row.compile_s = time.perf_counter() - began
-            cache.rollback()
-            token, position = question_step(model, cache, ask, context)
-            torch.cuda.reset_peak_memory_stats()
-            row.decode_ms, compiled_tokens = timed_steps(forward, model, cache, token, position, steps, warmup=0)
-            row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
-            row.floor_ms = floor(cache.kv_bytes())
-            same = torch.cat(compiled_tokens, 1) == torch.cat(eager_tokens, 1)
-            first = int((~same.all(0)).nonzero()[0]) if not bool(same.all()) else same.shape[1]
-            row.notes.append(f"greedy vs eager KVzip: {first}/{same.shape[1]} leading tokens identical in all rows")
-            cache.rollback()
-            try:
-                # generate compiles its decode steps itself: the warm-up call inside pays the compilation
-                row.generate_ms = generate_ms(model, cache, torch.cat([ids, ask], 1), None, steps, cache.rollback)
-            except Exception as error:  # noqa: BLE001 - report, keep the other figures
-                row.notes.append(f"generate failed: {type(error).__name__}: {error}"[:300])
-            record(row)
-            del cache, forward
-            torch._dynamo.reset()
-            gc.collect()
-            torch.cuda.empty_cache()
+            for kv_dtype in getattr(args, "kv_dtypes", None) or ["model"]:
+                _kvzip_rows(args, model, ids, ask, context, batch, room, steps, floor, record,
+                            None if kv_dtype == "model" else kv_dtype)
     return result_record(args, weight_bytes, bandwidth, rows)
+
+
+def _kvzip_rows(args, model, ids, ask, context: int, batch: int, room: int, steps: int, floor, record,
+                kv_dtype: str | None) -> None:
+    """The eager rows of every ratio and the compiled row of the last one, the kept pairs stored as ``kv_dtype``."""
+    name = "kvzip" if kv_dtype is None else f"kvzip-{kv_dtype}"
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=16, chunk_size=args.prefill_chunk)
+    for ratio in args.ratios:
+        cache.compress(model, ratio, tokenizer=NoTemplateTokenizer(), chunk_size=args.score_chunk,
+                       kv_dtype=kv_dtype)
+        kept_kv = cache.kv_bytes()
+        token, position = question_step(model, cache, ask, context)
+        row = Row(f"{name}-eager", context, batch, ratio, kv_gb=kept_kv / GB)
+        torch.cuda.reset_peak_memory_stats()
+        row.decode_ms, eager_tokens = timed_steps(model, model, cache, token, position, steps, warmup=0)
+        row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
+        row.floor_ms = floor(kept_kv)
+        record(row)
+        cache.rollback()
+
+    cache.make_static(room)
+    token, position = question_step(model, cache, ask, context)
+    forward = compiled_forward(model)
+    row = Row(f"{name}-compiled", context, batch, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
+    began = time.perf_counter()
+    _, warm_tokens = timed_steps(forward, model, cache, token, position, 1, warmup=2)
+    row.compile_s = time.perf_counter() - began
+    cache.rollback()
+    token, position = question_step(model, cache, ask, context)
+    torch.cuda.reset_peak_memory_stats()
+    row.decode_ms, compiled_tokens = timed_steps(forward, model, cache, token, position, steps, warmup=0)
+    row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
+    row.floor_ms = floor(cache.kv_bytes())
+    same = torch.cat(compiled_tokens, 1) == torch.cat(eager_tokens, 1)
+    first = int((~same.all(0)).nonzero()[0]) if not bool(same.all()) else same.shape[1]
+    row.notes.append(f"greedy vs eager KVzip: {first}/{same.shape[1]} leading tokens identical in all rows")
+    cache.rollback()
+    try:
+        # generate compiles its decode steps itself: the warm-up call inside pays the compilation
+        if not getattr(args, "no_generate", False):
+            row.generate_ms = generate_ms(model, cache, torch.cat([ids, ask], 1), None, steps, cache.rollback)
+    except Exception as error:  # noqa: BLE001 - report, keep the other figures
+        row.notes.append(f"generate failed: {type(error).__name__}: {error}"[:300])
+    record(row)
+    del cache, forward
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def write_compiled_report(result: dict, out) -> None:

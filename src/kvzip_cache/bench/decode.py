@@ -34,11 +34,12 @@ def kernel_bandwidth(cache: KVzipCache, model, batch: int) -> float:
     ctx = cache.layers[cache.compressible_layers[0]].context
     config = model.config
     group = config.num_attention_heads // config.num_key_value_heads
-    query = torch.randn(batch, ctx.num_heads, group, ctx.keys.shape[-1], device=ctx.keys.device, dtype=ctx.keys.dtype)
+    query = torch.randn(batch, ctx.num_heads, group, ctx.keys.shape[-1], device=ctx.keys.device, dtype=ctx.dtype)
     src = torch.arange(batch, dtype=torch.int32, device=ctx.keys.device)
     ms = triton.testing.do_bench_cudagraph(
         lambda: ragged_context_partials(query, ctx.keys, ctx.values, ctx.cu_seqlens, src, ctx.max_seqlen,
-                                        ctx.keys.shape[-1] ** -0.5),
+                                        ctx.keys.shape[-1] ** -0.5, key_scales=ctx.key_scales,
+                                        value_scales=ctx.value_scales),
         rep=50,
     )
     return ctx.kv_bytes() / (ms / 1e3) / GB

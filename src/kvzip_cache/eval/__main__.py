@@ -6,7 +6,7 @@ import argparse
 
 from ..zoo.loading import DTYPES, model_source, resolve_device, resolve_dtype
 from .methods import DEFAULT_METHODS, METHODS
-from .runner import EvalConfig, labels, run_eval
+from .runner import KV_DTYPES, EvalConfig, labels, run_eval
 from .tasks import TASKS, is_user_task, jsonl_contexts
 
 
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--paired-reference", default=None, metavar="METHOD",
                         help="the summary's paired tables give each method minus this one on the same questions "
                              "(default: kvzip when in --methods, else full, else the first method)")
+    parser.add_argument("--kv-dtype", "--kv-dtypes", nargs="+", default=["model"], choices=KV_DTYPES, dest="kv_dtypes",
+                        metavar="KV_DTYPE",
+                        help="how the kept pairs are stored, one run of every compressing method each: 'model' (the "
+                             "model's dtype) and/or 'fp8' (float8 e4m3, a scale per pair; rows '<method> fp8')")
     config = EvalConfig(**vars(parser.parse_args(argv)))
     # The user's mistakes, said before anything loads: device, dtype, model folder, task names and files.
     try:

@@ -71,9 +71,13 @@ def method_scorer(method: str, *, seed: int = 0, kvzip_scores: torch.Tensor | No
 def sweep(
     method: str, model, tokenizer, cache: KVzipCache, ratios: list[float], *, seed: int = 0,
     kvzip_scores: torch.Tensor | None = None, head_scores: torch.Tensor | None = None,
-    predictor: ScorePredictor | None = None,
+    predictor: ScorePredictor | None = None, kv_dtype: str | None = None,
 ) -> Iterator[float]:
     """Compress ``cache`` in place to each ratio (largest first) and yield the ratio once it is applied.
+
+    ``kv_dtype``: how the kept pairs are stored (``"fp8"``, or None for the model's dtype). The scores are the same
+    either way, and a re-selection from an fp8 store is bit-identical to quantizing that selection, so the sweep
+    quantizes once, at its first ratio.
 
     See `method_scorer` for the keyword arguments. ``predicted-prefill`` does not compress the prefilled ``cache``:
     for every ratio it resets it and prefills the same ids again with ``predictor`` and that ratio,
@@ -92,12 +96,13 @@ def sweep(
         for ratio in ratios:
             cache.reset()
             cache.prefill(model, ids, mask, context_start=starts, chunk_size=PREDICTED_PREFILL_CHUNK,
-                          scorer=predictor, ratio=ratio, budget=PREFILL_BUDGETS[method])
+                          scorer=predictor, ratio=ratio, budget=PREFILL_BUDGETS[method], kv_dtype=kv_dtype)
             yield ratio
         return
     scorer, level = method_scorer(method, seed=seed, kvzip_scores=kvzip_scores, head_scores=head_scores,
                                   predictor=predictor)
-    cache.compress(model, 1.0, scorer=scorer, level=level, tokenizer=tokenizer)  # scores once; evicts nothing
+    cache.compress(model, 1.0, scorer=scorer, level=level, tokenizer=tokenizer,  # scores once; evicts nothing
+                   kv_dtype=kv_dtype)
     streaming = _streaming_window(cache) if method == "kvzip-head-duo" else None
     for ratio in ratios:
         if streaming is not None:  # the dropped heads keep their streaming window (selected among what is kept)

@@ -8,8 +8,10 @@ a batch asks all its questions in one ``generate`` through the shared-context ro
 rows ``c*R .. c*R+R-1`` ask about context ``c``; a context with fewer than ``R`` pending questions repeats its last
 one, whose extra answers are dropped). With ``decode_ratios``, every (method, ratio) is also answered once per
 decode ratio with `KVzipCache.evict_while_decoding` (the run's predictor, ``decode_window``): the answer itself is
-compressed as it grows; those rows are labelled ``"<method> +decode <r>"`` (`method_label`). Rows go to ``results.jsonl`` as they are produced, so an interrupted run
-resumes where it stopped.
+compressed as it grows; those rows are labelled ``"<method> +decode <r>"`` (`method_label`). With ``kv_dtypes``
+including ``"fp8"``, every compressing method also runs with its kept pairs stored in fp8 (``compress(...,
+kv_dtype="fp8")``), labelled ``"<method> fp8"``. Rows go to ``results.jsonl`` as they are produced, so an interrupted
+run resumes where it stopped.
 
 The summary's intervals resample contexts, not questions (`cell_stats`): the questions of one context share its
 compressed cache and are not independent. Each method is also compared with a reference method on the same
@@ -62,23 +64,38 @@ class EvalConfig:
     decode_window: int = 128  # evict_while_decoding's window (tokens per eviction, recent tokens always kept)
     paired_reference: str | None = None  # the summary's paired differences are against it; None: kvzip when run,
     # else full, else the first method (`paired_reference`)
+    kv_dtypes: list[str] = field(default_factory=lambda: ["model"])  # how kept pairs are stored: "model", "fp8"
 
 
 DECODE_TAG = " +decode "
+FP8_TAG = " fp8"
+KV_DTYPES = ("model", "fp8")  # the model's dtype; float8 e4m3 with a scale per pair (`compress(kv_dtype="fp8")`)
 
 
-def method_label(method: str, decode_ratio: float | None = None) -> str:
-    """The ``method`` of a result row: the method, with ``" +decode <r>"`` when it also evicted while decoding."""
-    return method if decode_ratio is None else f"{method}{DECODE_TAG}{decode_ratio:g}"
+def method_label(method: str, decode_ratio: float | None = None, kv_dtype: str = "model") -> str:
+    """The ``method`` of a result row: the method, with ``" fp8"`` when its kept pairs were stored in fp8 and
+    ``" +decode <r>"`` when it also evicted while decoding."""
+    label = method + (FP8_TAG if kv_dtype == "fp8" else "")
+    return label if decode_ratio is None else f"{label}{DECODE_TAG}{decode_ratio:g}"
+
+
+def _kv_dtypes(method: str, config: EvalConfig) -> list[str]:
+    """The storage types a method runs with: ``full`` keeps the model's dtype (it never compresses)."""
+    return ["model"] if method == "full" else list(config.kv_dtypes)
+
+
+def _variants(method: str, config: EvalConfig) -> list[tuple[str, float | None]]:
+    """``(kv_dtype, decode_ratio)`` of every row label of ``method``."""
+    return [(k, d) for k in _kv_dtypes(method, config) for d in (None, *config.decode_ratios)]
 
 
 def labels(config: EvalConfig) -> list[str]:
-    """Every row label of a run: each method without, then with each of ``config.decode_ratios``."""
-    return [method_label(m, d) for m in config.methods for d in (None, *config.decode_ratios)]
+    """Every row label of a run: each method in each storage type, without, then with each decode ratio."""
+    return [method_label(m, d, k) for m in config.methods for k, d in _variants(m, config)]
 
 
 def _base_method(label: str) -> str:
-    return label.split(DECODE_TAG)[0]
+    return label.split(DECODE_TAG)[0].removesuffix(FP8_TAG)
 
 
 def row_key(row: dict) -> tuple:
@@ -162,8 +179,9 @@ def evaluate_contexts(
     """Prefill ``contexts`` as one left-padded batch, then run every method's ratio sweep on a copy of that dense
     cache, asking each context's pending questions (one by one for a single context when ``batch_contexts`` is 1,
     else all at once with `answer_shared`)."""
-    methods = [m for m in config.methods if any(_pending(task, c, m, config, done) for c in contexts)]
-    if not methods:
+    runs = [(m, k) for m in config.methods for k in _kv_dtypes(m, config)
+            if any(_pending(task, c, m, config, done, k) for c in contexts)]
+    if not runs:
         return
     device = next(model.parameters()).device
     ids, mask, starts = (t.to(device) for t in encode_contexts(tokenizer, [c.text for c in contexts]))
@@ -173,12 +191,13 @@ def evaluate_contexts(
     kvzip_scores = None
     max_new_tokens = config.max_new_tokens or task_max_new_tokens(task)
     one_by_one = len(contexts) == 1 and _batch_contexts(config, device) == 1
-    for method in methods:
+    for method, kv_dtype in runs:
         cache = copy.deepcopy(base)
         for ratio in sweep(method, model, tokenizer, cache, _ratios(method, config), seed=config.seed,
-                           kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor):
+                           kvzip_scores=kvzip_scores, head_scores=head_scores, predictor=predictor,
+                           kv_dtype=None if kv_dtype == "model" else kv_dtype):
             for decode_ratio in (None, *config.decode_ratios):
-                label = method_label(method, decode_ratio)
+                label = method_label(method, decode_ratio, kv_dtype)
                 pending = [[q for q in c.questions if (task, c.cid, q.qid, label, float(ratio)) not in done]
                            for c in contexts]
                 if not any(pending):
@@ -229,9 +248,11 @@ def _ratios(method: str, config: EvalConfig) -> list[float]:
     return [1.0] if method == "full" else config.ratios
 
 
-def _pending(task: str, context: Context, method: str, config: EvalConfig, done: set) -> bool:
-    """Whether any row of ``method`` (with or without decode eviction) is still to do for ``context``."""
-    return any((task, context.cid, q.qid, method_label(method, d), float(r)) not in done
+def _pending(task: str, context: Context, method: str, config: EvalConfig, done: set, kv_dtype: str = "model",
+             ) -> bool:
+    """Whether any row of ``method`` stored as ``kv_dtype`` (with or without decode eviction) is still to do for
+    ``context``."""
+    return any((task, context.cid, q.qid, method_label(method, d, kv_dtype), float(r)) not in done
                for q in context.questions for r in _ratios(method, config) for d in (None, *config.decode_ratios))
 
 
@@ -314,9 +335,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None) -> list[dict]:
                                                       config.max_questions, config.seed) for task in config.tasks}
     batch = _batch_contexts(config, next(model.parameters()).device)
     expected = {
-        (task, c.cid, q.qid, method_label(m, d), float(r))
+        (task, c.cid, q.qid, method_label(m, d, k), float(r))
         for task, cs in contexts.items() for c in cs for q in c.questions for m in config.methods
-        for r in _ratios(m, config) for d in (None, *config.decode_ratios)
+        for r in _ratios(m, config) for k, d in _variants(m, config)
     }
     bar = tqdm(total=len(expected), initial=len(expected & done), desc="eval", unit="q")
     with path.open("a") as handle, bar:

@@ -11,6 +11,12 @@ Any head_dim from 16 to 256: tiles are ``BLOCK_D = next_power_of_2(head_dim)`` w
 two); when that pads (96 -> 128, 80 -> 128, 192 -> 256), loads are masked to the real ``HEAD_DIM`` with 0 (padded
 lanes add nothing to the dot products) and so are stores. A power-of-two head_dim compiles exactly as without padding.
 
+fp8 stores (`CompressedContext.to_fp8`): keys and values are float8 e4m3 with one float32 scale per pair. The split
+kernel converts each fp8 tile to the query's dtype in registers and folds the scales in where they cost least: the
+key scale multiplies the ``[M, BLOCK_N]`` logits, the value scale the probabilities before the ``P @ V`` product
+(``sum_n p_n * (s_n * v_n) = sum_n (p_n * s_n) * v_n``), so no dequantized ``[BLOCK_N, D]`` tile is ever scaled or
+written. The dense tail is never fp8, so the tail-merge kernel is unchanged.
+
 Reference: `ragged_context_attention_reference` (plain PyTorch); tests compare the two on awkward shapes.
 """
 
@@ -32,6 +38,8 @@ def ragged_context_attention_reference(
     offsets: tuple[int, ...],
     src_rows: tuple[int, ...],
     scaling: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference.
 
@@ -42,20 +50,24 @@ def ragged_context_attention_reference(
         offsets: ``S + 1`` host ints, segment ``s`` is ``keys[offsets[s]:offsets[s+1]]``.
         src_rows: B host ints.
         scaling: softmax scale.
+        key_scales: None, or ``[N]`` float32 (fp8 keys): key ``n`` is ``keys[n] * key_scales[n]``.
+        value_scales: None, or ``[N]`` float32, the same for values.
 
     Returns:
         ``(out [B, H, M, D] float32, lse [B, H, M] float32)``; empty segments give out 0 and lse -inf.
     """
     batch, num_heads, rows, head_dim = query.shape
+    keys = keys.float() if key_scales is None else keys.float() * key_scales[:, None]
+    values = values.float() if value_scales is None else values.float() * value_scales[:, None]
     out = torch.zeros(batch, num_heads, rows, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((batch, num_heads, rows), float("-inf"), dtype=torch.float32, device=query.device)
     for b, src in enumerate(src_rows):
         for h in range(num_heads):
             lo, hi = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
             if hi > lo:
-                logits = query[b, h].float() @ keys[lo:hi].float().T * scaling
+                logits = query[b, h].float() @ keys[lo:hi].T * scaling
                 lse[b, h] = torch.logsumexp(logits, dim=-1)
-                out[b, h] = torch.softmax(logits, dim=-1) @ values[lo:hi].float()
+                out[b, h] = torch.softmax(logits, dim=-1) @ values[lo:hi]
     return out, lse
 
 
@@ -87,15 +99,20 @@ if triton is not None:
         return mask
 
     @triton.jit
-    def _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE: tl.constexpr):
+    def _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE: tl.constexpr,
+                              k_scale=None, v_scale=None, SCALED: tl.constexpr = False):
         """One key block of an online softmax: returns the updated (running max, running sum, accumulator).
 
-        A row whose keys are all masked so far keeps max -inf, sum 0 and accumulator 0 (no NaN).
+        ``SCALED``: ``k`` and ``v`` are the raw rows of an fp8 store (already converted to the query's dtype) and
+        ``k_scale`` / ``v_scale`` (``[BLOCK_N]`` float32) their per-pair scales, applied to the logits and to the
+        probabilities. A row whose keys are all masked so far keeps max -inf, sum 0 and accumulator 0 (no NaN).
         """
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if SCALED:
+            s = s * k_scale[None, :]
         # float32 whatever type the scale arrives as (torch.compile passes Python floats to user kernels as fp64)
         s = tl.where(allowed, (s * scaling).to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -103,6 +120,8 @@ if triton is not None:
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if SCALED:
+            p = p * v_scale[None, :]  # the running sum above took the unscaled probabilities
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -111,14 +130,14 @@ if triton is not None:
 
     @triton.jit
     def _ragged_split_kernel(
-        Q, K, V, CU, SRC, O, LSE,
+        Q, K, V, KS, VS, CU, SRC, O, LSE,
         scaling,
         stride_qb, stride_qh, stride_qm,
         stride_ob, stride_oh, stride_os, stride_om,
         stride_lb, stride_lh, stride_ls,
         num_heads, rows, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, SCALED: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -150,7 +169,13 @@ if triton is not None:
             kv_mask = _dim_mask(valid[:, None], offs_d, HEAD_DIM, PAD_D)
             k = tl.load(K + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + n_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-            m_i, l_i, acc = _online_softmax_block(q, k, v, valid[None, :], scaling, m_i, l_i, acc, IEEE)
+            if SCALED:  # an fp8 store: convert in registers, scale logits and probabilities
+                k_scale = tl.load(KS + n_idx, mask=valid, other=0.0)
+                v_scale = tl.load(VS + n_idx, mask=valid, other=0.0)
+                m_i, l_i, acc = _online_softmax_block(q, k.to(q.dtype), v.to(q.dtype), valid[None, :], scaling,
+                                                      m_i, l_i, acc, IEEE, k_scale, v_scale, SCALED=True)
+            else:
+                m_i, l_i, acc = _online_softmax_block(q, k, v, valid[None, :], scaling, m_i, l_i, acc, IEEE)
 
         has_keys = l_i > 0
         out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -266,13 +291,17 @@ def ragged_context_partials(
     num_stages: int = 2,
     split_factor: int = 4,
     poison: bool = False,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split attention over the compressed context (not yet merged).
 
     Args:
         query: ``[B, H, M, D]`` (M = GQA group x query positions); last dim contiguous.
-        keys: ``[N, D]`` contiguous, bf16/fp16/fp32.
+        keys: ``[N, D]`` contiguous, bf16/fp16/fp32, or float8 e4m3 with ``key_scales``.
         values: ``[N, D]``, like ``keys``.
+        key_scales: None, or ``[N]`` float32 for fp8 keys (key ``n`` is ``keys[n] * key_scales[n]``).
+        value_scales: None, or ``[N]`` float32 for fp8 values.
         cu_seqlens: ``[S + 1]`` int32 on the device.
         src_rows: ``[B]`` int32 on the device.
         max_seqlen: a bound on the longest segment (host int; caps the number of splits without a device sync).
@@ -290,7 +319,7 @@ def ragged_context_partials(
     block_d = head_dim_block(head_dim)
     # At most 64 KB of K+V tile per pipeline stage, so that two stages fit in shared memory with room to spare (the
     # tiles are BLOCK_D wide: padded lanes take shared memory too; this also keeps block_n a power of two).
-    block_n = min(block_n, 32768 // (block_d * keys.element_size()))
+    block_n = min(block_n, 32768 // (block_d * max(keys.element_size(), query.element_size())))  # fp8 tiles widen
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads, max_seqlen, _sm_count(query.device), block_n, split_factor)
     num_splits = max(1, min(num_splits, -(-max(max_seqlen, 1) // block_n)))  # no split shorter than a key block
@@ -298,15 +327,17 @@ def ragged_context_partials(
     out = fill((batch, num_heads, num_splits, rows, head_dim), float("nan"), dtype=torch.float32, device=query.device)
     lse = fill((batch, num_heads, num_splits, rows), float("nan"), dtype=torch.float32, device=query.device)
     grid = (batch * num_heads, num_splits, triton.cdiv(rows, block_m))
+    scaled = key_scales is not None
     _ragged_split_kernel[grid](
-        query, keys, values, cu_seqlens, src_rows, out, lse,
+        query, keys, values, key_scales if scaled else keys, value_scales if scaled else values,  # dummies unscaled
+        cu_seqlens, src_rows, out, lse,
         scaling,
         query.stride(0), query.stride(1), query.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         num_heads, rows, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=keys.dtype == torch.float32,
-        num_warps=num_warps if block_d <= 128 else 8, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
+        SCALED=scaled, num_warps=num_warps if block_d <= 128 else 8, num_stages=num_stages,
     )
     return out, lse
 
@@ -390,7 +421,7 @@ def ragged_attention_with_tail(
         num_heads, rows, q_len, group, tail_len, out_part.shape[2], share,
         HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
         HAS_VALID=tail_valid is not None, HAS_END=tail_end is not None,
-        IEEE=keys.dtype == torch.float32, num_warps=4,
+        IEEE=query.dtype == torch.float32, num_warps=4,
     )
     return out
 

