@@ -29,9 +29,9 @@ run_notebooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_notebooks)
 
 
-# The two longest (97 s and 65 s of the default run's 13 minutes on 2 cores) run under -m slow: what they show is
-# tested directly by tests/test_decode_eviction.py and tests/test_shared.py.
-SLOW = {"long_answers", "many_questions"}
+# The three longest (97 s, 65 s and 81 s of the default run's 13 to 14 minutes on 2 cores) run under -m slow: what
+# they show is tested directly by tests/test_decode_eviction.py, tests/test_shared.py and tests/test_eval.py.
+SLOW = {"long_answers", "many_questions", "small_evaluation"}
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS]
 
 
