@@ -29,9 +29,10 @@ run_notebooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_notebooks)
 
 
-# The three longest (97 s, 65 s and 81 s of the default run's 13 to 14 minutes on 2 cores) run under -m slow: what
-# they show is tested directly by tests/test_decode_eviction.py, tests/test_shared.py and tests/test_eval.py.
-SLOW = {"long_answers", "many_questions", "small_evaluation"}
+# The five longest (97, 65, 81, 64 and 58 s on 2 cores) run under -m slow, so that the default run stays well under
+# 15 minutes: what they show is tested directly by tests/test_decode_eviction.py, tests/test_shared.py,
+# tests/test_eval.py, tests/test_head_scores.py and the left-padded batch tests of tests/test_cache_behaviour.py.
+SLOW = {"long_answers", "many_questions", "small_evaluation", "head_level", "batch_of_documents"}
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS]
 
 

@@ -221,6 +221,7 @@ def test_bad_inputs_are_refused_on_every_rank(runs, arch):
                                                                "tensor-parallel rank 1")
 
 
+@pytest.mark.slow  # 13 s: the example script under torchrun; the scenarios above cover the same calls in-process
 def test_torchrun_example_runs_on_two_cpu_ranks():
     """The documented command: ``torchrun --nproc-per-node 2 examples/tensor_parallel.py`` (gloo, CPU)."""
     import subprocess
