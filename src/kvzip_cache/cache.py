@@ -691,7 +691,7 @@ class KVzipCache(Cache):
                 keep = prefix[:, None, :].expand(-1, self.num_kv_heads, -1).clone()
                 keep[:, :, base:] |= keep_mask[idx]
                 before = _layer_state(self.layers[idx])
-                self.keep_pairs({idx: keep}, start=0, fp8=kv_dtype is not None or None)
+                self.keep_pairs({idx: keep}, start=0, fp8=(kv_dtype or self.kv_dtype) is not None)
                 done, before = done + 1, None
         except BaseException as error:
             if done == 0 and (before is None or _same_state(_layer_state(self.layers[idx]), before)):

@@ -93,26 +93,24 @@ def run_compiled(args) -> dict:
             baselines = getattr(args, "baselines", None) or ["dynamic-eager", "static-compiled"] + (
                 ["quantized-fp8-eager"] if "fp8" in (getattr(args, "kv_dtypes", None) or []) else [])
             for method in baselines:
-                if method.startswith("quantized") and _fp8_quantized_cache(config) is None:
+                compiled, quantized = method == "static-compiled", method == "quantized-fp8-eager"
+                cache = (StaticCache(config=config, max_cache_len=context + room) if compiled
+                         else _fp8_quantized_cache(config) if quantized else DynamicCache(config=config))
+                if cache is None:
                     print(f"skip {method}: this transformers has no QuantizedCache(backend='fp8')")
                     continue
-                compiled = method.endswith("compiled")
-                cache = (StaticCache(config=config, max_cache_len=context + room) if compiled
-                         else _fp8_quantized_cache(config) if method.startswith("quantized")
-                         else DynamicCache(config=config))
                 _prefill_static(model, cache, ids, args.prefill_chunk)
                 token, position = question_step(model, cache, ask, context)
                 forward = compiled_forward(model) if compiled else model
-                per_element = 1 if method.startswith("quantized") else dtype.itemsize  # fp8: 1 byte per element
-                row = Row(method, context, batch, kv_gb=kv_per_token / dtype.itemsize * per_element * context * batch
-                          / GB)
+                token_bytes = kv_per_token // dtype.itemsize if quantized else kv_per_token  # fp8: 1 byte an element
+                row = Row(method, context, batch, kv_gb=token_bytes * context * batch / GB)
                 began = time.perf_counter()
                 timed_steps(forward, model, cache, token, position, 1, warmup=2)  # compile + record the graph
                 row.compile_s = time.perf_counter() - began if compiled else float("nan")
                 torch.cuda.reset_peak_memory_stats()
                 row.decode_ms, _ = timed_steps(forward, model, cache, token, position + 3, steps)
                 row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
-                row.floor_ms = floor(kv_per_token / dtype.itemsize * per_element * (context + room) * batch)
+                row.floor_ms = floor(token_bytes * (context + room) * batch)
                 record(row)
                 del cache, forward
                 gc.collect()
