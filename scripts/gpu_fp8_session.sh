@@ -5,6 +5,7 @@
 #                                      # (8B shape, bf16 vs fp8 kept pairs vs transformers' fp8 QuantizedCache)
 #   bash scripts/gpu_fp8_session.sh b  # carry .whl/smol.part01 + .whl/data.tar.xz: the predictor's speed (#29)
 #   bash scripts/gpu_fp8_session.sh c  # carry .whl/smol.part02: SmolLM2 joined; kvzip 0.3 bf16 vs fp8 pairs, eval
+#   bash scripts/gpu_fp8_session.sh d  # (after c, same machine) #29: predicted-prefill vs predicted-prefill+kvzip
 # The whole GPU lane is scripts/gpu_check.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ case ${1:-} in
         install_library
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
         timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
-            tests/test_gpu.py -k "fp8 or compiled_static" 2>&1 | tail -4 | tee "$OUT/fp8_tests.txt"
+            tests/test_gpu.py -k "fp8 or compiled_static or rescoring" 2>&1 | tail -4 | tee "$OUT/fp8_tests.txt"
         for context in ${CONTEXTS:-131072 32768}; do  # 128K first: the issue's figures
             timeout "${BENCH_TIMEOUT:-300}" python3 -m kvzip_cache.bench "${BENCH[@]}" --contexts $context \
                 --baselines dynamic-eager quantized-fp8-eager --no-generate --out "$OUT/compiled$context" 2>&1 \
@@ -52,5 +53,16 @@ case ${1:-} in
                 --tasks $1 "${extra[@]}" --methods kvzip --kv-dtype model fp8 --out $R/$name 2>&1 | tail -6
         done
         tar czf "$OUT/fp8_eval.tgz" -C $R . && ls -la "$OUT" ;;
-    *) echo "usage: $0 a|b|c"; exit 2 ;;
+    d)  # #29's cheapest path: evict to 0.6 while prefilling (predictor), then KVzip among the survivors, vs both
+        install_library
+        R=/tmp/kvzip_rescored_eval
+        for task in "7000 67 17" "4000 67 17"; do
+            set -- $task
+            timeout 280 python3 -m kvzip_cache.eval --model smollm2-135m --device cuda --dtype bfloat16 --ratios 0.3 \
+                --tasks needle --context-tokens $1 --num-contexts $2 --batch-contexts $3 \
+                --methods kvzip predicted-prefill predicted-prefill+kvzip --paired-reference kvzip \
+                --out $R/needle-$1 2>&1 | tail -8
+        done
+        tar czf "$OUT/rescored_eval.tgz" -C $R . && ls -la "$OUT" ;;
+    *) echo "usage: $0 a|b|c|d"; exit 2 ;;
 esac

@@ -240,9 +240,9 @@ def test_head_sweeps_keep_whole_heads_ranked_by_their_best_pair(method, monkeypa
 
 # ------------------------------------------------------------------------------ kvzip+ and predicted methods
 def test_new_methods_are_listed_and_predicted_ones_are_opt_in():
-    assert {"kvzip+", "predicted", "predicted-prefill", "predicted-prefill-carry"} <= set(methods.METHODS)
-    assert set(methods.DEFAULT_METHODS) == set(methods.METHODS) - {"predicted", "predicted-prefill",
-                                                                   "predicted-prefill-carry"}
+    predicted = {"predicted", "predicted-prefill", "predicted-prefill-carry", "predicted-prefill+kvzip"}
+    assert {"kvzip+", *predicted} <= set(methods.METHODS)
+    assert set(methods.DEFAULT_METHODS) == set(methods.METHODS) - predicted
     assert EvalConfig().methods == list(methods.DEFAULT_METHODS) and EvalConfig().predictor is None
     config = parse_args(["--out", "x", "--methods", "kvzip+", "predicted", "--predictor", "p.safetensors"])
     assert config.methods == ["kvzip+", "predicted"] and config.predictor == "p.safetensors"
@@ -313,6 +313,14 @@ def test_predicted_prefill_evicts_while_prefilling_at_each_ratio(monkeypatch):
                        budget="carry")
         assert torch.equal(direct.keep_mask, cache.keep_mask)  # the carried budget: one top-k over all seen
         assert _row_counts(cache) == [kept_count(ratio, int(n) * pairs) for n in context.sum(dim=1)]
+    for ratio in sweep("predicted-prefill+kvzip", model, ByteTokenizer(), cache, [0.25, 0.5], predictor=predictor):
+        loose = KVzipCache(model)  # the prefill kept twice the ratio, then KVzip chose among the survivors
+        loose.prefill(model, ids, mask, context_start=starts, chunk_size=8, predictor=predictor, ratio=2 * ratio)
+        assert cache.score_source == "kvzip" and cache.compressed_with == ("pair", ratio)
+        assert not bool((cache.keep_mask & ~loose.keep_mask).any())
+        assert _row_counts(cache) == [kept_count(ratio, int(n) * pairs) for n in context.sum(dim=1)]
+        loose.compress(model, ratio, scorer="kvzip", tokenizer=ByteTokenizer())
+        assert torch.equal(loose.keep_mask, cache.keep_mask)
 
 
 class _DecodingTokenizer(ByteTokenizer):

@@ -104,6 +104,34 @@ def test_triton_backend_matches_reference_backend(arch, dtype):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("chunk", [100, 700])  # pass queries through the ragged kernels / through SDPA per segment
+def test_rescoring_a_compressed_cache_on_cuda_matches_the_reference_backend(arch, chunk):
+    """KVzip scores of a compressed cache's kept pairs (the passes read the ragged store through this backend's
+    ragged attention): the Triton backend gives the reference backend's scores, selection and logits (float32)."""
+    model, _ = _on_gpu(arch, torch.float32)
+    context, question = _ids(900, 3), _ids(9, 4)
+
+    def ask():
+        cache = KVzipCache(model)
+        cache.prefill(model, context, context_start=7, chunk_size=256)
+        kept = torch.rand(cache.selectable_pairs().shape, generator=torch.Generator().manual_seed(5)) < 0.6
+        cache.evict(kept.cuda())
+        cache.compress(model, 0.3, scorer="kvzip", tokenizer=TOK, chunk_size=chunk)
+        n = cache.get_seq_length()
+        with torch.no_grad():
+            logits = model(question, past_key_values=cache,
+                           position_ids=torch.arange(n, n + question.shape[1], device="cuda")[None]).logits
+        return cache, logits.float()
+
+    cache, fast = ask()
+    with use_backend("reference"):
+        ref_cache, slow = ask()
+    torch.testing.assert_close(cache.scores, ref_cache.scores, atol=1e-4, rtol=1e-4, equal_nan=True)
+    assert torch.equal(cache.keep_mask, ref_cache.keep_mask)
+    torch.testing.assert_close(fast, slow, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_pairs_on_cuda_match_the_reference_backend(arch, dtype):
     """fp8 kept pairs on the GPU: the Triton kernels (fp8 tiles converted in registers, scales folded in) give the

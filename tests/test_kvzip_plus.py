@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import ByteTokenizer, make_pair
+from conftest import HIDDEN_PAIRS, ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, reconstruction_inputs
 from kvzip_cache.backends import reference as ref
 from kvzip_cache.scorers import ReconstructionScorer
@@ -27,8 +27,9 @@ def score_by_reconstruction(cache, model, tokenizer, chunk_size=2048, target="kv
     return ReconstructionScorer(tokenizer, target, chunk_size).score_context(model, cache.prefilled_context())
 
 
-def reference_plus_scores(reference, row_ids, prefix_len, chunk_size, tokenizer):
-    """{layer: [H, context_len]} float64 KVzip+ scores of one unpadded row (full layers only)."""
+def reference_plus_scores(reference, row_ids, prefix_len, chunk_size, tokenizer, hidden=None):
+    """{layer: [H, context_len]} float64 KVzip+ scores of one unpadded row (full layers only). ``hidden``: as in
+    test_scores.reference_scores (the pairs a compressed cache evicted, which the passes do not see)."""
     config = reference.config
     num_heads = config.num_key_value_heads
     group = config.num_attention_heads // num_heads
@@ -53,8 +54,12 @@ def reference_plus_scores(reference, row_ids, prefix_len, chunk_size, tokenizer)
                 reference(input_ids=row_ids[None], past_key_values=cache, use_cache=True)
                 values = [layer.values[0].double().clone() for layer in cache.layers]  # [H, length (or window), D]
                 attn_inputs.clear()
-                out = reference(input_ids=ids[None], past_key_values=cache, use_cache=True, output_attentions=True,
-                                position_ids=torch.arange(length, length + ids.numel())[None])
+                HIDDEN_PAIRS.update(hidden or {})
+                try:
+                    out = reference(input_ids=ids[None], past_key_values=cache, use_cache=True,
+                                    output_attentions=True, position_ids=torch.arange(length, length + ids.numel())[None])
+                finally:
+                    HIDDEN_PAIRS.clear()
             n = ids.numel()
             restricted = list(range(prefix_len)) + list(range(prefix_len + lo, prefix_len + hi))
             restricted += list(range(length, length + n))
@@ -138,6 +143,33 @@ def test_plus_scores_match_float64_recomputation(arch_name):
             assert scale > 0
             torch.testing.assert_close(actual, expected[layer], atol=1e-5 * scale, rtol=1e-5)
             assert torch.isnan(scores[layer, b, :, : starts[b] - base]).all()  # padding and prefix
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+def test_plus_rescoring_of_a_compressed_cache_matches_float64_recomputation(arch_name):
+    """compress(scorer="kvzip+") on a cache compressed already scores its kept pairs: the reference's passes do not
+    see the evicted pairs."""
+    model, reference = _pair(arch_name)
+    tokenizer = ByteTokenizer()
+    cache, rows, prefixes, starts = _padded_batch(model)
+    kept = torch.rand(cache.selectable_pairs().shape, generator=torch.Generator().manual_seed(4)) < 0.6
+    cache.evict(kept)
+    kept = cache.keep_mask.clone()
+    cache.compress(model, 0.3, scorer="kvzip+", tokenizer=tokenizer, chunk_size=CHUNK)
+    base = min(starts)
+    for b, row in enumerate(rows):
+        hidden = {}
+        for layer in cache.compressible_layers:
+            hide = torch.zeros(1, kept.shape[2], len(row), dtype=torch.bool)
+            hide[0, :, prefixes[b]:] = ~kept[layer, b, :, starts[b] - base:]
+            hidden[layer] = hide
+        expected = reference_plus_scores(reference, row, prefixes[b], CHUNK, tokenizer, hidden)
+        for layer in cache.compressible_layers:
+            actual = cache.scores[layer, b, :, starts[b] - base:].double()
+            row_kept = kept[layer, b, :, starts[b] - base:]
+            assert torch.equal(~torch.isnan(actual), row_kept)
+            scale = expected[layer].abs().max().item()
+            torch.testing.assert_close(actual[row_kept], expected[layer][row_kept], atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_plus_differs_from_kvzip():

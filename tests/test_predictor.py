@@ -446,5 +446,5 @@ def test_bad_predictor_arguments_are_refused_without_touching_the_cache():
     after = _snapshot(cache)
     assert after[:2] == before[:2] and torch.equal(after[2], before[2]) and cache.scores is None
     cache.compress(model, 0.5, predictor=good)
-    with pytest.raises(ValueError, match="cannot switch"):
-        cache.compress(model, 0.3, score="kvzip", tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="head scores cannot rate what it kept .*re-select with the stored predicted"):
+        cache.compress(model, 0.3, head_scores=torch.rand(3, 2))

@@ -9,12 +9,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import ByteTokenizer, make_pair
+from conftest import HIDDEN_PAIRS, ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, reconstruction_inputs
 
 
-def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer):
-    """{layer: [H, context_len]} scores of one unpadded row, from full eager attention probabilities."""
+def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer, hidden=None):
+    """{layer: [H, context_len]} scores of one unpadded row, from full eager attention probabilities.
+
+    ``hidden``: {full layer: [1, H, length] bool} cached pairs the reconstruction passes must not see (the pairs a
+    compressed cache evicted): their probabilities, hence their scores, are 0.
+    """
     num_heads = reference.config.num_key_value_heads
     length = row_ids.shape[0]
     context_len = length - prefix_len
@@ -23,8 +27,12 @@ def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer):
         cache = DynamicCache(config=reference.config)
         with torch.no_grad():
             reference(input_ids=row_ids[None], past_key_values=cache, use_cache=True)
-            out = reference(input_ids=ids[None], past_key_values=cache, use_cache=True, output_attentions=True,
-                            position_ids=torch.arange(length, length + ids.numel())[None])
+            HIDDEN_PAIRS.update(hidden or {})
+            try:
+                out = reference(input_ids=ids[None], past_key_values=cache, use_cache=True, output_attentions=True,
+                                position_ids=torch.arange(length, length + ids.numel())[None])
+            finally:
+                HIDDEN_PAIRS.clear()
         restricted = list(range(prefix_len)) + list(range(prefix_len + lo, prefix_len + hi))
         restricted += list(range(length, length + ids.numel()))
         for layer, probs in enumerate(out.attentions):
@@ -69,6 +77,85 @@ def test_scores_match_renormalised_full_attention(arch_name):
                 continue
             torch.testing.assert_close(actual.double(), expected[layer], atol=2e-6, rtol=1e-5)
             assert torch.isnan(cache.scores[layer, b, :, : starts[b] - base]).all()  # padding and prefix
+
+
+def _padded_rows(lengths, prefixes, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+    seq = max(lengths)
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    mask = torch.zeros(len(rows), seq, dtype=torch.long)
+    starts = []
+    for b, row in enumerate(rows):
+        ids[b, seq - len(row):] = row
+        mask[b, seq - len(row):] = 1
+        starts.append(seq - len(row) + prefixes[b])
+    return rows, ids, mask, starts
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+@pytest.mark.parametrize("first", ["evict", "keydiff"])
+def test_rescoring_a_compressed_cache_scores_its_kept_pairs(arch_name, first):
+    """compress(scorer="kvzip") on a cache compressed another way scores only the pairs it kept: KVzip's restricted
+    softmax with the evicted pairs absent, as full eager attention that cannot see them gives it; then it keeps the
+    top of those pairs."""
+    model, reference = make_pair(arch_name)
+    tokenizer = ByteTokenizer()
+    lengths, prefixes = [29, 23], [4, 3]
+    rows, ids, mask, starts = _padded_rows(lengths, prefixes)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=torch.tensor(starts), chunk_size=10)
+    base, seq = min(starts), ids.shape[1]
+    if first == "evict":  # compressed without scores
+        keep = torch.rand(cache.selectable_pairs().shape, generator=torch.Generator().manual_seed(3)) < 0.6
+        cache.evict(keep)
+    else:
+        cache.compress(model, 0.6, scorer="keydiff")
+    kept_before = cache.keep_mask.clone()
+    cache.compress(model, 0.3, scorer="kvzip", tokenizer=tokenizer, chunk_size=9)
+    assert cache.score_source == "kvzip" and cache.compressed_with == ("pair", 0.3)
+    selectable = cache.selectable_pairs()
+    for b, row in enumerate(rows):
+        pad = seq - len(row)
+        hidden = {}
+        for layer in cache.compressible_layers:
+            hide = torch.zeros(1, kept_before.shape[2], len(row), dtype=torch.bool)
+            hide[0, :, prefixes[b]:] = ~kept_before[layer, b, :, starts[b] - base:]
+            hidden[layer] = hide
+        expected = reference_scores(reference, row, prefixes[b], 9, tokenizer, hidden)
+        for layer in cache.compressible_layers:
+            actual = cache.scores[layer, b, :, starts[b] - base:]
+            kept = kept_before[layer, b, :, starts[b] - base:]
+            assert torch.equal(~torch.isnan(actual), kept), "scored other pairs than the kept ones"
+            torch.testing.assert_close(actual[kept].double(), expected[layer][kept], atol=2e-6, rtol=1e-5)
+            assert not bool(expected[layer][~kept].any())  # the reference's hidden pairs get no probability
+        assert pad >= 0
+    # the new selection: the top 30% of the context among the kept pairs, by the new scores
+    keep = cache.keep_mask
+    assert not bool((keep & ~kept_before).any())
+    for b in range(len(rows)):
+        count = round(0.3 * int(selectable[:, b].sum()))
+        assert int(keep[:, b].sum()) == count
+        ranked = cache.scores[:, b].nan_to_num(float("-inf"))
+        assert ranked[keep[:, b]].min() >= ranked[kept_before[:, b] & ~keep[:, b]].max()
+
+
+def test_rescoring_refuses_what_it_cannot_do():
+    model, _ = make_pair("llama")
+    tokenizer = ByteTokenizer()
+    _, ids, mask, starts = _padded_rows([20], [3])
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=torch.tensor(starts))
+    cache.compress(model, 0.5, scorer="keydiff")
+    state = (cache.keep_mask.clone(), cache.scores.clone(), cache.kv_bytes())
+    with pytest.raises(ValueError, match="can only keep fewer"):
+        cache.compress(model, 0.7, scorer="kvzip", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="snapkv scores cannot rate what it kept"):
+        cache.compress(model, 0.3, scorer="snapkv")
+    assert torch.equal(cache.keep_mask, state[0]) and torch.equal(cache.scores, state[1], ) and cache.kv_bytes() == state[2]
+    cache.compress(model, 0.3, scorer="kvzip", tokenizer=tokenizer)  # and then a re-selection of those scores
+    cache.compress(model, 0.2)
+    assert cache.score_source == "kvzip" and cache.compressed_with == ("pair", 0.2)
 
 
 def test_scoring_leaves_cache_untouched():

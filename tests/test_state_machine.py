@@ -120,8 +120,9 @@ def _question(n: int, seed: int, rows: int, padded: bool) -> tuple[torch.Tensor,
 APPENDED = r"tokens were appended after the context; call cache\.rollback\(\)"
 ROWS_CHANGED = r"the cache serves \d+ rows made from its \d+ contexts .*call cache\.rollback\(\)"
 RECOMPRESS = r"already compressed .*a second compress can only keep fewer pairs at the same level"
-SWITCH = r"compressed with .* scores, which a second compress re-uses; it cannot switch"
-RESCORE = r"compressed without keeping its scores.*cannot be scored again"
+SWITCH = r"compressed already .* scores cannot rate what it kept .*re-select with the stored"
+RESCORE = r"compressed already .* scores cannot rate what it kept .*score the kept pairs with 'kvzip'"
+RESCORE_MORE = r"scoring its kept pairs again can only keep fewer"
 NO_PREDICTOR = r"no score predictor ships for this model"
 STATIC_EVICT = r"a static cache cannot be re-compressed; compress before cache\.make_static\(\)"
 STATIC_BATCH = r"a static cache has a fixed batch"
@@ -394,10 +395,11 @@ class CacheMachine(RuleBasedStateMachine):
                 refusals.append((ValueError, SWITCH))
             if (level or self.compressed[0]) != self.compressed[0] or ratio > self.compressed[1]:
                 refusals.append((ValueError, RECOMPRESS))
-        elif self.compressed is not None:
-            if (level or "pair") != self.compressed[0] or ratio > self.compressed[1]:
-                refusals.append((ValueError, RECOMPRESS))
-            refusals.append((RuntimeError, RESCORE))
+        elif self.compressed is not None:  # no stored scores: KVzip scores the kept pairs again, nothing else can
+            if scorer != "kvzip":
+                refusals.append((ValueError, RESCORE))
+            elif ratio > self.compressed[1]:
+                refusals.append((ValueError, RESCORE_MORE))
         elif scorer == "predicted":
             refusals.append((ValueError, NO_PREDICTOR))
         if self.static is not None:
@@ -434,9 +436,16 @@ class CacheMachine(RuleBasedStateMachine):
             return
         report = call()
         fresh = self.compressed is None
-        level = level or (default if fresh else self.compressed[0])
+        rescored = not fresh and not self.has_scores  # the kept pairs scored again (KVzip)
+        level = level or (default if fresh or rescored else self.compressed[0])
         assert report.level == level and self.cache.compressed_with == (level, ratio)
         selectable = self._selectable()
+        if rescored:  # the scores are checked against a reference in test_scores.py; here: which pairs got one
+            scores = self.cache.scores.double().clone()
+            expected_nan = torch.ones_like(scores, dtype=torch.bool)
+            expected_nan[self.layers] = ~(selectable[None, :, None, :] & self.keep[self.layers])
+            assert torch.equal(torch.isnan(scores), expected_nan), "KVzip scored other pairs than the kept ones"
+            self.scores, self.source = scores, label
         if fresh:
             if rate is not None:  # the reference's own ratings of the dense context
                 scores = torch.full(self.cache.scores.shape, float("nan"), dtype=torch.float64)

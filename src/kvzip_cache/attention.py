@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backends import select_backend
-from .views import RaggedKV, ScoringKV, WindowKV
+from .views import CompressedScoringKV, RaggedKV, ScoringKV, WindowKV
 
 ATTN_IMPLEMENTATION = "kvzip"
 
@@ -59,8 +59,8 @@ def kvzip_mask(
 def kvzip_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
-    key: torch.Tensor | RaggedKV | ScoringKV | WindowKV,
-    value: torch.Tensor | RaggedKV | ScoringKV | WindowKV,
+    key: torch.Tensor | RaggedKV | ScoringKV | CompressedScoringKV | WindowKV,
+    value: torch.Tensor | RaggedKV | ScoringKV | CompressedScoringKV | WindowKV,
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
@@ -73,7 +73,8 @@ def kvzip_attention(
         module: the model's attention module (gives ``is_causal``, and ``o_proj.weight`` to KVzip+ scoring passes).
         query: ``[B, Hq, q, D]`` post-RoPE queries.
         key: what the cache layer's ``update()`` returned: a dense ``[B, H, k, D]`` tensor, a `RaggedKV`
-            (compressed layer), a `WindowKV` (static sliding-window layer) or a `ScoringKV` (reconstruction pass).
+            (compressed layer), a `WindowKV` (static sliding-window layer) or a `ScoringKV` / `CompressedScoringKV`
+            (reconstruction pass over a dense / compressed layer).
         value: the matching values (the same object as ``key`` for a `RaggedKV` or a `ScoringKV`).
         attention_mask: ``[B, k]`` bool padding mask from `kvzip_mask`, or None.
         scaling: the model's softmax scale (Gemma3 uses ``query_pre_attn_scalar ** -0.5``).
@@ -109,8 +110,8 @@ def kvzip_attention(
         key_valid = None if attention_mask is None else key.slot_mask(attention_mask)
         out = backend.dense(query, key.keys, key.values, scaling, key_valid, sliding_window,
                             getattr(module, "is_causal", True), end=key.end)
-    elif isinstance(key, ScoringKV):
-        _check_mask_width(attention_mask, key.keys.shape[-2])
+    elif isinstance(key, (ScoringKV, CompressedScoringKV)):  # a reconstruction pass over a dense / compressed layer
+        _check_mask_width(attention_mask, key.width)
         if key.is_plus and key.scores_out is not None:  # KVzip+ weights by ||W_O v||: hand over o_proj's weight
             out = backend.scoring(query, key, scaling, attention_mask, out_weight=_out_weight(module))
         else:

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 
 from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture, check_batch, check_kv_dtype,
                      check_level, check_model, check_model_object, check_nothing_appended, check_prefill_inputs,
-                     check_ranks, check_ratio, check_recompress, check_rows_as_prefilled, check_same_source,
+                     check_ranks, check_ratio, check_recompress, check_rescore, check_rows_as_prefilled,
                      check_static_room, check_token_ids, check_tokenizer, check_unmasked_padding, check_weights,
                      check_whole_forwards, check_window, dense_rows_changed_error, no_new_tokens_error)
 from .compat import cache_kwarg
@@ -44,7 +44,7 @@ from .persistence import SavedContext, read_cache, save_cache
 from .scorers.base import ContextScorer, LayerScorer, PrefilledContext, score_context_by_layers, scorer_level
 from .scorers.predictor import ScorePredictor
 from .scorers.reconstruction import RECONSTRUCTION_TARGETS
-from .scorers.registry import resolve_scorer, scorer_label
+from .scorers.registry import resolve_scorer, scorer_label, scores_kept_pairs
 from .selection import LEVELS, select
 from .views import ScoringPass
 
@@ -486,7 +486,12 @@ class KVzipCache(Cache):
                 stay in the model's dtype; pairs that eviction while decoding moves into the store are quantized.
 
         A second `compress` on a compressed cache re-selects among the kept pairs with the stored scores (same
-        level, a ratio no larger than before; ratios stay relative to the original context).
+        level, a ratio no larger than before; ratios stay relative to the original context). Naming another
+        reconstruction scorer (``scorer="kvzip"`` or ``"kvzip+"``) than the one that compressed it, or any of them on
+        a cache compressed without scores (`evict`, a file saved with ``scores=False``), scores the KEPT pairs again
+        instead: each reconstruction pass attends to what the cache keeps, and the softmax that rates a chunk runs
+        over its kept pairs only. With a prefill that evicted with a predictor at a looser ratio this is exact
+        KVzip's choice among the predictor's survivors, within the looser memory bound (docs/score-predictors.md).
 
         Returns:
             a `CompressReport`.
@@ -551,14 +556,14 @@ class KVzipCache(Cache):
         """``(scores, source, level, tokenizer fields)`` of a compress: the stored scores on a compressed cache (a
         re-selection: the same source and level, a smaller ratio), else those of the scorer ``spec`` (default
         KVzip), at its level unless ``level`` says otherwise."""
-        if self.scores is not None:
-            check_same_source(self.score_source, scorer_label(spec) if spec is not None else self.score_source)
+        label = scorer_label(spec) if spec is not None else None
+        if self.scores is not None and label in (None, self.score_source):  # a re-selection with the stored scores
             level = check_level(level or self.compressed_with[0], LEVELS, "compress()")
             check_recompress(self.compressed_with, level, ratio)
             return self.scores, self.score_source, level, scored_with
-        if self.compressed_with is not None:  # evicted without scores (evict(), a file saved with scores=False)
-            check_recompress(self.compressed_with, level or "pair", ratio)
-            self._check_rescorable()  # refuses: before a scorer is built (it may load a tokenizer or a file)
+        if self.compressed_with is not None:  # the kept pairs scored again, or refused before a scorer is built
+            check_rescore(self.compressed_with, self.score_source, label or "kvzip", ratio,
+                          scores_kept_pairs("kvzip" if spec is None else spec))
         scorer = resolve_scorer("kvzip" if spec is None else spec, model, tokenizer=tokenizer, chunk_size=chunk_size,
                                 progress=progress)
         level = check_level(level or scorer_level(scorer), LEVELS, "compress()")
@@ -610,7 +615,8 @@ class KVzipCache(Cache):
         scores = raw.float().to(context.selectable.device)
         if self.tensor_parallel is not None:  # each rank scored its own heads: rank order = head order
             scores = self.tensor_parallel.gather(scores, dim=2)
-        return scores.masked_fill(~context.selectable, float("nan"))
+        scored = context.selectable if context.kept is None else context.selectable & context.kept
+        return scores.masked_fill(~scored, float("nan"))
 
     def _select(self, scores: torch.Tensor, ratio: float, level: str, selectable: torch.Tensor) -> torch.Tensor:
         """The keep mask of a compress: a fresh selection, or a re-selection among the pairs still kept (evicted
@@ -620,19 +626,10 @@ class KVzipCache(Cache):
         ranked = scores.masked_fill(selectable & ~self.keep_mask, float("-inf"))
         return select(ranked, ratio, level) & self.keep_mask
 
-    def _check_rescorable(self) -> None:
-        if any(self.layers[idx].is_compressed for idx in self.compressible_layers):
-            raise RuntimeError(
-                "this cache was compressed without keeping its scores (saved with scores=False?), and evicted pairs "
-                "cannot be scored again: compress it at its level with a ratio no larger, after loading a file "
-                "saved with scores, or prefill a new cache"
-            )
-
     def prefilled_context(self) -> PrefilledContext:
         """What a scorer may read of this prefilled cache (`kvzip_cache.scorers.base.PrefilledContext`)."""
         if self.input_ids is None:
             raise RuntimeError("scoring needs a prefilled cache: call cache.prefill(model, input_ids) first")
-        self._check_rescorable()
         return PrefilledContext(
             input_ids=self.input_ids,
             attention_mask=self.attention_mask,
@@ -644,6 +641,7 @@ class KVzipCache(Cache):
             selectable=self.selectable_pairs(),
             tensor_parallel=self.tensor_parallel,
             target=self,
+            kept=self.keep_mask if self.is_compressed else None,
         )
 
     # --------------------------------------------------------------------------------------------------- evict

@@ -268,12 +268,23 @@ def check_recompress(compressed_with: tuple[str, float] | None, level: str, rati
         )
 
 
-def check_same_source(recorded: str | None, source: str) -> None:
-    """A second compress re-uses the stored scores, so it cannot switch to another scorer."""
-    if recorded is not None and source != recorded:
+def check_rescore(compressed_with: tuple[str, float], recorded: str | None, source: str, ratio: float,
+                  scores_kept_pairs: bool) -> None:
+    """A compress of a compressed cache that does not re-use the stored scores rates the kept pairs anew: only a
+    scorer that can (reconstruction), and only to keep fewer pairs."""
+    level, kept = compressed_with
+    if not scores_kept_pairs:
+        stored = (f"re-select with the stored {recorded} scores (compress without scorer=), score the kept pairs "
+                  "again with 'kvzip' or 'kvzip+'") if recorded else "score the kept pairs with 'kvzip' or 'kvzip+'"
         raise ValueError(
-            f"this cache was compressed with {recorded} scores, which a second compress re-uses; it cannot switch to "
-            f"{source} scores. Prefill a new cache to score it another way."
+            f"this cache is compressed already ({level}, ratio {kept:g}) and {source} scores cannot rate what it "
+            f"kept (the evicted pairs are gone; only the reconstruction scorers read a compressed cache): {stored}, "
+            "or prefill a new cache"
+        )
+    if ratio > kept:
+        raise ValueError(
+            f"this cache keeps {kept:g} of its context ({level}); scoring its kept pairs again can only keep fewer "
+            f"(ratio <= {kept:g}): evicted pairs cannot be restored. Prefill a new cache to keep more."
         )
 
 

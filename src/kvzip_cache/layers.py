@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .checks import check_batch
 from .storage import CompressedContext
-from .views import RaggedKV, ScoringKV, WindowKV, shared_run_length
+from .views import CompressedScoringKV, RaggedKV, ScoringKV, WindowKV, shared_run_length
 
 # Smallest tail allocation: a question plus a short answer fits without regrowing.
 _MIN_TAIL_CAPACITY = 64
@@ -230,10 +230,12 @@ class KVzipLayer(DynamicLayer):
         """Scoring-pass view of cached row ``row`` plus ``[1, H, n, D]`` new states; keeps nothing.
 
         The new states go into the room made by `reserve` (a view, no copy of the row), else they are concatenated.
-        ``scores_out`` and ``query_norms``: see `ScoringKV` (``query_norms`` given: a KVzip+ pass).
+        ``scores_out`` and ``query_norms``: see `ScoringKV` (``query_norms`` given: a KVzip+ pass). A compressed
+        layer answers with a `CompressedScoringKV` instead: its kept pairs are scored again.
         """
         if self.is_compressed:
-            raise RuntimeError("a compressed layer cannot be re-scored; its scores are kept from the first compress")
+            return self._peek_compressed(key_states, value_states, row, chunk, prefix_positions, scores_out,
+                                         query_norms)
         length, new = self.keys.shape[-2], key_states.shape[-2]
         if self._has_room(new):
             keys = self._spare_keys[row : row + 1, :, : length + new]
@@ -251,6 +253,35 @@ class KVzipLayer(DynamicLayer):
             chunk=chunk,
             scores_out=scores_out,
             query_norms=None if query_norms is None else query_norms.to(keys.device),
+        )
+        return view, view
+
+    def _peek_compressed(self, key_states, value_states, row, chunk, prefix_positions, scores_out, query_norms,
+                         ) -> tuple[CompressedScoringKV, CompressedScoringKV]:
+        """`peek` of a compressed layer: row ``row``'s kept pairs, then the new states as a tail (nothing kept)."""
+        ctx = self.context
+        if self.tail_length or self.src_rows != tuple(range(ctx.num_rows)):
+            raise RuntimeError("a compressed layer is scored again from its context alone: rollback() first")
+        dtype = key_states.dtype
+        chunk_keys, chunk_values, chunk_kept = ctx.dense_span(row, *chunk, dtype)
+        prefix_positions = prefix_positions.to(ctx.keys.device)
+        prefix_end = int(prefix_positions.max()) + 1 if prefix_positions.numel() else 0
+        prefix_keys, _, prefix_kept = ctx.dense_span(row, 0, prefix_end, dtype)
+        if not bool(prefix_kept[:, prefix_positions].all()):
+            raise RuntimeError("this layer evicted pairs of the protected prefix, which every eviction keeps")
+        context = RaggedKV(
+            context=ctx, src_rows=(row,), src_index=torch.tensor([row], dtype=torch.int32, device=ctx.keys.device),
+            tail_keys=key_states, tail_values=value_states, length=self.context_length + key_states.shape[-2],
+            owner=self.owner,
+        )
+        view = CompressedScoringKV(
+            context=context,
+            prefix_keys=prefix_keys.index_select(1, prefix_positions),
+            chunk_keys=chunk_keys,
+            chunk_values=chunk_values,
+            chunk_kept=chunk_kept,
+            scores_out=scores_out,
+            query_norms=None if query_norms is None else query_norms.to(ctx.keys.device),
         )
         return view, view
 

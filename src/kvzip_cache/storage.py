@@ -139,6 +139,30 @@ class CompressedContext:
                     dequantize_fp8(values, self.value_scales[index], dtype))
         return (keys, values) if dtype is None else (keys.to(dtype), values.to(dtype))
 
+    def dense_span(self, row: int, start: int, end: int, dtype: torch.dtype | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs row ``row`` keeps at positions ``start .. end - 1``, laid out densely (a scoring pass over a
+        compressed layer reads one chunk so).
+
+        Returns:
+            keys ``[H, end - start, D]`` and values in ``dtype`` (default: `dtype`), zero where a pair was evicted,
+            and ``kept`` ``[H, end - start]`` bool.
+        """
+        heads = self.num_heads
+        first, last = self.offsets[row * heads], self.offsets[(row + 1) * heads]
+        counts = self.seqlens()[row].to(self.keys.device)
+        head = torch.repeat_interleave(torch.arange(heads, device=self.keys.device), counts)  # [row's pairs]
+        position = self.positions[first:last].long()
+        inside = torch.nonzero((position >= start) & (position < end)).flatten()
+        keys, values = self.read(inside + first, dtype or self.dtype)
+        width, head_dim = end - start, self.keys.shape[-1]
+        slot = (head[inside], position[inside] - start)
+        dense_keys = keys.new_zeros(heads, width, head_dim)
+        dense_values = values.new_zeros(heads, width, head_dim)
+        kept = torch.zeros(heads, width, dtype=torch.bool, device=self.keys.device)
+        dense_keys[slot], dense_values[slot], kept[slot] = keys, values, True
+        return dense_keys, dense_values, kept
+
     def to_fp8(self) -> CompressedContext:
         """The same pairs stored as float8 e4m3 with a float32 scale per key and per value (itself, if already)."""
         if self.is_fp8:

@@ -183,6 +183,77 @@ class ScoringKV(_KVzipView):
         """Whether this pass scores KVzip+ (the probabilities weighted by output and hidden-state norms)."""
         return self.query_norms is not None
 
+    @property
+    def width(self) -> int:
+        """Columns of the pass's padding mask: the cached row plus the new tokens."""
+        return self.keys.shape[-2]
+
+    def score_inputs(self) -> ScoreInputs:
+        """What the chunk's scores are computed from (see `ScoreInputs`)."""
+        start, end = self.chunk
+        cached = self.keys[0]
+        return ScoreInputs(prefix_keys=cached.index_select(1, self.prefix_positions.to(cached.device)),
+                           chunk_keys=cached[:, start:end], chunk_values=self.values[0, :, start:end],
+                           new_keys=self.new_keys[0], chunk_kept=None)
+
+
+@dataclass(frozen=True)
+class CompressedScoringKV(_KVzipView):
+    """A reconstruction pass over a compressed layer: the kept pairs are scored again (``compress`` with a
+    reconstruction scorer on a cache compressed by another, e.g. a prefill that evicted with a predictor).
+
+    The pass's queries attend to what the row keeps, then to the pass's own tokens (causal): ``context`` is an
+    ordinary `RaggedKV` of the row with those tokens as its tail. The scores are those of `ScoringKV` with the
+    evicted pairs absent: the softmax runs over ``[protected prefix | the chunk's kept pairs | new tokens
+    (causal)]``, so they are KVzip's scores of the context the model now sees.
+
+    Attributes:
+        context: the row's compressed context (``src_rows = (row,)``) with the ``n`` new tokens as the tail.
+        prefix_keys: ``[H, P, D]``, the protected prefix (always kept).
+        chunk_keys: ``[H, C, D]``, the chunk's positions laid out densely, zero where evicted; ``chunk_values`` the
+            same for values.
+        chunk_kept: ``[H, C]`` bool, which of the chunk's pairs the layer keeps (only they get a score).
+        scores_out, query_norms: as in `ScoringKV`.
+    """
+
+    context: RaggedKV
+    prefix_keys: torch.Tensor
+    chunk_keys: torch.Tensor
+    chunk_values: torch.Tensor
+    chunk_kept: torch.Tensor
+    scores_out: torch.Tensor | None
+    query_norms: torch.Tensor | None = None
+
+    @property
+    def is_plus(self) -> bool:
+        return self.query_norms is not None
+
+    @property
+    def width(self) -> int:
+        return self.context.length
+
+    def score_inputs(self) -> ScoreInputs:
+        return ScoreInputs(prefix_keys=self.prefix_keys, chunk_keys=self.chunk_keys, chunk_values=self.chunk_values,
+                           new_keys=self.context.tail_keys[0], chunk_kept=self.chunk_kept)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """The keys one reconstruction pass scores a chunk with (one row; shapes ``[H, ., D]``).
+
+    Attributes:
+        prefix_keys: ``[H, P, D]`` protected prefix; chunk_keys / chunk_values: ``[H, C, D]``; new_keys: ``[H, n, D]``
+            the pass's own tokens.
+        chunk_kept: None (every chunk pair is there) or ``[H, C]`` bool: the pairs a compressed layer still keeps;
+            the others are left out of the softmax and get no score.
+    """
+
+    prefix_keys: torch.Tensor
+    chunk_keys: torch.Tensor
+    chunk_values: torch.Tensor
+    new_keys: torch.Tensor
+    chunk_kept: torch.Tensor | None
+
 
 @dataclass(frozen=True)
 class ScoringPass:

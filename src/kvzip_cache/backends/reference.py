@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..views import RaggedKV, ScoringKV
+from ..views import CompressedScoringKV, RaggedKV, ScoringKV
 
 
 def attend(
@@ -261,6 +261,7 @@ def restricted_max_scores(
     new_keys: torch.Tensor,
     scaling: float,
     block_elements: int = 1 << 25,
+    chunk_kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVzip importance of each chunk key: max over queries and the GQA group of the restricted softmax.
 
@@ -271,19 +272,23 @@ def restricted_max_scores(
     Args:
         query: ``[H * g, n, D]`` (query heads of one row, post-RoPE).
         prefix_keys: ``[H, P, D]``; chunk_keys: ``[H, C, D]``; new_keys: ``[H, n, D]``.
+        chunk_kept: None, or ``[H, C]`` bool: only these chunk keys exist (a compressed layer scored again); the
+            others are left out of the softmax and score 0.
 
     Returns:
         ``[H, C]`` float32.
     """
     best = torch.zeros(chunk_keys.shape[:2], dtype=torch.float32, device=query.device)
-    for _, _, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
+    for _, _, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements,
+                                                 chunk_kept):
         best = torch.maximum(best, probs.amax(dim=(1, 2)))
     return best
 
 
-def _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
+def _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements, chunk_kept=None):
     """Yield ``(lo, hi, probs [H, g, hi - lo, C])``: the restricted softmax of queries ``lo:hi`` on the chunk keys,
-    a block at a time (float32; shapes as in `restricted_max_scores`)."""
+    a block at a time (float32; shapes as in `restricted_max_scores`; ``chunk_kept`` [H, C]: the chunk keys that
+    exist, the others masked out)."""
     num_heads, chunk_len, head_dim = chunk_keys.shape
     num_q_heads, n_new, _ = query.shape
     grouped = query.float().view(num_heads, num_q_heads // num_heads, n_new, head_dim)
@@ -297,6 +302,8 @@ def _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling,
         logits = torch.matmul(grouped[:, :, lo:hi], keys.transpose(-1, -2)).mul_(scaling)  # [H, g, b, P+C+n]
         future = new_pos[None, :] > torch.arange(lo, hi, device=query.device)[:, None]  # [b, n]
         logits[..., chunk_hi:].masked_fill_(future, float("-inf"))
+        if chunk_kept is not None:
+            logits[..., chunk_lo:chunk_hi].masked_fill_(~chunk_kept[:, None, None, :], float("-inf"))
         yield lo, hi, torch.softmax(logits, dim=-1)[..., chunk_lo:chunk_hi]
 
 
@@ -338,6 +345,7 @@ def restricted_max_scores_plus(
     value_norms: torch.Tensor,
     query_norms: torch.Tensor,
     block_elements: int = 1 << 25,
+    chunk_kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVzip+ importance of each chunk key: `restricted_max_scores` with the probabilities weighted.
 
@@ -350,6 +358,7 @@ def restricted_max_scores_plus(
         prefix_keys: ``[H, P, D]``; chunk_keys: ``[H, C, D]``; new_keys: ``[H, n, D]``.
         value_norms: ``[H, g, C]`` ``||W_O^(j) v_i||`` (`output_value_norms`).
         query_norms: ``[n]`` ``||h_t||``, the norm of the hidden state entering the attention module.
+        chunk_kept: as in `restricted_max_scores`.
 
     Returns:
         ``[H, C]`` float32.
@@ -357,7 +366,8 @@ def restricted_max_scores_plus(
     weights = value_norms.float().unsqueeze(2)  # [H, g, 1, C]
     inverse_norms = query_norms.float().reciprocal()  # [n]
     best = torch.zeros(chunk_keys.shape[:2], dtype=torch.float32, device=query.device)
-    for lo, hi, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements):
+    for lo, hi, probs in _restricted_probabilities(query, prefix_keys, chunk_keys, new_keys, scaling, block_elements,
+                                                   chunk_kept):
         weighted = probs * weights * inverse_norms[lo:hi, None]  # [H, g, b, C]
         best = torch.maximum(best, weighted.amax(dim=(1, 2)))
     return best
@@ -365,47 +375,55 @@ def restricted_max_scores_plus(
 
 def scoring_attention(
     query: torch.Tensor,
-    kv: ScoringKV,
+    kv: ScoringKV | CompressedScoringKV,
     scaling: float,
     key_valid: torch.Tensor | None,
     dense=None,
     scores=None,
     out_weight: torch.Tensor | None = None,
+    ragged=None,
 ) -> torch.Tensor:
     """One reconstruction pass through a full layer: the usual output, plus the chunk's scores into ``kv.scores_out``.
 
-    The output is ordinary attention over ``[cached row | new tokens (causal)]`` (SDPA, so the ``[q, T + n]``
-    matrix is never built); the scores come from `restricted_max_scores` (KVzip) or `restricted_max_scores_plus`
-    (KVzip+, when ``kv.query_norms`` is set), whose key set is one chunk's worth. ``kv.scores_out`` None: no score.
+    A dense layer (`ScoringKV`): the output is ordinary attention over ``[cached row | new tokens (causal)]`` (SDPA,
+    so the ``[q, T + n]`` matrix is never built). A compressed layer (`CompressedScoringKV`): attention over the
+    row's kept pairs, then the new tokens (``ragged``). The scores come from `restricted_max_scores` (KVzip) or
+    `restricted_max_scores_plus` (KVzip+, when ``kv.query_norms`` is set), whose key set is one chunk's worth
+    (a compressed layer's: the chunk's kept pairs). ``kv.scores_out`` None: no score.
 
     Args:
         query: ``[1, Hq, n, D]`` post-RoPE queries of the reconstruction input.
-        kv: the layer's scoring view (``[1, H, T + n, D]``: the cached row, then the reconstruction input).
-        key_valid: ``[1, T + n]`` bool padding mask over ``[cached row | new tokens]``, or None.
+        kv: the layer's scoring view.
+        key_valid: ``[1, kv.width]`` bool padding mask over ``[cached row | new tokens]``, or None.
         dense: the dense-attention function (other backends pass their own); default: this module's
             `dense_attention`.
-        scores: the KVzip score function (other backends pass their own); default: this module's
-            `restricted_max_scores`. KVzip+ passes always use `restricted_max_scores_plus`.
+        scores: the KVzip score function of a dense layer's chunk (other backends pass their own); default: this
+            module's `restricted_max_scores`, which KVzip+ passes and compressed layers always use.
         out_weight: ``[hidden, Hq * D]``, the module's ``o_proj.weight``; needed by KVzip+ passes only.
+        ragged: the ragged-attention function for a compressed layer; default: this module's `ragged_attention`.
 
     Returns:
         ``[1, n, Hq, D]`` in the query dtype.
     """
-    dense = dense or dense_attention
-    scores = scores or restricted_max_scores
-    out = dense(query, kv.keys, kv.values, scaling, key_valid)
+    if isinstance(kv, CompressedScoringKV):
+        new = kv.context.tail_keys.shape[-2]
+        out = (ragged or ragged_attention)(query, kv.context, scaling, None if key_valid is None else key_valid[:, -new:])
+        scores = restricted_max_scores  # the kernel has no mask for evicted chunk pairs
+    else:
+        out = (dense or dense_attention)(query, kv.keys, kv.values, scaling, key_valid)
+        scores = scores or restricted_max_scores
     if kv.scores_out is None:
         return out
-    start, end = kv.chunk
-    cached = kv.keys[0]
-    prefix = cached.index_select(1, kv.prefix_positions.to(cached.device))
-    if kv.query_norms is None:
-        kv.scores_out.copy_(scores(query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling))
+    inputs = kv.score_inputs()
+    if not kv.is_plus:
+        kept = {} if inputs.chunk_kept is None else {"chunk_kept": inputs.chunk_kept}
+        kv.scores_out.copy_(scores(query[0], inputs.prefix_keys, inputs.chunk_keys, inputs.new_keys, scaling, **kept))
         return out
     if out_weight is None:
         raise ValueError("a KVzip+ scoring pass needs the attention module's o_proj.weight (out_weight)")
-    value_norms = output_value_norms(out_weight, kv.values[0, :, start:end])
+    value_norms = output_value_norms(out_weight, inputs.chunk_values)
     kv.scores_out.copy_(restricted_max_scores_plus(
-        query[0], prefix, cached[:, start:end], kv.new_keys[0], scaling, value_norms, kv.query_norms,
+        query[0], inputs.prefix_keys, inputs.chunk_keys, inputs.new_keys, scaling, value_norms, kv.query_norms,
+        chunk_kept=inputs.chunk_kept,
     ))
     return out

@@ -16,7 +16,7 @@ import torch
 
 from kvzip_cache.kernels import ragged_attention_with_tail, restricted_max_scores_triton
 
-from ..views import RaggedKV, ScoringKV
+from ..views import CompressedScoringKV, RaggedKV, ScoringKV
 from . import reference
 
 
@@ -56,15 +56,18 @@ def ragged_attention(
 
 
 def scoring_attention(
-    query: torch.Tensor, kv: ScoringKV, scaling: float, key_valid: torch.Tensor | None,
+    query: torch.Tensor, kv: ScoringKV | CompressedScoringKV, scaling: float, key_valid: torch.Tensor | None,
     out_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `reference.scoring_attention`, with the Triton scores for KVzip passes.
+    """Same contract as `reference.scoring_attention`, with the Triton scores for KVzip passes over dense layers.
 
-    KVzip+ passes (``kv.query_norms`` set) have no kernel: they run the PyTorch reference scores
-    (`reference.restricted_max_scores_plus`, blocked over queries), on the GPU as well.
+    KVzip+ passes (``kv.query_norms`` set) and passes over compressed layers (whose evicted chunk pairs the kernel
+    cannot mask) run the PyTorch reference scores (blocked over queries), on the GPU as well; a compressed layer's
+    output goes through this backend's ragged attention.
     """
     with _on(query.device):
         if kv.is_plus:
-            return reference.scoring_attention(query, kv, scaling, key_valid, out_weight=out_weight)
-        return reference.scoring_attention(query, kv, scaling, key_valid, scores=restricted_max_scores_triton)
+            return reference.scoring_attention(query, kv, scaling, key_valid, out_weight=out_weight,
+                                               ragged=ragged_attention)
+        return reference.scoring_attention(query, kv, scaling, key_valid, scores=restricted_max_scores_triton,
+                                           ragged=ragged_attention)

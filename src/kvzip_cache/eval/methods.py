@@ -9,7 +9,10 @@ scores), so every ratio costs one selection, not one scoring:
   ``kvzip+``: KVzip+ scores (KVzap's output-norm-weighted reconstruction attention).
 - ``predicted``: a trained `ScorePredictor` (no forward pass); ``predicted-prefill`` evicts while prefilling
   (``prefill(scorer=predictor, ratio=...)``, ``PREDICTED_PREFILL_CHUNK`` tokens per chunk), a fresh prefill per ratio;
-  ``predicted-prefill-carry`` does the same with the budget carried between chunks (``budget="carry"``).
+  ``predicted-prefill-carry`` does the same with the budget carried between chunks (``budget="carry"``);
+  ``predicted-prefill+kvzip`` evicts while prefilling to a looser ratio (``RESCORED_LOOSENESS`` x ``ratio``), then
+  scores the surviving pairs with KVzip and keeps ``ratio`` of the context (``compress(scorer="kvzip")`` on the
+  compressed cache: exact KVzip's selection among what the predictor let through, within the looser memory bound).
 - ``kvzip-head``: whole KV heads (``ratio`` = fraction of heads), ranked by precomputed `HeadScores` when the run
   has them, else, per context, by each head's best KVzip pair score. ``kvzip-head-duo`` is the DuoAttention-style
   variant: the dropped heads keep their first ``DUO_SINK`` and last ``DUO_RECENT`` context tokens ("streaming
@@ -33,7 +36,9 @@ KVZIP_PLUS = "kvzip+"
 BASELINES = ("random", "streaming", "snapkv", "h2o", "keydiff")
 HEAD_METHODS = ("kvzip-head", "kvzip-head-duo")
 PREFILL_BUDGETS = {"predicted-prefill": "chunk", "predicted-prefill-carry": "carry"}  # evict while prefilling
-PREDICTED_METHODS = ("predicted", *PREFILL_BUDGETS)  # need a ScorePredictor
+PREFILL_RESCORED = "predicted-prefill+kvzip"  # evict while prefilling to a looser ratio, then KVzip on the survivors
+RESCORED_LOOSENESS = 2.0  # its prefill keeps this many times the ratio (at most everything)
+PREDICTED_METHODS = ("predicted", *PREFILL_BUDGETS, PREFILL_RESCORED)  # need a ScorePredictor
 METHODS = ("full", *KVZIP_LEVELS, KVZIP_PLUS, *HEAD_METHODS, *PREDICTED_METHODS, *BASELINES)
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in PREDICTED_METHODS)  # what runs without a predictor
 
@@ -89,14 +94,17 @@ def sweep(
     if method == "full":
         yield 1.0
         return
-    if method in PREFILL_BUDGETS:
+    if method in PREFILL_BUDGETS or method == PREFILL_RESCORED:
         if predictor is None:
             raise ValueError(f"method {method!r} needs a ScorePredictor: sweep(..., predictor=...)")
         ids, mask, starts = cache.input_ids, cache.attention_mask, cache.context_start
         for ratio in ratios:
+            prefill_ratio = min(1.0, RESCORED_LOOSENESS * ratio) if method == PREFILL_RESCORED else ratio
             cache.reset()
-            cache.prefill(model, ids, mask, context_start=starts, chunk_size=PREDICTED_PREFILL_CHUNK,
-                          scorer=predictor, ratio=ratio, budget=PREFILL_BUDGETS[method], kv_dtype=kv_dtype)
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=PREDICTED_PREFILL_CHUNK, scorer=predictor,
+                          ratio=prefill_ratio, budget=PREFILL_BUDGETS.get(method, "chunk"), kv_dtype=kv_dtype)
+            if method == PREFILL_RESCORED:
+                cache.compress(model, ratio, scorer="kvzip", tokenizer=tokenizer)  # KVzip among the survivors
             yield ratio
         return
     scorer, level = method_scorer(method, seed=seed, kvzip_scores=kvzip_scores, head_scores=head_scores,

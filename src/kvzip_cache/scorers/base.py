@@ -18,9 +18,10 @@ evicts for real. Two kinds, both plain classes with one method:
   `PrefilledContext`, returning ``[L, B, H, C]``. Reconstruction (KVzip, KVzip+) and the attention-based baselines
   (SnapKV, H2O) are context scorers. They serve `compress` only.
 
-Two optional attributes are read when present: ``name`` (recorded as ``cache.score_source``; default: the class
-name) and ``level`` (the selection the scores are meant for when ``compress`` gets no ``level=``: ``"pair"``,
-``"pair-uniform"`` or ``"head"``; default ``"pair"``).
+Three optional attributes are read when present: ``name`` (recorded as ``cache.score_source``; default: the class
+name), ``level`` (the selection the scores are meant for when ``compress`` gets no ``level=``: ``"pair"``,
+``"pair-uniform"`` or ``"head"``; default ``"pair"``) and ``scores_kept_pairs`` (a context scorer that can rate
+the pairs a compressed cache still keeps, reading ``context.kept``: the reconstruction scorers; default False).
 
 Under tensor parallelism the cache hands each rank its own KV heads (``H`` is then the rank's share) and gathers
 the scores of all ranks before it selects, so a scorer never needs to know.
@@ -97,7 +98,7 @@ class ScoringTarget(Protocol):
 
 @dataclass(frozen=True)
 class PrefilledContext:
-    """What a scorer may read of a prefilled, not yet compressed cache.
+    """What a scorer may read of a prefilled cache (compressed or not).
 
     Attributes:
         input_ids: ``[B, S]`` the prefilled ids (left-padded).
@@ -111,6 +112,9 @@ class PrefilledContext:
             the protected prefix), over all KV heads.
         tensor_parallel: the cache's layout under tensor parallelism, else None.
         target: the cache itself, for scorers that run the model over it or read its pairs (`ScoringTarget`).
+        kept: None while the context is dense; on a compressed cache, ``[L, B, H, C]`` bool, the pairs it still
+            keeps (only they can be scored; `dense_pairs` is then unavailable, and a reconstruction pass reads the
+            kept pairs, `kvzip_cache.views.CompressedScoringKV`).
 
     The record holds no reference to the cached keys and values: `dense_pairs` reads them when asked. (Holding them
     kept every layer's pre-pass buffers alive while the reconstruction passes reallocated them with room for their
@@ -127,10 +131,14 @@ class PrefilledContext:
     selectable: torch.Tensor
     tensor_parallel: TensorParallel | None
     target: ScoringTarget
+    kept: torch.Tensor | None = None
 
     def dense_pairs(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{full layer: (keys, values)}``, each ``[B, H, S - offset, D]`` (this rank's heads): the context's cached
         pairs from ``offset`` on, as cached (post-RoPE), read from the cache now (views, not copies)."""
+        if self.kept is not None:
+            raise ValueError("this cache is compressed: its context is no longer held densely, so a layer scorer "
+                             "cannot rate it (only scorers with scores_kept_pairs, e.g. 'kvzip', score its kept pairs)")
         return self.target.dense_pairs(self.offset, self.input_ids.shape[1] - self.offset)
 
     @property

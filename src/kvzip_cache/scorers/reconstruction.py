@@ -83,6 +83,7 @@ class ReconstructionScorer:
     """
 
     level = "pair"
+    scores_kept_pairs = True  # on a compressed cache, each pass reads the kept pairs (`CompressedScoringKV`)
 
     def __init__(self, tokenizer=None, target: str = "kvzip", chunk_size: int = 2048, progress: bool = False) -> None:
         if target not in RECONSTRUCTION_TARGETS:

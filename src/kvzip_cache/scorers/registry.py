@@ -66,6 +66,14 @@ def resolve_scorer(spec, model, **options) -> LayerScorer | ContextScorer:
     )
 
 
+def scores_kept_pairs(spec) -> bool:
+    """Whether a scorer spec (as `resolve_scorer` takes it) can rate the pairs a compressed cache still keeps,
+    without building the scorer: a registered name by its factory, an object by its ``scores_kept_pairs``."""
+    if isinstance(spec, str):
+        return spec in _FACTORIES and bool(getattr(_FACTORIES[spec], "scores_kept_pairs", False))
+    return bool(getattr(spec, "scores_kept_pairs", False))
+
+
 def scorer_label(spec) -> str:
     """The name a scorer spec records as ``cache.score_source``, without building the scorer: a registered name
     itself, ``"predicted"`` for a `ScorePredictor`, ``"head"`` for head scores, else the object's ``name`` (``""``
@@ -106,6 +114,7 @@ def _reconstruction(target: str):
     def factory(model, tokenizer=None, chunk_size: int = 2048, progress: bool = False, **options):
         return ReconstructionScorer(tokenizer, target, chunk_size, progress)
 
+    factory.scores_kept_pairs = ReconstructionScorer.scores_kept_pairs  # known before the scorer is built
     return factory
 
 
