@@ -12,7 +12,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import VOCAB, make_pair
+from conftest import VOCAB, ByteTokenizer, make_pair
 from kvzip_cache import ScorePredictor
 from kvzip_cache.bench.capacity import capacity_rows, longest, write_capacity_report
 from kvzip_cache.bench.common import GB, kv_bytes_per_token, random_context
@@ -35,10 +35,11 @@ def test_predictor_rows_measure_predicted_compress_and_the_evicting_prefill(tmp_
     starts = torch.tensor([0, 12]) + 4  # 4 protected prefix tokens per row
     kv_per_token = kv_bytes_per_token(model.config, 4)
     rows = predictor_rows(model, predictor, ids, mask, starts, [0.25, 0.5], chunk=chunk, kv_per_token=kv_per_token,
-                          dynamic_prefill_s=1.0)
+                          dynamic_prefill_s=1.0, score_chunk=40, tokenizer=ByteTokenizer())
 
     assert [(r.method, r.ratio) for r in rows] == [("kvzip-pred", 0.5), ("kvzip-pred", 0.25),
-                                                   ("kvzip-evict", 0.5), ("kvzip-evict", 0.25)]
+                                                   ("kvzip-evict", 0.5), ("kvzip-evict", 0.25),
+                                                   ("kvzip-evict+kvzip", 0.5), ("kvzip-evict+kvzip", 0.25)]
     context_tokens = (context - 4) + (context - 16)  # real tokens after each row's prefix
     prefix_bytes = 2 * 4 * kv_per_token
     pred = {r.ratio: r for r in rows if r.method == "kvzip-pred"}
@@ -48,6 +49,10 @@ def test_predictor_rows_measure_predicted_compress_and_the_evicting_prefill(tmp_
         if r.method == "kvzip-pred":
             assert r.compress_s > 0 and r.prefill_s == r.plain_prefill_s
             assert r.scoring_s == pred[0.5].compress_s  # the first compress predicts; the second re-selects
+        elif r.method == "kvzip-evict+kvzip":  # prefill kept min(1, 2r), then KVzip scored the survivors
+            assert r.compress_s > 0 and "prefill kept " + f"{min(1.0, 2 * r.ratio):g}" in r.notes[0]
+            assert float(r.notes[0].split(";")[0].split()[-1]) == pytest.approx(r.ratio, abs=0.02)
+            assert r.kv_gb == pytest.approx(pred[r.ratio].kv_gb, rel=0.05)
         else:
             assert math.isnan(r.compress_s)
             # kept KV (plus 4-byte positions per pair: +3% here) ~ ratio x the plain prefill's context KV
@@ -60,6 +65,7 @@ def test_predictor_rows_measure_predicted_compress_and_the_evicting_prefill(tmp_
     write_report(_record(rows), tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "## Score predictor" in report and report.count("| kvzip-evict |") == 4  # main table + predictor table
+    assert report.count("| kvzip-evict+kvzip |") == 4
 
 
 @pytest.mark.parametrize("dense", ["kvzip", "dynamic"])

@@ -150,7 +150,7 @@ def run(args) -> dict:
             if predictor is not None:
                 for row in predictor_rows(model, predictor, ids, mask, starts, args.ratios, chunk=args.prefill_chunk,
                                           kv_per_token=kv_per_token, dynamic_prefill_s=dynamic_prefill_s,
-                                          decode_steps=args.decode_steps):
+                                          decode_steps=args.decode_steps, score_chunk=args.score_chunk):
                     if decode:
                         row.floor_ms = (weight_bytes + row.kv_gb * GB) / bandwidth * 1e3
                     rows.append(row)
@@ -184,7 +184,7 @@ def write_report(result: dict, out: Path) -> None:
             f"{r['floor_ms']:.1f} | {r['kv_gb']:.2f} | {r['peak_prefill_gb']:.1f} | {r['peak_compress_gb']:.1f} | "
             f"{r['peak_decode_gb']:.1f} | {r['kernel_gbps']:.0f} | {pct:.0f} | {'; '.join(r['notes'])} |"
         )
-    predicted = [r for r in result["rows"] if r["method"] in ("kvzip-pred", "kvzip-evict")]
+    predicted = [r for r in result["rows"] if r["method"] in ("kvzip-pred", "kvzip-evict", "kvzip-evict+kvzip")]
     if predicted:
         lines += [
             "",
@@ -193,7 +193,8 @@ def write_report(result: dict, out: Path) -> None:
             "kvzip-pred: a plain prefill, then `compress(predictor=p)` (prefill s is the plain prefill's). "
             "kvzip-evict: `prefill(predictor=p, ratio=r)`; bound = GB allocated before it + ratio x full KV + one "
             "chunk (the peak of a plain one-chunk prefill above what was allocated before it: activations plus the "
-            "chunk's KV).",
+            "chunk's KV). kvzip-evict+kvzip: `prefill(predictor=p, ratio=min(1, 2r))` (its bound with 2r), then "
+            "`compress(model, r, scorer=\"kvzip\")` on the survivors (compress s; peak compress GB).",
             "",
             "| method | context | batch | ratio | prefill s | x plain prefill | x DynamicCache prefill | compress s "
             "| compress % of prefill | KV GB | peak prefill GB | peak compress GB | bound GB | one chunk GB | notes |",
@@ -230,7 +231,9 @@ def _plot(result: dict, path: Path) -> None:
     for (method, ratio), points in sorted(series.items()):
         points.sort()
         label = {"dynamic": "DynamicCache + SDPA", "kvzip-pred": f"KVzip predicted, ratio {ratio:g}",
-                 "kvzip-evict": f"KVzip evicting prefill, ratio {ratio:g}"}.get(method, f"KVzip ratio {ratio:g}")
+                 "kvzip-evict": f"KVzip evicting prefill, ratio {ratio:g}",
+                 "kvzip-evict+kvzip": f"evicting prefill to {min(1.0, 2 * ratio):g} + KVzip, ratio {ratio:g}",
+                 }.get(method, f"KVzip ratio {ratio:g}")
         ax1.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax2.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
     for ax, title in ((ax1, "decode ms/token (batch 1)"), (ax2, "KV cache GB (batch 1)")):

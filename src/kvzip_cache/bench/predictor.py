@@ -1,7 +1,8 @@
 """Score-predictor rows of the default benchmark (``python -m kvzip_cache.bench --predictor linear|mlp``).
 
-`predictor_rows` measures, on one context, a predicted compress after a plain prefill (``kvzip-pred``) and a prefill
-that evicts while it runs (``kvzip-evict``); `kvzip_cache.bench.decode.run` adds them to its rows and
+`predictor_rows` measures, on one context, a predicted compress after a plain prefill (``kvzip-pred``), a prefill
+that evicts while it runs (``kvzip-evict``) and the path that evicts to twice the ratio while prefilling, then
+scores the survivors with KVzip (``kvzip-evict+kvzip``); `kvzip_cache.bench.decode.run` adds them to its rows and
 `kvzip_cache.bench.decode.write_report` gives them a table of their own.
 """
 
@@ -11,12 +12,12 @@ import torch
 
 from kvzip_cache import KVzipCache, ScorePredictor
 
-from .common import GB, Row, decode_loop, free_memory, measured, one_chunk_gb
+from .common import GB, NoTemplateTokenizer, Row, decode_loop, free_memory, measured, one_chunk_gb
 
 
 def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor,
                    ratios: list[float], *, chunk: int, kv_per_token: int, dynamic_prefill_s: float = float("nan"),
-                   decode_steps: int = 0) -> list[Row]:
+                   decode_steps: int = 0, score_chunk: int = 2048, tokenizer=None) -> list[Row]:
     """Rows of a score predictor on one context; prints one line per row as it is measured.
 
     Args:
@@ -30,6 +31,8 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
         kv_per_token: dense KV bytes per token (`kv_bytes_per_token`): full KV = kv_per_token x S x B.
         dynamic_prefill_s: the DynamicCache prefill time of the same context, to compare with (NaN: none).
         decode_steps: > 0 also times decode steps on each compressed cache (CUDA only).
+        score_chunk: context tokens per reconstruction pass of ``kvzip-evict+kvzip``.
+        tokenizer: builds its reconstruction prompts; default `NoTemplateTokenizer` (random-weight shapes).
 
     Returns, for each ratio r (largest first):
 
@@ -39,6 +42,9 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
     - ``kvzip-evict``: ``prefill(..., predictor=p, ratio=r)`` (``prefill_s``, ``peak_prefill_gb``) beside the plain
       prefill (``plain_prefill_s``), DynamicCache's (``dynamic_prefill_s``) and the bound
       ``bound_gb = allocated before (weights, inputs) + r x full KV + chunk_gb``.
+    - ``kvzip-evict+kvzip``: ``prefill(..., predictor=p, ratio=min(1, 2r))`` (``prefill_s``, ``peak_prefill_gb``;
+      the bound with ``2r``), then ``compress(model, r, scorer="kvzip")``, KVzip's scores of the surviving pairs
+      (``compress_s``, ``peak_compress_gb``): the quality path of docs/score-predictors.md.
 
     ``chunk_gb``, "one chunk's activations" in the bound, is measured by `one_chunk_gb` on the last ``chunk`` tokens
     of each row (they hold no left padding).
@@ -88,6 +94,24 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
         print(_predictor_line(row), flush=True)
         del cache
         free_memory()
+    for ratio in sorted(ratios, reverse=True):
+        loose = min(1.0, 2 * ratio)
+        cache = KVzipCache(model)
+        with measured() as m:
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=loose)
+        prefill_s, prefill_peak, bound = m.seconds, m.peak_gb, m.before_gb + loose * full_kv_gb + chunk_gb
+        with measured() as m:
+            report = cache.compress(model, ratio, scorer="kvzip", tokenizer=tokenizer or NoTemplateTokenizer(),
+                                    chunk_size=score_chunk)
+        row = Row("kvzip-evict+kvzip", context, batch, ratio, prefill_s=prefill_s, scoring_s=m.seconds,
+                  compress_s=m.seconds, peak_prefill_gb=prefill_peak, peak_compress_gb=m.peak_gb,
+                  plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb, bound_gb=bound,
+                  kv_gb=(cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms=decode_ms(cache))
+        row.notes.append(f"achieved ratio {report.achieved_ratio:.3f}; prefill kept {loose:g}")
+        rows.append(row)
+        print(_predictor_line(row), flush=True)
+        del cache
+        free_memory()
     return rows
 
 
@@ -97,7 +121,10 @@ def _predictor_line(row: Row) -> str:
         return (f"{head} plain prefill {row.prefill_s:6.2f}s, predicted compress {row.compress_s:6.3f}s = "
                 f"{100 * row.compress_s / row.prefill_s:.1f}% of it; peaks {row.peak_prefill_gb:.1f}/"
                 f"{row.peak_compress_gb:.1f} GB; KV {row.kv_gb:.2f} GB; {'; '.join(row.notes)}")
+    rescored = (f" + KVzip on the survivors {row.compress_s:6.2f}s (peak {row.peak_compress_gb:.1f} GB), total "
+                f"{(row.prefill_s + row.compress_s) / row.plain_prefill_s:.2f}x plain"
+                if row.method == "kvzip-evict+kvzip" else "")
     return (f"{head} evicting prefill {row.prefill_s:6.2f}s = {row.prefill_s / row.plain_prefill_s:.2f}x plain "
             f"({row.plain_prefill_s:.2f}s), {row.prefill_s / row.dynamic_prefill_s:.2f}x DynamicCache; peak "
-            f"{row.peak_prefill_gb:.1f} GB, bound {row.bound_gb:.1f} GB (one chunk {row.chunk_gb:.2f} GB); "
+            f"{row.peak_prefill_gb:.1f} GB, bound {row.bound_gb:.1f} GB (one chunk {row.chunk_gb:.2f} GB){rescored}; "
             f"KV {row.kv_gb:.2f} GB; {'; '.join(row.notes)}")
