@@ -87,6 +87,13 @@ def run_scenarios(model) -> dict:
     cache.prefill(model, context, context_start=4, chunk_size=16, predictor=predictor, ratio=0.4)
     results["predicted-prefill"] = {"keep": cache.keep_mask, "scores": cache.scores,
                                     "tokens": _answer(model, cache, question)}
+    # ... to a looser ratio (fp8 pairs), then KVzip scores each rank's kept pairs and the ranks select together.
+    # (0.7: at 0.6 this context's chunk selection has a near tie that the all-reduce's rounding flips)
+    cache = KVzipCache(model)
+    cache.prefill(model, context, context_start=4, chunk_size=16, predictor=predictor, ratio=0.7, kv_dtype="fp8")
+    cache.compress(model, 0.3, scorer="kvzip", tokenizer=TOK, chunk_size=16)
+    results["predicted-prefill+kvzip"] = {"keep": cache.keep_mask, "scores": cache.scores,
+                                          "tokens": _answer(model, cache, question)}
     # a left-padded batch, with padded questions
     ids, mask = _ids(36, 4, batch=2), torch.ones(2, 36, dtype=torch.long)
     ids[1, :7], mask[1, :7] = 0, 0
