@@ -177,3 +177,22 @@ def test_static_shared_decoding_compiles_once_for_a_second_document(arch_name):
         longer.make_static(max_new_tokens=12)
         with pytest.raises(torch._dynamo.exc.RecompileError):
             _decode(model, compiled, longer, *rounds[0])
+
+
+def test_the_benchmark_splits_a_shared_static_cache_into_its_context_and_the_rows_tails():
+    """`bench.shared.context_kv_bytes`: what 64 rows read once (the kept context) vs what each row adds (its static
+    tail), counted from the shapes alone."""
+    from kvzip_cache.bench.shared import context_kv_bytes
+
+    model, _ = make_pair("llama")
+    cache = _compressed(model, _ids(48, 1))
+    alone = cache.kv_bytes()
+    ids, mask = _questions()
+    cache.inputs_for(ids, mask, shared=True)
+    cache.make_static(12)
+    config = model.config
+    element = next(model.parameters()).element_size()
+    room = 64  # make_static rounds the tail's room up to a multiple of 64
+    tails = 2 * len(QUESTIONS) * config.num_hidden_layers * config.num_key_value_heads * room * config.head_dim * element
+    assert context_kv_bytes(cache) == alone  # compressed, nothing appended: the context is all of it
+    assert cache.kv_bytes() - context_kv_bytes(cache) == tails

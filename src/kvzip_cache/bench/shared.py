@@ -15,8 +15,9 @@ with ``torch.compile(model.forward, mode="reduce-overhead")`` (CUDA graphs), one
 - ``sequential``: the questions one after another on the single-question cache (derived: ``--shared`` x the single
   step, tokens/s = 1000 / single ms).
 
-KV GB is `KVzipCache.kv_bytes` (the context plus every row's static tail); ``copied KV GB`` is what a cache holding
-one copy of the context per question would keep (computed: ``--shared`` x the single row's KV).
+KV GB is `KVzipCache.kv_bytes` (the context plus every row's static tail), ``of it context GB`` the kept context
+alone (`context_kv_bytes`: what every row reads, once); ``copied KV GB`` is what a cache holding one copy of the
+context per question would keep (computed: ``--shared`` x the single row's KV).
 
 ``--compile-reuse`` also times the first and a warm ``model.generate`` on two documents of different lengths in one
 length bucket (`length_bucket`), each made static the same way, and counts the graphs dynamo compiles for each
@@ -52,6 +53,7 @@ class SharedRow:
     step_ms: float = float("nan")
     tokens_per_s: float = float("nan")
     kv_gb: float = float("nan")
+    context_kv_gb: float = float("nan")  # the kept context alone (read once for all rows); kv_gb - this: the tails
     copied_kv_gb: float = float("nan")
     compile_s: float = float("nan")
     first_call_s: float = float("nan")
@@ -79,7 +81,8 @@ def _decode_row(model, base, method: str, questions: int, args, single: SharedRo
     context = base.context_length
     room = _room(args)
     cache, ask = _static_copy(base, model, questions, room, args.question_tokens)
-    row = SharedRow(method, context, questions, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
+    row = SharedRow(method, context, questions, args.ratios[-1], kv_gb=cache.kv_bytes() / GB,
+                    context_kv_gb=context_kv_bytes(cache) / GB)
     with use_backend("triton-per-row") if method == "per-row" else nullcontext():
         forward = compiled_forward(model)
         token, position = question_step(model, cache, ask, context)
@@ -92,8 +95,10 @@ def _decode_row(model, base, method: str, questions: int, args, single: SharedRo
     row.tokens_per_s = questions * 1e3 / row.step_ms
     if single is not None:
         row.copied_kv_gb = questions * single.kv_gb
+        tails, single_tail = row.kv_gb - row.context_kv_gb, single.kv_gb - single.context_kv_gb
         row.notes.append(f"{row.step_ms / single.step_ms:.2f}x the single step, KV {row.kv_gb / single.kv_gb:.3f}x "
-                         "one row's")
+                         f"one row's = context {row.context_kv_gb / single.context_kv_gb:.3f}x one row's context + "
+                         f"{questions} tails of {single_tail * 1e3:.1f} MB ({tails:.2f} GB)")
     del cache, forward
     torch._dynamo.reset()
     gc.collect()
@@ -193,18 +198,24 @@ def run_shared(args) -> dict:
             "copy_bandwidth_tbps": bandwidth / 1e12, "rows": [asdict(r) for r in rows]}
 
 
+def context_kv_bytes(cache: KVzipCache) -> int:
+    """Bytes of the kept context pairs (with fp8 scales), without the tails and the sliding layers' windows."""
+    return sum(layer.context.kv_bytes() for layer in cache.layers if getattr(layer, "context", None) is not None)
+
+
 def write_shared_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shared.json").write_text(json.dumps(result, indent=2))
     lines = report_header(result, "Many questions, one context") + [
-        "| method | context | questions | ratio | ms/step | tokens/s | KV GB | copied KV GB | compile s "
-        "| first generate s | warm generate s | graphs compiled | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | context | questions | ratio | ms/step | tokens/s | KV GB | of it context GB | copied KV GB "
+        "| compile s | first generate s | warm generate s | graphs compiled | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['context']} | {r['questions']} | {r['ratio']} | {r['step_ms']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['kv_gb']:.2f} | {r['copied_kv_gb']:.2f} | {r['compile_s']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | {r['kv_gb']:.2f} | {r.get('context_kv_gb', float('nan')):.2f} | "
+            f"{r['copied_kv_gb']:.2f} | {r['compile_s']:.1f} | "
             f"{r['first_call_s']:.1f} | {r['warm_call_s']:.2f} | {r['new_graphs']} | {'; '.join(r['notes'])} |"
         )
     text = "\n".join(lines)
