@@ -11,13 +11,15 @@ from transformers import DynamicCache
 
 from conftest import HIDDEN_PAIRS, ByteTokenizer, make_pair
 from kvzip_cache import KVzipCache, reconstruction_inputs
+from references import full_layers, round_cached
 
 
-def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer, hidden=None):
+def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer, hidden=None, fp8=False):
     """{layer: [H, context_len]} scores of one unpadded row, from full eager attention probabilities.
 
     ``hidden``: {full layer: [1, H, length] bool} cached pairs the reconstruction passes must not see (the pairs a
-    compressed cache evicted): their probabilities, hence their scores, are 0.
+    compressed cache evicted): their probabilities, hence their scores, are 0. ``fp8``: the full layers' cached
+    pairs are rounded to fp8 first (`references.fp8_round`), as a store of fp8 kept pairs holds them.
     """
     num_heads = reference.config.num_key_value_heads
     length = row_ids.shape[0]
@@ -27,6 +29,8 @@ def reference_scores(reference, row_ids, prefix_len, chunk_size, tokenizer, hidd
         cache = DynamicCache(config=reference.config)
         with torch.no_grad():
             reference(input_ids=row_ids[None], past_key_values=cache, use_cache=True)
+            if fp8:
+                round_cached(cache, full_layers(reference.config), slice(None))
             HIDDEN_PAIRS.update(hidden or {})
             try:
                 out = reference(input_ids=ids[None], past_key_values=cache, use_cache=True, output_attentions=True,
@@ -94,7 +98,7 @@ def _padded_rows(lengths, prefixes, seed=5):
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
-@pytest.mark.parametrize("first", ["evict", "keydiff"])
+@pytest.mark.parametrize("first", ["evict", "keydiff", "evict fp8"])
 def test_rescoring_a_compressed_cache_scores_its_kept_pairs(arch_name, first):
     """compress(scorer="kvzip") on a cache compressed another way scores only the pairs it kept: KVzip's restricted
     softmax with the evicted pairs absent, as full eager attention that cannot see them gives it; then it keeps the
@@ -106,9 +110,9 @@ def test_rescoring_a_compressed_cache_scores_its_kept_pairs(arch_name, first):
     cache = KVzipCache(model)
     cache.prefill(model, ids, mask, context_start=torch.tensor(starts), chunk_size=10)
     base, seq = min(starts), ids.shape[1]
-    if first == "evict":  # compressed without scores
+    if first.startswith("evict"):  # compressed without scores (fp8: the kept pairs stored as float8)
         keep = torch.rand(cache.selectable_pairs().shape, generator=torch.Generator().manual_seed(3)) < 0.6
-        cache.evict(keep)
+        cache.evict(keep, kv_dtype="fp8" if first.endswith("fp8") else None)
     else:
         cache.compress(model, 0.6, scorer="keydiff")
     kept_before = cache.keep_mask.clone()
@@ -122,7 +126,7 @@ def test_rescoring_a_compressed_cache_scores_its_kept_pairs(arch_name, first):
             hide = torch.zeros(1, kept_before.shape[2], len(row), dtype=torch.bool)
             hide[0, :, prefixes[b]:] = ~kept_before[layer, b, :, starts[b] - base:]
             hidden[layer] = hide
-        expected = reference_scores(reference, row, prefixes[b], 9, tokenizer, hidden)
+        expected = reference_scores(reference, row, prefixes[b], 9, tokenizer, hidden, fp8=first.endswith("fp8"))
         for layer in cache.compressible_layers:
             actual = cache.scores[layer, b, :, starts[b] - base:]
             kept = kept_before[layer, b, :, starts[b] - base:]
