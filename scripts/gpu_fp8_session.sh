@@ -27,8 +27,8 @@ case ${1:-} in
         install_library
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
         timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
-            tests/test_gpu.py -k "fp8 or compiled_static or rescoring" 2>&1 | tail -4 | tee "$OUT/fp8_tests.txt"
-        for context in ${CONTEXTS:-131072 32768}; do  # 128K first: the figures
+            tests/test_gpu.py -k "fp8 or compiled_static or rescoring" -rA 2>&1 | tee "$OUT/fp8_tests.txt" | tail -4
+        for context in ${CONTEXTS-131072 32768}; do  # 128K first: the figures (CONTEXTS="": none)
             timeout "${BENCH_TIMEOUT:-300}" python3 -m kvzip_cache.bench "${BENCH[@]}" --contexts $context \
                 --baselines dynamic-eager quantized-fp8-eager --no-generate --out "$OUT/compiled$context" 2>&1 \
                 | grep -v Warning | tee "$OUT/compiled$context.log" | grep -E "ctx|skip|Error" ;
