@@ -12,6 +12,7 @@ import torch
 
 from kvzip_cache import KVzipCache, ScorePredictor
 
+from ..eval.methods import RESCORED_LOOSENESS
 from .common import GB, NoTemplateTokenizer, Row, decode_loop, free_memory, measured, one_chunk_gb
 
 
@@ -42,7 +43,7 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
     - ``kvzip-evict``: ``prefill(..., predictor=p, ratio=r)`` (``prefill_s``, ``peak_prefill_gb``) beside the plain
       prefill (``plain_prefill_s``), DynamicCache's (``dynamic_prefill_s``) and the bound
       ``bound_gb = allocated before (weights, inputs) + r x full KV + chunk_gb``.
-    - ``kvzip-evict+kvzip``: ``prefill(..., predictor=p, ratio=min(1, 2r))`` (``prefill_s``, ``peak_prefill_gb``;
+    - ``kvzip-evict+kvzip``: ``prefill(..., predictor=p, ratio=min(1, 2r))`` (``RESCORED_LOOSENESS``) (``prefill_s``, ``peak_prefill_gb``;
       the bound with ``2r``), then ``compress(model, r, scorer="kvzip")``, KVzip's scores of the surviving pairs
       (``compress_s``, ``peak_compress_gb``): the quality path of docs/score-predictors.md.
 
@@ -62,6 +63,23 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
         return ms
 
     rows: list[Row] = []
+
+    def evicting_prefill(prefill_ratio: float) -> tuple[KVzipCache, float, float, float]:
+        """A prefill that evicts to ``prefill_ratio``: the cache, its seconds and peak GB, and its bound."""
+        cache = KVzipCache(model)
+        with measured() as m:
+            cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor,
+                          ratio=prefill_ratio)
+        return cache, m.seconds, m.peak_gb, m.before_gb + prefill_ratio * full_kv_gb + chunk_gb
+
+    def add(row: Row, cache: KVzipCache, note: str = "") -> None:
+        """Complete ``row`` from ``cache`` (kept KV, decode time, achieved ratio), keep it and print it."""
+        achieved = int(cache.keep_mask.sum()) / max(int(cache.selectable_pairs().sum()), 1)
+        row.kv_gb, row.decode_ms = (cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms(cache)
+        row.notes.append(f"achieved ratio {achieved:.3f}{note}")
+        rows.append(row)
+        print(_predictor_line(row), flush=True)
+
     plain = KVzipCache(model)
     with measured() as m:
         plain.prefill(model, ids, mask, context_start=starts, chunk_size=chunk)
@@ -69,47 +87,29 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
     scoring_s = float("nan")
     for ratio in sorted(ratios, reverse=True):
         with measured() as m:
-            report = plain.compress(model, ratio, predictor=predictor)
+            plain.compress(model, ratio, predictor=predictor)
         scoring_s = m.seconds if scoring_s != scoring_s else scoring_s
-        row = Row("kvzip-pred", context, batch, ratio, prefill_s=plain_s, scoring_s=scoring_s, compress_s=m.seconds,
-                  peak_prefill_gb=plain_peak, peak_compress_gb=m.peak_gb, plain_prefill_s=plain_s,
-                  dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb,
-                  kv_gb=(plain.kv_bytes() + plain.metadata_bytes()) / GB, decode_ms=decode_ms(plain))
-        row.notes.append(f"achieved ratio {report.achieved_ratio:.3f}")
-        rows.append(row)
-        print(_predictor_line(row), flush=True)
+        add(Row("kvzip-pred", context, batch, ratio, prefill_s=plain_s, scoring_s=scoring_s, compress_s=m.seconds,
+                peak_prefill_gb=plain_peak, peak_compress_gb=m.peak_gb, plain_prefill_s=plain_s,
+                dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb), plain)
     del plain
     free_memory()
     for ratio in sorted(ratios, reverse=True):
-        cache = KVzipCache(model)
-        with measured() as m:
-            cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=ratio)
-        row = Row("kvzip-evict", context, batch, ratio, prefill_s=m.seconds, peak_prefill_gb=m.peak_gb,
-                  plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb,
-                  bound_gb=m.before_gb + ratio * full_kv_gb + chunk_gb,
-                  kv_gb=(cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms=decode_ms(cache))
-        achieved = int(cache.keep_mask.sum()) / max(int(cache.selectable_pairs().sum()), 1)
-        row.notes.append(f"achieved ratio {achieved:.3f}")
-        rows.append(row)
-        print(_predictor_line(row), flush=True)
+        cache, prefill_s, prefill_peak, bound = evicting_prefill(ratio)
+        add(Row("kvzip-evict", context, batch, ratio, prefill_s=prefill_s, peak_prefill_gb=prefill_peak,
+                plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb, bound_gb=bound), cache)
         del cache
         free_memory()
     for ratio in sorted(ratios, reverse=True):
-        loose = min(1.0, 2 * ratio)
-        cache = KVzipCache(model)
+        loose = min(1.0, RESCORED_LOOSENESS * ratio)
+        cache, prefill_s, prefill_peak, bound = evicting_prefill(loose)
         with measured() as m:
-            cache.prefill(model, ids, mask, context_start=starts, chunk_size=chunk, predictor=predictor, ratio=loose)
-        prefill_s, prefill_peak, bound = m.seconds, m.peak_gb, m.before_gb + loose * full_kv_gb + chunk_gb
-        with measured() as m:
-            report = cache.compress(model, ratio, scorer="kvzip", tokenizer=tokenizer or NoTemplateTokenizer(),
-                                    chunk_size=score_chunk)
-        row = Row("kvzip-evict+kvzip", context, batch, ratio, prefill_s=prefill_s, scoring_s=m.seconds,
-                  compress_s=m.seconds, peak_prefill_gb=prefill_peak, peak_compress_gb=m.peak_gb,
-                  plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb, bound_gb=bound,
-                  kv_gb=(cache.kv_bytes() + cache.metadata_bytes()) / GB, decode_ms=decode_ms(cache))
-        row.notes.append(f"achieved ratio {report.achieved_ratio:.3f}; prefill kept {loose:g}")
-        rows.append(row)
-        print(_predictor_line(row), flush=True)
+            cache.compress(model, ratio, scorer="kvzip", tokenizer=tokenizer or NoTemplateTokenizer(),
+                           chunk_size=score_chunk)
+        add(Row("kvzip-evict+kvzip", context, batch, ratio, prefill_s=prefill_s, scoring_s=m.seconds,
+                compress_s=m.seconds, peak_prefill_gb=prefill_peak, peak_compress_gb=m.peak_gb,
+                plain_prefill_s=plain_s, dynamic_prefill_s=dynamic_prefill_s, chunk_gb=chunk_gb, bound_gb=bound),
+            cache, f"; prefill kept {loose:g}")
         del cache
         free_memory()
     return rows
