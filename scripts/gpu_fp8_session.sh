@@ -26,8 +26,8 @@ case ${1:-} in
         cp .whl/smol.part00 "$W/"
         install_library
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-        timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
-            tests/test_gpu.py -k "fp8 or compiled_static or rescoring" -rA 2>&1 | tee "$OUT/fp8_tests.txt" | tail -4
+        timeout 200 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
+            tests/test_gpu.py -k "fp8 or compiled_static or rescoring or triton_backend_matches" -rA 2>&1 | tee "$OUT/fp8_tests.txt" | tail -4
         for context in ${CONTEXTS-131072 32768}; do  # 128K first: the figures (CONTEXTS="": none)
             timeout "${BENCH_TIMEOUT:-300}" python3 -m kvzip_cache.bench "${BENCH[@]}" --contexts $context \
                 --baselines dynamic-eager quantized-fp8-eager --no-generate --out "$OUT/compiled$context" 2>&1 \

@@ -136,7 +136,11 @@ def test_rescoring_a_compressed_cache_on_cuda_matches_the_reference_backend(arch
 def test_fp8_pairs_on_cuda_match_the_reference_backend(arch, dtype):
     """fp8 kept pairs on the GPU: the Triton kernels (fp8 tiles converted in registers, scales folded in) give the
     reference backend's logits (PyTorch dequantization) on the same cache, whose store is the CPU's quantization of
-    the plain store bit for bit; fp8 moves the logits, but by less than a logit."""
+    the plain store bit for bit; fp8 moves the logits, but by less than a logit.
+
+    float32: within 1e-3. bfloat16: the two backends round differently (the reference dequantizes each pair to bf16,
+    the kernel scales logits and probabilities in float32), so the bound is the plain bf16 store's own
+    Triton-vs-reference gap on the same cache and question: fp8 may not widen it more than 2x (plus 0.01)."""
     model, _ = _on_gpu(arch, dtype)
     context, question = _ids(300, 5), _ids(9, 6)
     cache = KVzipCache(model)
@@ -144,30 +148,41 @@ def test_fp8_pairs_on_cuda_match_the_reference_backend(arch, dtype):
     plain = copy.deepcopy(cache)
     cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100, kv_dtype="fp8")
     plain.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
-    assert torch.equal(cache.keep_mask, plain.keep_mask), "fp8 changed the selection"
+    failures = []  # every check runs, so that one GPU run says all that is wrong
+    if not torch.equal(cache.keep_mask, plain.keep_mask):
+        failures.append(f"fp8 changed the selection ({(cache.keep_mask != plain.keep_mask).sum()} pairs)")
     store, plain_store = (c.layers[c.compressible_layers[0]].context for c in (cache, plain))
     assert store.is_fp8 and store.keys.element_size() == 1 and store.keys.shape == plain_store.keys.shape
     cpu_quantized = plain_store.to("cpu").to_fp8().keys.view(torch.uint8)
-    assert torch.equal(store.to("cpu").keys.view(torch.uint8), cpu_quantized), "the GPU quantized unlike the CPU"
+    if not torch.equal(store.to("cpu").keys.view(torch.uint8), cpu_quantized):
+        failures.append("the GPU quantized unlike the CPU")
     n = cache.get_seq_length()
     position = torch.arange(n, n + question.shape[1], device="cuda")[None]
 
     def logits(c):
         with torch.no_grad():
-            return model(question, past_key_values=c, position_ids=position).logits.float()
+            out = model(question, past_key_values=c, position_ids=position).logits.float()
+        c.rollback()
+        return out
 
-    fast = logits(cache)
-    cache.rollback()
-    with use_backend("reference"):
-        slow = logits(cache)
-    bf16 = dtype == torch.bfloat16
-    kernel_error = (fast - slow).abs()
-    print(f"fp8 {arch} {dtype}: Triton vs reference max {kernel_error.max():.4g} mean {kernel_error.mean():.4g}")
-    torch.testing.assert_close(fast, slow, atol=0.03 if bf16 else 1e-3, rtol=0,
-                               msg=lambda m: f"Triton's fp8 logits differ from the reference backend's: {m}")
-    unquantized = logits(plain)
+    def backend_gap(c):
+        fast = logits(c)
+        with use_backend("reference"):
+            return fast, (fast - logits(c)).abs()
+
+    fast, gap = backend_gap(cache)
+    unquantized, plain_gap = backend_gap(plain)
+    print(f"fp8 {arch} {dtype}: Triton vs reference, fp8 store: max {gap.max():.4g} mean {gap.mean():.4g}; "
+          f"plain store: max {plain_gap.max():.4g} mean {plain_gap.mean():.4g}; "
+          f"fp8 vs plain (Triton): {(fast - unquantized).abs().max():.4g}")
+    bound = 2 * plain_gap.max() + 0.01 if dtype == torch.bfloat16 else 1e-3
+    if gap.max() > bound or gap.mean() > 2 * plain_gap.mean() + 1e-3:
+        failures.append(f"Triton's fp8 logits differ from the reference backend's: max {gap.max():.4g} "
+                        f"(bound {bound:.4g}), mean {gap.mean():.4g}")
     difference = (fast - unquantized).abs().max()
-    assert 1e-3 < difference < 1.0, f"fp8 vs unquantized pairs: {difference}"
+    if not 1e-3 < difference < 1.0:
+        failures.append(f"fp8 vs unquantized pairs: {difference}")
+    assert not failures, "; ".join(failures)
 
 
 def test_greedy_generation_matches_dynamic_cache_on_cuda():
