@@ -27,9 +27,11 @@ def full_layers(config) -> list[int]:
 
 
 def fp8_round(pairs: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` keys or values as an fp8 store holds them: each row divided by its own ``amax / 448`` scale,
-    rounded to float8 e4m3fn, multiplied back (the format's definition, written here without the library)."""
-    scale = (pairs.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    """``[..., D]`` keys or values as an fp8 store holds them: each row divided by its own ``amax x (1 / 448)``
+    scale (the float32 nearest 1/448; a product, correctly rounded on every device), rounded to float8 e4m3fn,
+    multiplied back (the format's definition, written here without the library)."""
+    inverse = torch.tensor(1 / 448, dtype=torch.float32)
+    scale = (pairs.float().abs().amax(dim=-1, keepdim=True) * inverse).clamp(min=torch.finfo(torch.float32).tiny)
     return ((pairs.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(pairs.dtype)
 
 

@@ -23,13 +23,20 @@ import torch
 
 FP8 = getattr(torch, "float8_e4m3fn", None)  # None on a torch without float8 types
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
+_INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # the float32 the kernels multiply by
 
 
 def quantize_fp8(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, D]`` keys or values -> (``[N, D]`` float8 e4m3fn, ``[N]`` float32 scales): row ``i`` is stored as
-    ``pairs[i] / scale[i]`` with ``scale[i] = max|pairs[i]| / 448`` (an all-zero row gets the smallest normal scale)."""
+    ``pairs[i] / scale[i]`` with ``scale[i] = max|pairs[i]| x (1 / 448)`` (an all-zero row gets the smallest normal
+    scale), every step correctly rounded in float32, so that the CPU and CUDA store the same bytes.
+
+    (CUDA divides by a scalar as a multiplication by its reciprocal, which is not correctly rounded: ``x / 448``
+    there gave other scales than the CPU, and quotients of bf16 pairs that fall exactly between two fp8 values then
+    rounded the wrong way, 0.04% of the codes on an H100; ``scripts/fp8_rounding_check.py`` shows it. A product is
+    correctly rounded on both, and so is the division of two tensors.)"""
     wide = pairs.float()
-    scales = (wide.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = (wide.abs().amax(dim=-1) * _INV_FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     return (wide / scales[:, None]).to(FP8), scales
 
 
