@@ -239,9 +239,12 @@ def evicting_prefill(reference, rate, ids, mask, starts, chunk, ratio, question,
 
 @torch.no_grad()
 def decode_with_eviction(reference, rate, context_hidden, ids, mask, question, question_mask, generated, ratio,
-                         window):
+                         window, uniform=False, given=None):
     """Replay of ``[context; question; generated]`` that evicts the tail as ``evict_while_decoding`` should: when the
-    tail reaches ``2 * window`` tokens its oldest multiple of ``window`` is rated, the top ``ratio`` per row kept.
+    tail reaches ``2 * window`` tokens its oldest multiple of ``window`` is rated, the top ``ratio`` per row kept
+    (``uniform``: per (layer, head) of a row, the "pair-uniform" level). ``given``: keep masks ``[L, B, H, count]``,
+    one per eviction, used instead of the replay's own top-k (exact ties, such as a repeated token's pairs, are broken
+    by rounding noise here and by position in the library); the replay still checks when each eviction happens.
 
     ``context_hidden``: ``{layer: [B, H, S]}`` the context pairs the compressed cache evicted.
     Returns ``(logits [steps, B, V] of the generated positions, decisions [(start, keep [L, B, H, count])])``.
@@ -269,8 +272,11 @@ def decode_with_eviction(reference, rate, context_hidden, ids, mask, question, q
                 count = (tail - window) // window * window
                 span = slice(decided, decided + count)
                 selectable = full_mask[:, span]
-                keep = top_pairs(rate_span(rate, dense, layers, config.num_hidden_layers, span, positions[:, span],
-                                           selectable), ratio)
+                if given is not None:
+                    keep = given[len(decisions)]
+                else:
+                    keep = top_pairs(rate_span(rate, dense, layers, config.num_hidden_layers, span,
+                                               positions[:, span], selectable), ratio, uniform)
                 for i in layers:
                     hidden[i][:, :, span] = ~keep[i] & selectable[:, None, :]
                 decisions.append((decided, keep))

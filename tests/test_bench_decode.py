@@ -55,3 +55,20 @@ def test_decode_rows_bound_the_answer_only_with_eviction_alternate_and_roll_back
     assert "| on | 1 | 96 | 0.25 | 8 | 80 |" in report and "the answer's KV grows by" in report
     assert "alternated 2 times" in report and "(repeats " in report and "Eviction steps add" in report
     assert (tmp_path / "decode_eviction.png").stat().st_size > 0
+
+
+def test_compiled_modes_decode_static_copies_and_only_on_compiled_packs_the_tail():
+    """The -compiled modes (CPU: the static path without compile): each decodes a static copy, so the compressed
+    context stays as it was; on-compiled evicts between steps and its tail stays within its fixed room."""
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "mlp", seed=0)
+    torch.manual_seed(0)
+    args = Namespace(contexts=[96], ratios=[0.25], prefill_chunk=64, decode_eviction=["off-compiled", "on-compiled"],
+                     repeats=1, window=8, new_tokens=80, question_tokens=6, sample_every=16)
+    off, on = decode_rows(model, predictor, args, "cpu")
+    assert (off.mode, on.mode) == ("off-compiled", "on-compiled") and off.context_kv_gb == on.context_kv_gb
+    assert off.evictions == 0 and off.tail_tokens == 6 + 80 - 1
+    assert on.evictions > 0 and 8 <= on.tail_tokens < 2 * 8
+    room = {row.mode: int(row.notes[0].split()[-1]) for row in (off, on)}  # "static tail room N"
+    assert room["on-compiled"] < room["off-compiled"]
+    assert on.max_kv_gb == on.end_kv_gb == on.curve[0][1]  # fixed buffers: the bytes never change while decoding

@@ -210,8 +210,9 @@ def test_refusals_say_what_to_do_and_change_nothing():
         cache.evict_while_decoding(copy.deepcopy(model), predictor, 0.3)
     assert cache.decode_eviction is None
     cache.evict_while_decoding(model, predictor, 0.3, window=2)
-    with pytest.raises(RuntimeError, match="a static cache fixes"):
+    with pytest.raises(ValueError, match=r"needs level='pair-uniform'.*evict_while_decoding\(.*level='pair-uniform'"):
         cache.make_static(16)
+    assert not cache.is_static
     # a batched multi-token step that inputs_for did not build: its padding is unknown
     question = torch.randint(3, 120, (2, 4), generator=gen)
     full = torch.cat([ids, question], 1)
@@ -228,5 +229,5 @@ def test_refusals_say_what_to_do_and_change_nothing():
     assert cache.get_seq_length() == 29 and cache.kv_bytes() == bytes_before
     cache.evict_while_decoding(None)
     cache.make_static(16)  # allowed once it is off
-    with pytest.raises(RuntimeError, match="a static cache fixes"):
+    with pytest.raises(RuntimeError, match=r"sizes its tail from eviction.*before cache\.make_static"):
         cache.evict_while_decoding(model, predictor, 0.3)

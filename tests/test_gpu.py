@@ -364,6 +364,58 @@ def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(a
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
+def test_compiled_decoding_with_eviction_equals_eager_eviction():
+    """A static cache made after evict_while_decoding: compiled decode steps (CUDA graphs), with the kept pairs packed
+    into the fixed tail between steps (`evict_between_steps`), give eager eviction's tokens, replay after rollback,
+    and generate's own compiled steps give them too with `eviction_criteria`."""
+    torch._dynamo.reset()
+    model, _ = _on_gpu("llama", torch.float32)
+    context, question, steps = _ids(300, 21), _ids(6, 22), 100
+
+    def cache_for(static):
+        cache = KVzipCache(model)
+        cache.prefill(model, context, context_start=7, chunk_size=128)
+        cache.compress(model, 0.3, tokenizer=TOK, chunk_size=100)
+        cache.evict_while_decoding(model, "keydiff", 0.4, window=16, level="pair-uniform")
+        if static:
+            cache.make_static(question.shape[1] + steps)
+        return cache
+
+    eager, static = cache_for(False), cache_for(True)
+    compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def greedy(cache, forward, hook):
+        n = int(cache.get_seq_length())
+        with torch.no_grad():
+            logits = model(question, past_key_values=cache, position_ids=torch.arange(n, n + 6, device="cuda")[None])
+            token, position = logits.logits[:, -1].argmax(-1, keepdim=True), torch.tensor([[n + 6]], device="cuda")
+            tokens = [token]
+            for _ in range(steps - 1):
+                if hook:
+                    cache.evict_between_steps()
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = forward(input_ids=token, past_key_values=cache, position_ids=position).logits
+                token, position = logits[:, -1].argmax(-1, keepdim=True), position + 1
+                tokens.append(token)
+        return torch.cat(tokens, 1)
+
+    expected = greedy(eager, model, hook=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = greedy(static, compiled, hook=True)
+        evictions = len(static.decode_eviction.history)
+        static.rollback()
+        second = greedy(static, compiled, hook=True)  # replays the graph on the reset buffers
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert evictions == len(eager.decode_eviction.history) >= 5
+    eager.rollback()
+    static.rollback()
+    inputs = eager.inputs_for(question)
+    want = model.generate(**inputs, past_key_values=eager, max_new_tokens=60, do_sample=False)
+    got = model.generate(**inputs, past_key_values=static, max_new_tokens=60, do_sample=False,
+                         stopping_criteria=[static.eviction_criteria()])
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 def test_generate_compiles_decode_steps_for_a_static_cache(arch):
     """transformers' generate compiles its decode steps itself when the cache is compileable (CUDA)."""

@@ -129,7 +129,7 @@ STATIC_BATCH = r"a static cache has a fixed batch"
 NOT_EMPTY = r"prefill\(\) needs an empty cache"
 DECODE_ROWS = r"evict_while_decoding\(\) moves each row's answer .* needs one row per stored context"
 DECODE_PADDING = r"evict_while_decoding\(\) needs to know which of these"
-DECODE_STATIC = r"eviction while decoding changes the size of the compressed context"
+DECODE_STATIC = r"a static cache sizes its tail from eviction while decoding"
 DECODE_UNCOMPRESSED = r"evict_while_decoding\(\) needs a compressed cache"
 DECODE_LATE = r"evict_while_decoding\(\) on a batch, or after a left-padded question, must start before the questions"
 STATIC_ROOM = r"the static cache has room for \d+ more tokens"
@@ -650,8 +650,15 @@ class CacheMachine(RuleBasedStateMachine):
         refusals = []
         if self.compressed is None:
             refusals.append((RuntimeError, r"make_static\(\) needs a compressed cache"))
-        if self.st.eviction is not None:
-            refusals.append((RuntimeError, DECODE_STATIC))
+        if self.st.eviction is not None:  # static + eviction: refused unless the layout serves it
+            if self.cache.decode_eviction.level != "pair-uniform":
+                refusals.append((ValueError, r"needs level='pair-uniform'"))
+            if self.sliding:
+                refusals.append((ValueError, r"sliding-window layers yet"))
+            if self.st.tail - self.st.absorbed:
+                refusals.append((RuntimeError, r"starts from the compressed context"))
+            if not refusals and not self.st.absorbed and self.compressed is not None:
+                return  # a static tail that packs: tests/test_static_eviction.py, not modelled here
         if self.st.absorbed:
             refusals.append((RuntimeError, ABSORBED))
         if self.static is not None and self.static != capacity:

@@ -101,7 +101,7 @@ def kvzip_attention(
                 "again, or KVzipCache.load(path, copy)), or prefill a new cache with this one. This step stopped "
                 "partway: call cache.rollback() first"
             )
-        tail_valid = None
+        tail_valid = key.tail_valid  # a static tail that evicts while decoding knows its slots itself
         if attention_mask is not None:
             _check_mask_width(attention_mask, key.length)
             tail_valid = key.tail_mask(attention_mask)

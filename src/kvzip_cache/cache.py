@@ -35,7 +35,8 @@ from .checks import (STATIC_DECODE_EVICTION, agree_on_checks, check_architecture
                      check_whole_forwards, check_window, dense_rows_changed_error, no_new_tokens_error)
 from .compat import cache_kwarg
 from .config import FULL, config_fields, config_fingerprint, layer_types, text_config
-from .eviction import BUDGETS, DecodeEviction, PrefillEviction, position_ids
+from .eviction import (BUDGETS, DecodeEviction, EvictBetweenSteps, PrefillEviction, position_ids,
+                       static_tail_room)
 from .fingerprints import attention_module_ids, weight_digests
 from .layers import KVzipLayer, KVzipSlidingLayer
 from .parallel import TensorParallel, tensor_parallel_of
@@ -219,13 +220,35 @@ class KVzipCache(Cache):
         if layer_idx == 0 and not torch.compiler.is_compiling():  # once per eager forward, before any layer appends
             if not self.is_static:  # a static cache's lengths live on the device: no host sync per step
                 check_whole_forwards({layer.cumulative_length for layer in self.layers})
-            else:  # before any layer writes (a sliding layer 0 would write its slots first)
-                first = self.layers[self._first_full]
-                check_static_room(first.tail_keys.shape[2] - int(first.tail_end), key_states.shape[-2])
             self._check_forward_batch(key_states.shape[0])
             if self.decode_eviction is not None:
                 self._evict_tail(key_states.shape[-2], key_states.shape[0])
+            if self.is_static:  # before any layer writes (a sliding layer 0 would write its slots first)
+                self._check_static_room(key_states.shape[-2])
         return layer.update(key_states, value_states)
+
+    def _check_static_room(self, new_tokens: int) -> None:
+        first = self.layers[self._first_full]
+        check_static_room(first.tail_keys.shape[2] - int(first.tail_end), new_tokens)
+
+    def evict_between_steps(self, batch: int | None = None) -> None:
+        """Run eviction while decoding now, if the tail is due, as the next one-token forward would: the hook of a
+        static cache under compiled decoding, whose steps run no Python (a replayed CUDA graph). `generate` calls
+        it through `eviction_criteria`; a hand-written loop calls it before each compiled step. Then checks that
+        the next token fits the static tail."""
+        if self.decode_eviction is None:
+            return
+        rows = len(self.layers[self._first_full].src_rows) if batch is None else batch
+        self._evict_tail(1, rows)
+        if self.is_static:
+            self._check_static_room(1)
+
+    def eviction_criteria(self):
+        """A `transformers.StoppingCriteria` that never stops generation and runs `evict_between_steps` after each
+        step: ``model.generate(..., stopping_criteria=[cache.eviction_criteria()])`` keeps evicting while
+        `generate` replays compiled decode steps (a static cache made with eviction while decoding on). Eager
+        decoding needs none (the cache evicts at the start of each forward); it does no harm there."""
+        return EvictBetweenSteps(self)
 
     def _check_forward_batch(self, batch: int) -> None:
         """Refuse a forward whose batch differs from the cached rows before the first layer runs: transformers'
@@ -719,7 +742,9 @@ class KVzipCache(Cache):
         for idx, keep in keeps.items():
             layer = self.layers[idx]
             keep = keep if self.tensor_parallel is None else self.tensor_parallel.local(keep, dim=1)
-            if layer.is_compressed and start == layer.context_length:
+            if layer.is_static and layer.tail_valid is not None:
+                layer.compact_tail(keep, start)
+            elif layer.is_compressed and start == layer.context_length:
                 layer.absorb_tail(keep, keep.shape[-1])
             elif start == 0:
                 layer.evict(keep, fp8=fp8)
@@ -750,6 +775,13 @@ class KVzipCache(Cache):
         dimension; the length itself is on the device). A second document whose
         lengths fall in the same buckets, made static with the same ``max_new_tokens`` and batch, reuses the compiled
         decode graph of the first.
+
+        With eviction while decoding (call `evict_while_decoding` first, with ``level="pair-uniform"``): the tail
+        is sized from the bound eviction keeps, not from ``max_new_tokens``: about ``ratio x max_new_tokens`` packed
+        pairs plus ``2 x window`` recent tokens (`static_tail_room`). Evictions pack the kept pairs into the tail's
+        front between compiled steps (`KVzipLayer.compact_tail`); pass ``stopping_criteria=[cache.eviction_criteria()]``
+        to ``generate``, or call `evict_between_steps` before each step of your own compiled loop. Not for models
+        with sliding-window layers yet.
         """
         if not self.is_compressed:
             raise RuntimeError(
@@ -757,18 +789,43 @@ class KVzipCache(Cache):
             )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (question + answer tokens); got {max_new_tokens!r}")
-        if self.decode_eviction is not None:
-            raise RuntimeError(STATIC_DECODE_EVICTION)
         if any(self.layers[idx].context_length != self.context_length for idx in self.compressible_layers):
             raise RuntimeError(
                 "eviction while decoding moved answer tokens into the compressed context, which a static cache's "
                 "rollback could not drop again: call cache.rollback() before make_static()"
             )
-        capacity = -(-max_new_tokens // _TAIL_BUCKET) * _TAIL_BUCKET
+        eviction = self.decode_eviction
+        tokens = max_new_tokens if eviction is None else self._check_static_eviction(max_new_tokens)
+        capacity = -(-tokens // _TAIL_BUCKET) * _TAIL_BUCKET
         for layer in self.layers:  # every check first, so that a refusal leaves the cache as it was
             layer.check_static(capacity)
+        evicting = eviction is not None and not self.is_static  # (a static cache stays as it was made)
         for layer in self.layers:
-            layer.make_static(capacity)
+            if evicting:
+                layer.make_static(capacity, evicting=True)
+            else:
+                layer.make_static(capacity)
+
+    def _check_static_eviction(self, max_new_tokens: int) -> int:
+        """The tail's room for a static cache that evicts while decoding; refuses what it cannot serve."""
+        eviction = self.decode_eviction
+        if self.is_static:
+            raise RuntimeError(STATIC_DECODE_EVICTION)
+        if eviction.level != "pair-uniform":
+            raise ValueError(
+                f"make_static() with eviction while decoding needs level='pair-uniform' (every head keeps the same "
+                f"share, so fixed buffers bound the answer's pairs); eviction runs with level={eviction.level!r}: "
+                f"call cache.evict_while_decoding(model, scorer, ratio, level='pair-uniform') first"
+            )
+        if any(kind != FULL for kind in self.layer_types):
+            raise ValueError(
+                "make_static() with eviction while decoding does not serve models with sliding-window layers yet "
+                "(their windows are not packed): decode eagerly with eviction, or compiled without it"
+            )
+        if any(self.layers[idx].tail_length for idx in self.compressible_layers):
+            raise RuntimeError("make_static() with eviction while decoding starts from the compressed context: call "
+                               "cache.rollback() first")
+        return static_tail_room(max_new_tokens, eviction.ratio, eviction.window)
 
     # --------------------------------------------------------------------------------------- eviction while decoding
     def evict_while_decoding(self, model, scorer=None, ratio: float | None = None, *, window: int = 128,

@@ -20,8 +20,9 @@ from .fingerprints import attention_module_ids, tokenizer_fields, tokenizer_fing
 from .parallel import TensorParallel, tensor_parallel_size
 
 STATIC_DECODE_EVICTION = (
-    "eviction while decoding changes the size of the compressed context, which a static cache fixes for its compiled "
-    "steps: use one or the other (cache.evict_while_decoding(None) turns eviction off)"
+    "a static cache sizes its tail from eviction while decoding: call cache.evict_while_decoding(...) before "
+    "cache.make_static(max_new_tokens) (on a new cache, or after cache.reset() and a new prefill and compress); "
+    "cache.evict_while_decoding(None) turns eviction off"
 )
 
 

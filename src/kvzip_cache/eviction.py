@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria
 
 from .parallel import TensorParallel
 from .scorers.base import LayerScorer, rate_layers
@@ -214,10 +215,10 @@ class DecodeEviction:
                 "row per stored context: not with shared=True questions, beams or num_return_sequences. Call "
                 "cache.evict_while_decoding(None) to turn it off for them"
             )
-        tail = layer.tail_length
+        start, tail = layer.recent_tail()
         self._note_padding(cache, tail, new_tokens, batch)
         if tail >= 2 * self.window:
-            self._evict(cache, (tail - self.window) // self.window * self.window)
+            self._evict(cache, start, (tail - self.window) // self.window * self.window)
 
     def _note_padding(self, cache, tail: int, new_tokens: int, batch: int) -> None:
         """Record which of the ``new_tokens`` slots about to be appended are padding (never kept)."""
@@ -226,6 +227,11 @@ class DecodeEviction:
         pending = cache.pending_query_mask
         if tail == 0 and pending is not None and pending.shape == (batch, new_tokens):
             self._tail_real = None if bool(pending.all()) else pending.clone()
+            for idx in self.layers:  # a static tail masks its slots itself (see KVzipLayer.compact_tail)
+                layer = cache.layers[idx]
+                if layer.tail_valid is not None:
+                    layer.tail_valid[:, layer.packed_slots : layer.packed_slots + new_tokens] = pending.to(
+                        layer.tail_valid.device)
             return
         if batch == 1:
             return  # one row and no padding recorded for it: every slot is a real token
@@ -242,10 +248,10 @@ class DecodeEviction:
             kept = self._tail_real[:, :tail]
             self._tail_real = None if bool(kept.all()) else kept
 
-    def _evict(self, cache, count: int) -> None:
-        """Rate the tail's oldest ``count`` tokens, move the kept pairs into the ragged store, free the rest."""
+    def _evict(self, cache, start: int, count: int) -> None:
+        """Rate the ``count`` oldest unrated tail tokens (from position ``start``), keep the chosen pairs (in the
+        ragged store, or packed in a static tail), free the rest."""
         first = cache.layers[self.layers[0]]
-        start = first.context_length
         device = first.tail_keys.device
         real = torch.ones(len(first.src_rows), count, dtype=torch.bool, device=device)
         if self._tail_real is not None:
@@ -260,3 +266,26 @@ class DecodeEviction:
         cache.keep_pairs({idx: keep[idx] for idx in self.layers}, start=start)
         self._real_before = before + real.sum(-1)
         self.history.append(DecodeEvictionStep(start, count, keep))
+
+
+class EvictBetweenSteps(StoppingCriteria):
+    """`generate`'s hook between decode steps (`KVzipCache.eviction_criteria`): runs the cache's eviction while
+    decoding when its tail is due, and never stops generation. A compiled decode step replays a CUDA graph, in which
+    the cache's own per-forward hook cannot run; this one runs on the host after each step, before the next."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.cache.evict_between_steps(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def static_tail_room(tokens: int, ratio: float, window: int) -> int:
+    """The most tail slots a static cache that evicts while decoding needs for ``tokens`` tokens after the context
+    (question plus answer; at most ``tokens``): the packed pairs of every evicted span (``round(ratio x span)``
+    each: at most ``ratio x tokens`` plus one per span), plus the ``2 x window`` newest tokens a step may hold.
+
+    A question longer than that room is refused at its forward (`KVzipCache.make_static` with more tokens)."""
+    spans = -(-tokens // window)
+    return min(tokens, int(ratio * tokens) + spans + 2 * window)

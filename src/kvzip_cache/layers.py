@@ -63,6 +63,13 @@ class KVzipLayer(DynamicLayer):
         self._spare_keys: torch.Tensor | None = None  # [B, H, cached + spare, D] backing self.keys, see reserve()
         self._spare_values: torch.Tensor | None = None
         self.tail_end: torch.Tensor | None = None  # static mode: 0-dim int64 device tensor, written tail slots
+        # Static mode with eviction while decoding (see compact_tail): which tail slots are real tokens ([B, capacity]
+        # bool on the device), the tail tokens dropped so far (0-dim int64 on the device, logical minus physical
+        # length) and, on the host, the slots at the tail's front that hold the kept pairs of evicted tokens.
+        self.tail_valid: torch.Tensor | None = None
+        self.tail_dropped: torch.Tensor | None = None
+        self.packed_slots = 0
+        self.dropped = 0
         self.context_end: torch.Tensor | None = None  # static mode: context_length on the device
         # Static mode: the padding mask's width, the context's length bucket plus the tail's capacity (the same for
         # every document in the bucket; `RaggedKV.tail_mask` finds the tail's columns on the device).
@@ -110,7 +117,8 @@ class KVzipLayer(DynamicLayer):
         """Tokens seen (logical length). A static layer returns a 0-dim device tensor, as transformers'
         `StaticLayer` does, so that compiled code never reads it on the host."""
         if self.is_static:
-            return self.tail_end + self.context_end
+            length = self.tail_end + self.context_end
+            return length if self.tail_dropped is None else length + self.tail_dropped
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -148,7 +156,7 @@ class KVzipLayer(DynamicLayer):
             super().crop(keep - self.cumulative_length)
             self.cumulative_length = keep
             return
-        self.tail_length = keep - self.context_length
+        self.tail_length = keep - self.context_length - self.dropped
         self.cumulative_length = keep
         if self.is_static:
             self.tail_end.fill_(self.tail_length)
@@ -169,6 +177,13 @@ class KVzipLayer(DynamicLayer):
             raise ValueError(
                 f"cannot crop to {keep} tokens: the first {self.context_length} are the compressed context, which "
                 "can only be dropped as a whole (cache.reset())"
+            )
+        packed = self.context_length + self.dropped + self.packed_slots  # a static tail's packed answer pairs
+        if self.packed_slots and keep < packed:
+            raise ValueError(
+                f"cannot crop to {keep} tokens: evict_while_decoding() packed the kept pairs of tokens up to position "
+                f"{packed - 1} into the static tail, where they can no longer be cut. Crop to {packed} tokens or "
+                "more, or call cache.rollback() to return to the context"
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -360,7 +375,9 @@ class KVzipLayer(DynamicLayer):
         """Keys and values ``[B, H, count, D]`` of positions ``start .. start + count - 1``, which this layer must
         hold densely (a dense layer's pairs, or a compressed layer's tail): views, not copies."""
         if self.is_compressed:
-            first, held = start - self.context_length, self.tail_length
+            if self.is_static:
+                self._sync_static_length()
+            first, held = start - self.context_length - self.dropped, self.tail_length
             keys, values = self.tail_keys, self.tail_values
         else:
             first, held = start, 0 if self.keys is None else self.keys.shape[-2]
@@ -376,12 +393,13 @@ class KVzipLayer(DynamicLayer):
         self.context = self.context.drop_after(length)
         self.context_length = length
 
-    def make_static(self, capacity: int) -> None:
+    def make_static(self, capacity: int, evicting: bool = False) -> None:
         """Preallocate the tail for ``capacity`` tokens and keep its length on the device (compile-friendly).
 
         From then on `update` writes new tokens in place at the device-side ``tail_end``, returns views of fixed
         shape, and `get_seq_length` returns a device tensor; nothing in a decode step reads a length on the host, so
-        it can be compiled and captured in a CUDA graph. Tokens already in the tail are kept.
+        it can be compiled and captured in a CUDA graph. Tokens already in the tail are kept. ``evicting``: eviction
+        while decoding will pack the tail (`compact_tail`): the layer keeps its own slot mask and dropped count.
         """
         self.check_static(capacity)
         if self.is_static:
@@ -401,13 +419,19 @@ class KVzipLayer(DynamicLayer):
         self.tail_keys, self.tail_values = tail_keys, tail_values
         self.tail_end = torch.tensor(self.tail_length, dtype=torch.long, device=ctx.keys.device)
         self.context_end = torch.tensor(self.context_length, dtype=torch.long, device=ctx.keys.device)
+        packing = ()
+        if evicting:
+            self.tail_valid = torch.ones(shape[0], capacity, dtype=torch.bool, device=ctx.keys.device)
+            self.tail_dropped = torch.zeros((), dtype=torch.long, device=ctx.keys.device)
+            self.packed_slots = self.dropped = 0
+            packing = (self.tail_valid, self.tail_dropped)
         self.static_mask_width = bucket + capacity
         self._static_rows = self.src_rows
         self.is_compileable = True
         # Fixed addresses: CUDA graphs read these tensors in place instead of copying them in at every replay.
         scales = (ctx.key_scales, ctx.value_scales) if ctx.is_fp8 else ()
         for tensor in (ctx.keys, ctx.values, *scales, ctx.cu_seqlens, self.src_index, tail_keys, tail_values,
-                       self.tail_end, self.context_end):
+                       self.tail_end, self.context_end, *packing):
             torch._dynamo.mark_static_address(tensor)
         if ctx.keys.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
             for tensor in (ctx.keys, ctx.values, *scales):
@@ -440,18 +464,74 @@ class KVzipLayer(DynamicLayer):
             context_end=self.context_end,
             share=self.share,
             owner=self.owner,
+            tail_valid=self.tail_valid,
         )
         return view, view
 
     def _sync_static_length(self) -> None:
         """Read the device-side tail length into the host-side counters (eager code paths only)."""
         self.tail_length = int(self.tail_end)
-        self.cumulative_length = self.context_length + self.tail_length
+        self.cumulative_length = self.context_length + self.dropped + self.tail_length
+
+    def recent_tail(self) -> tuple[int, int]:
+        """``(position, count)``: the tail tokens that eviction while decoding has not rated yet, from the oldest
+        one's position (eager code: a static layer's length is read on the host)."""
+        if self.is_static:
+            self._sync_static_length()
+            return self.context_length + self.packed_slots + self.dropped, self.tail_length - self.packed_slots
+        return self.context_length, self.tail_length
+
+    def compact_tail(self, keep: torch.Tensor, start: int) -> None:
+        """Static layer, eviction while decoding: of the ``n`` oldest unrated tail tokens (from position ``start``),
+        keep the pairs where ``keep`` (``[B, H, n]`` bool) is True and free the others, inside the fixed tail.
+
+        The kept pairs of every evicted span are packed, in position order, into the slots after those of earlier
+        spans; the newer tokens move up behind them, and ``tail_end`` drops by what was freed. Every (row, head) of a
+        row must keep the same number of pairs (the ``"pair-uniform"`` level): the slots are shared by the row's
+        heads, and a row that kept fewer than another has its extra slots masked (``tail_valid``). Work and memory
+        traffic are O(tail), never O(context): the ragged store is not touched. Eager code, between compiled steps.
+        """
+        recent_start, recent = self.recent_tail()
+        count = keep.shape[-1]
+        if start != recent_start or not 0 < count <= recent:
+            raise ValueError(f"the tail's unrated tokens start at position {recent_start} ({recent} of them); "
+                             f"got {count} from position {start}")
+        keep = keep.to(self.tail_keys.device)
+        kept = keep.sum(dim=-1)  # [B, H]
+        if not torch.equal(kept.amin(dim=1), kept.amax(dim=1)):
+            raise ValueError("a static tail packs each row's kept pairs into slots its heads share: every head of a "
+                             "row must keep as many pairs (level='pair-uniform')")
+        slots = int(kept.amax()) if kept.numel() else 0
+        first, end = self.packed_slots, self.tail_length
+        span = slice(first, first + count)
+        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :slots]
+        index = order[..., None].expand(-1, -1, -1, self.tail_keys.shape[-1])
+        packed_keys = self.tail_keys[:, :, span].gather(2, index)
+        packed_values = self.tail_values[:, :, span].gather(2, index)
+        newer = slice(first + count, end)  # moved up behind the packed slots (clones: the ranges overlap)
+        moved = slice(first + slots, end - count + slots)
+        self.tail_keys[:, :, moved] = self.tail_keys[:, :, newer].clone()
+        self.tail_values[:, :, moved] = self.tail_values[:, :, newer].clone()
+        self.tail_valid[:, moved] = self.tail_valid[:, newer].clone()
+        self.tail_valid[:, moved.stop :] = True  # slots not written yet: the next tokens are real
+        self.tail_keys[:, :, first : first + slots] = packed_keys
+        self.tail_values[:, :, first : first + slots] = packed_values
+        self.tail_valid[:, first : first + slots] = torch.arange(slots, device=kept.device) < kept[:, :1]
+        freed = count - slots
+        self.tail_end.sub_(freed)
+        self.tail_dropped.add_(freed)
+        self.packed_slots += slots
+        self.dropped += freed
+        self._sync_static_length()
 
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""
         if self.is_static:
             self.tail_end.zero_()  # the buffers stay where they are: a captured graph keeps reading them
+            if self.tail_valid is not None:
+                self.tail_valid.fill_(True)
+                self.tail_dropped.zero_()
+                self.packed_slots = self.dropped = 0
             self.tail_length, self.cumulative_length = 0, length
             self._set_src_rows(self._static_rows)  # the fixed batch keeps the rows it was made static with
             return

@@ -58,6 +58,9 @@ class RaggedKV(_KVzipView):
         owner: None, or ``id()`` of the attention module of the model that filled this layer (recorded at
             `KVzipCache.prefill`, `KVzipCache.compress` and `KVzipCache.load`): the attention refuses a view met by
             another model's module.
+        tail_valid: None, or (a static layer that evicts while decoding, see `KVzipLayer.compact_tail`) ``[B, t]``
+            bool, which tail slots hold real tokens. Eviction packs the kept pairs into the tail's first slots, so
+            the padding mask's columns no longer line up with the slots; this mask replaces them.
     """
 
     context: CompressedContext
@@ -70,13 +73,17 @@ class RaggedKV(_KVzipView):
     context_end: torch.Tensor | None = None
     share: int = 1
     owner: int | None = None
+    tail_valid: torch.Tensor | None = None
 
     def tail_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The ``[B, t]`` columns of a ``[B, length]`` padding mask that cover the tail.
 
         Dynamic view: the last ``t`` columns. Static view: the mask is padded to a bucketed width (see
-        `KVzipLayer.make_static`), and the tail starts at the context length, which is read on the device.
+        `KVzipLayer.make_static`), and the tail starts at the context length, which is read on the device. A static
+        view that evicts while decoding carries its own slot mask (``tail_valid``), returned as it is.
         """
+        if self.tail_valid is not None:
+            return self.tail_valid
         tail_len = self.tail_keys.shape[-2]
         if self.context_end is None:
             return attention_mask[:, -tail_len:]

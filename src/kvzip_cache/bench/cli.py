@@ -61,9 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(kvzip_cache.bench.shared); writes shared.json, shared.md")
     parser.add_argument("--compile-reuse", action="store_true",
                         help="with --shared: also time the first generate on a second document of the same bucket")
-    parser.add_argument("--decode-eviction", nargs="+", choices=("off", "on"), default=None, metavar="MODE",
+    parser.add_argument("--decode-eviction", nargs="+", choices=("off", "on", "off-compiled", "on-compiled"),
+                        default=None, metavar="MODE",
                         help="instead: long answers of --new-tokens tokens after a context compressed to the smallest "
-                             "--ratios, without (off) and with (on) evict_while_decoding at that ratio "
+                             "--ratios, without (off) and with (on) evict_while_decoding at that ratio, eager or on a "
+                             "static cache with compiled decode steps (off-compiled, on-compiled) "
                              "(kvzip_cache.bench.decode_eviction); writes decode_eviction_<mode>.json, "
                              "decode_eviction.md/.png")
     parser.add_argument("--new-tokens", type=int, default=8192, help="with --decode-eviction: tokens generated")

@@ -9,7 +9,13 @@ answered by one plain ``model.generate`` of exactly ``--new-tokens`` greedy toke
 
 - ``off``: everything after the context stays in the tail (what KVzip alone does);
 - ``on``: ``cache.evict_while_decoding(model, predictor, ratio, window=--window)`` with the same ratio: every
-  ``window`` tokens the oldest tail window is scored and only ``ratio`` of its pairs are kept.
+  ``window`` tokens the oldest tail window is scored and only ``ratio`` of its pairs are kept (they join the ragged
+  store, which is rebuilt: an eviction costs O(context));
+- ``off-compiled`` / ``on-compiled``: a copy of the compressed cache made static (`KVzipCache.make_static`, room for
+  the question and ``--new-tokens``), so that ``generate`` compiles its decode steps (CUDA graphs); ``on-compiled``
+  turns eviction on first (``level="pair-uniform"``, which a static tail needs) and passes
+  ``cache.eviction_criteria()``: evictions pack the kept pairs into the fixed tail between steps, O(window). A short
+  generate first pays the compilation, outside the measurement.
 
 A stopping criterion that never stops takes the time after every step (synchronised) and, every ``--sample-every``
 tokens, the cache's `KVzipCache.kv_bytes` and the GPU memory allocated. It also notes which steps ran an eviction,
@@ -27,6 +33,7 @@ Each mode writes ``decode_eviction_<mode>.json`` under ``--out``, so modes can a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -42,13 +49,13 @@ from ..scorers.predictor import ScorePredictor
 from .common import (GB, copy_bandwidth, free_memory, load_model, machine_record, peak_gb, report_header, reset_peak,
                      warm_up)
 
-MODES = ("off", "on")
+MODES = ("off", "on", "off-compiled", "on-compiled")
 CONTEXT_START = 16  # the protected prefix of the random context
 
 
 @dataclass
 class DecodeRow:
-    mode: str  # "off" | "on"
+    mode: str  # one of MODES
     context: int
     ratio: float  # the context's compression ratio (and, with "on", the generated tokens' too)
     window: int
@@ -115,22 +122,35 @@ class _StepClock(StoppingCriteria):
 
 
 def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, args, repeat: int = 0) -> DecodeRow:
-    """Generate ``args.new_tokens`` tokens after the compressed ``base`` (rolled back afterwards) in ``mode``."""
+    """Generate ``args.new_tokens`` tokens after the compressed ``base`` (rolled back afterwards) in ``mode``; a
+    compiled mode decodes a static copy of it (freed afterwards)."""
     ratio = min(args.ratios)
     row = DecodeRow(mode, base.context_length, ratio, args.window, args.new_tokens, repeat,
                     context_kv_gb=base.kv_bytes() / GB)
-    if mode == "on":
-        base.evict_while_decoding(model, predictor, ratio, window=args.window)
     question = torch.randint(10, model.config.vocab_size, (1, args.question_tokens), device=model.device)
+    hooks = []
+    if mode.endswith("compiled"):
+        base = copy.deepcopy(base)
+        if mode == "on-compiled":
+            base.evict_while_decoding(model, predictor, ratio, window=args.window, level="pair-uniform")
+            hooks = [base.eviction_criteria()]
+        base.make_static(args.question_tokens + args.new_tokens)
+        row.notes.append(f"static tail room {base.layers[base.compressible_layers[0]].tail_keys.shape[2]}")
+        with torch.no_grad():  # compile the decode step (and record its CUDA graph) outside the measurement
+            model.generate(**base.inputs_for(question), **{cache_kwarg(model): base}, max_new_tokens=4,
+                           do_sample=False, stopping_criteria=StoppingCriteriaList(list(hooks)))
+        base.rollback()
+    elif mode == "on":
+        base.evict_while_decoding(model, predictor, ratio, window=args.window)
     inputs = base.inputs_for(question)
     clock = _StepClock(base, args.sample_every)
     free_memory()
     reset_peak()
     clock.start()
-    with torch.no_grad():
+    with torch.no_grad():  # the eviction hook runs before the clock: an eviction counts in the step before it
         out = model.generate(**inputs, **{cache_kwarg(model): base}, max_new_tokens=args.new_tokens,
                              min_new_tokens=args.new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+                             stopping_criteria=StoppingCriteriaList([*hooks, clock]))
     _sync()
     steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
     row.generate_s = clock.times[-1] - clock.times[0]
@@ -144,7 +164,8 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.curve = clock.curve + [(len(steps), row.end_kv_gb, row.end_allocated_gb)]
     row.max_kv_gb = max(kv for _, kv, _ in row.curve)
     row.evictions = len(base.decode_eviction.history) if base.decode_eviction is not None else 0
-    row.tail_tokens = base.layers[base.compressible_layers[0]].tail_length
+    first = base.layers[base.compressible_layers[0]]
+    row.tail_tokens = int(first.tail_end) - first.packed_slots if first.is_static else first.tail_length
     if out.shape[1] - inputs["input_ids"].shape[1] != args.new_tokens:
         row.notes.append(f"generated {out.shape[1] - inputs['input_ids'].shape[1]} tokens")
     base.evict_while_decoding(None)
@@ -240,7 +261,8 @@ def write_decode_report(out: Path) -> None:
     how = (f"the modes alternated {repeats} times on one compressed context, in one process" if repeats > 1
            else "one run per mode (see each JSON's machine record)")
     lines = report_header(records[0], "Eviction while decoding") + [
-        f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy, eager `model.generate`; {how}. "
+        f"Score predictor: {records[0]['predictor']} (random weights). Batch 1, greedy `model.generate` (eager, or "
+        f"compiled decode steps on a static cache for the -compiled modes); {how}. "
         "Steady step: the median of the steps that ran no eviction; evicting step: the mean of those that ran one.",
         "",
         "| mode | repeat | context | ratio | window | new tokens | generate s | ms/token | median step ms "
@@ -258,10 +280,11 @@ def write_decode_report(out: Path) -> None:
             f"{r['tail_tokens']} |"
         )
     for context in sorted({r["context"] for r in rows}):
-        comparison = _comparison([r for r in rows if r["context"] == context and r["mode"] == "off"],
-                                 [r for r in rows if r["context"] == context and r["mode"] == "on"])
-        if comparison:  # both modes ran on this context
-            lines += ["", *comparison]
+        for off, on in (("off", "on"), ("off-compiled", "on-compiled")):
+            comparison = _comparison([r for r in rows if r["context"] == context and r["mode"] == off],
+                                     [r for r in rows if r["context"] == context and r["mode"] == on])
+            if comparison:  # both modes ran on this context
+                lines += ["", *comparison]
     (out / "decode_eviction.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "decode_eviction.png")
 
@@ -282,7 +305,8 @@ def _comparison(off: list[dict], on: list[dict]) -> list[str]:
     grown_on = first_on["end_kv_gb"] - first_on["context_kv_gb"]
     off_ms = statistics.mean(r["ms_per_token"] for r in off)
     on_ms = statistics.mean(r["ms_per_token"] for r in on)
-    lines = [f"Context {first_off['context']}: the answer's KV grows by {grown_off:.3f} GB without eviction and "
+    lines = [f"Context {first_off['context']}, {first_off['mode']} vs {first_on['mode']}: the answer's KV grows by "
+             f"{grown_off:.3f} GB without eviction and "
              f"{grown_on:.3f} GB with it ({grown_on / grown_off:.2f}x); the whole cache ends at "
              f"{first_on['end_kv_gb'] / first_off['end_kv_gb']:.2f}x. ms/token: off {spread(off)}, on {spread(on)} "
              f"({100 * (on_ms / off_ms - 1):+.1f}%)."]

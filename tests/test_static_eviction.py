@@ -1,0 +1,176 @@
+"""Eviction while decoding on a static cache (`KVzipCache.make_static` after `evict_while_decoding`): the packed
+tail gives the tokens of eager eviction and of the float64 step-by-step reference, stays within its fixed room, and
+evicts from the hook a compiled loop calls between steps (CPU, no compile; the compiled run is in test_gpu.py)."""
+
+import pytest
+import torch
+
+from conftest import make_pair
+from kvzip_cache import KVzipCache, ScorePredictor
+from kvzip_cache.eviction import static_tail_room
+from references import decode_with_eviction, hidden_from_keep, predictor_rating
+
+WINDOW, RATIO, NEW = 4, 0.4, 30
+
+
+def _full_layers(config):
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind == "full_attention"]
+
+
+def _setup(arch, seed=10, batch=2, kind="linear"):
+    """(model, reference, predictor, [eager cache, static cache], (ids, mask), question, question mask)."""
+    model, reference = make_pair(arch)
+    predictor = ScorePredictor.init(model, kind, seed=seed)  # (a random MLP rates layer 0 nearly flat: ties)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, 120, (batch, 29), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1:, :4] = 0  # left padding
+    question = torch.randint(3, 120, (batch, 5), generator=gen)
+    question_mask = torch.ones_like(question)
+    question_mask[1:, :2] = 0  # a left-padded question: its padding is never kept
+    caches = []
+    for static in (False, True):
+        cache = KVzipCache(model)
+        cache.prefill(model, ids, mask, context_start=torch.tensor([2, 6][:batch]))
+        cache.compress(model, 0.5, predictor=predictor)
+        cache.evict_while_decoding(model, predictor, RATIO, window=WINDOW, level="pair-uniform")
+        if static:
+            cache.make_static(question.shape[1] + NEW)
+        caches.append(cache)
+    return model, reference, predictor, caches, (ids, mask), question, question_mask
+
+
+def _generate(model, cache, question, question_mask, **kwargs):
+    out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=NEW,
+                         min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference(arch):
+    model, reference, predictor, (eager, static), (ids, mask), question, question_mask = _setup(arch)
+    assert static.is_static and static.is_compileable
+    room = static.layers[_full_layers(model.config)[0]].tail_keys.shape[2]
+    assert room == -(-static_tail_room(question.shape[1] + NEW, RATIO, WINDOW) // 64) * 64
+    tokens, logits = _generate(model, eager, question, question_mask)
+    static_tokens, static_logits = _generate(model, static, question, question_mask)
+    assert torch.equal(static_tokens, tokens)
+    torch.testing.assert_close(static_logits, logits, atol=1e-5, rtol=0)
+    eager_steps, static_steps = eager.decode_eviction.history, static.decode_eviction.history
+    assert len(static_steps) == len(eager_steps) >= 5
+    for a, b in zip(eager_steps, static_steps):
+        assert (a.start, a.count) == (b.start, b.count) and torch.equal(a.keep, b.keep)
+    # independent of the library's attention: the float64 replay that hides every evicted pair; it takes the keep
+    # masks (the random model repeats tokens, whose pairs tie exactly) and checks when each eviction happens
+    generated = tokens[:, ids.shape[1] + question.shape[1]:]
+    context_hidden = hidden_from_keep(static.keep_mask, mask, static.context_start, _full_layers(model.config),
+                                      ids.shape[1])
+    expected, decisions = decode_with_eviction(reference, predictor_rating(predictor, reference), context_hidden, ids,
+                                               mask, question, question_mask, generated, RATIO, WINDOW, uniform=True,
+                                               given=[step.keep for step in static_steps])
+    assert [start for start, _ in decisions] == [step.start for step in static_steps]
+    per_head = static_steps[0].keep.sum(-1)  # "pair-uniform": every (layer, head) of a row keeps as many
+    assert bool((per_head == per_head[:, :, :1]).all())
+    torch.testing.assert_close(static_logits.double(), expected.double(), atol=1e-4, rtol=0)
+    assert int(static.get_seq_length()) == tokens.shape[1] - 1 == eager.get_seq_length()
+
+
+def test_the_packed_tail_holds_the_pairs_eager_eviction_moved_into_its_store():
+    model, _, _, (eager, static), (ids, _), question, question_mask = _setup("llama")
+    _generate(model, eager, question, question_mask)
+    _generate(model, static, question, question_mask)
+    prefilled = eager.context_length
+    for idx in _full_layers(model.config):
+        layer, packed = eager.layers[idx], static.layers[idx]
+        ctx = layer.context
+        end = int(packed.tail_end)
+        assert layer.tail_length == end - packed.packed_slots  # the same newest tokens, not yet rated
+        for row in range(ids.shape[0]):
+            for head in range(ctx.num_heads):
+                segment = row * ctx.num_heads + head
+                lo, hi = ctx.offsets[segment], ctx.offsets[segment + 1]
+                answer = ctx.positions[lo:hi] >= prefilled  # the pairs eager eviction absorbed, in position order
+                expected = torch.cat([ctx.keys[lo:hi][answer], layer.tail_keys[row, head, : layer.tail_length]])
+                slots = packed.tail_valid[row, :end]
+                torch.testing.assert_close(packed.tail_keys[row, head, :end][slots], expected, atol=1e-5, rtol=0)
+    # bounded: the packed tail holds about RATIO of the appended tokens, in a room fixed in advance
+    appended = int(static.get_seq_length()) - prefilled
+    first = static.layers[_full_layers(model.config)[0]]
+    assert first.packed_slots <= RATIO * appended + appended / WINDOW
+    assert first.tail_keys.shape[2] < question.shape[1] + NEW + 64  # below what a plain static tail would round to
+
+
+def test_a_compiled_style_loop_evicts_only_through_the_between_steps_hook(monkeypatch):
+    """What generate's compiled decode steps do: no Python runs inside a step (here: the cache's per-forward hook is
+    skipped, as under torch.compile), so only `evict_between_steps` (or generate's `eviction_criteria`) evicts."""
+    model, _, _, (eager, static), _, question, question_mask = _setup("llama", seed=3)
+    expected, _ = _generate(model, eager, question, question_mask)
+    inputs = static.inputs_for(question, question_mask)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1)[:, -question.shape[1]:]
+    with torch.no_grad():  # the question: an eager forward, as generate's first step is
+        logits = model(input_ids=question, attention_mask=inputs["attention_mask"], position_ids=positions,
+                       past_key_values=static).logits
+    token, position, attention = logits[:, -1:].argmax(-1), positions[:, -1:] + 1, inputs["attention_mask"]
+    tokens = [token]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for _ in range(NEW - 1):
+        static.evict_between_steps()
+        attention = torch.cat([attention, torch.ones_like(token)], 1)
+        with torch.no_grad():
+            logits = model(input_ids=token, attention_mask=attention, position_ids=position,
+                           past_key_values=static).logits
+        token, position = logits[:, -1:].argmax(-1), position + 1
+        tokens.append(token)
+    monkeypatch.undo()
+    assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW:])
+    assert len(static.decode_eviction.history) == len(eager.decode_eviction.history)
+    # generate with the criteria (eager here): the same tokens, no eviction twice
+    static.rollback()
+    with_criteria, _ = _generate(model, static, question, question_mask,
+                                 stopping_criteria=[static.eviction_criteria()])
+    assert torch.equal(with_criteria, expected)
+    assert len(static.decode_eviction.history) == len(eager.decode_eviction.history)
+
+
+def test_rollback_reuses_the_buffers_and_the_answers_repeat():
+    model, _, _, (_, static), _, question, question_mask = _setup("llama", seed=5)
+    first = static.layers[0]
+    buffers = (first.tail_keys.data_ptr(), first.tail_valid.data_ptr(), first.tail_dropped.data_ptr())
+    answer, _ = _generate(model, static, question, question_mask)
+    static.rollback()
+    assert (first.packed_slots, first.dropped, int(first.tail_end), int(first.tail_dropped)) == (0, 0, 0, 0)
+    assert bool(first.tail_valid.all()) and static.get_seq_length() == static.context_length
+    again, _ = _generate(model, static, question, question_mask)
+    assert torch.equal(again, answer)
+    assert buffers == (first.tail_keys.data_ptr(), first.tail_valid.data_ptr(), first.tail_dropped.data_ptr())
+
+
+def test_refusals_say_what_to_do_and_change_nothing():
+    model, _, predictor, (eager, static), _, question, question_mask = _setup("llama", seed=7)
+    # the room is fixed: generating past the tokens it was made for is refused before the step, not written past
+    with pytest.raises(ValueError, match=r"room for .* more tokens.*larger max_new_tokens"):
+        model.generate(**static.inputs_for(question, question_mask), past_key_values=static,
+                       max_new_tokens=400, min_new_tokens=400, do_sample=False)
+    # a crop into the packed answer pairs
+    packed = static.context_length + static.layers[0].dropped + static.layers[0].packed_slots
+    with pytest.raises(ValueError, match=r"packed the kept pairs.*rollback"):
+        static.crop(packed - 1 - int(static.get_seq_length()))
+    static.rollback()
+    with pytest.raises(RuntimeError, match=r"sizes its tail from eviction.*before cache\.make_static"):
+        static.evict_while_decoding(model, predictor, RATIO, window=WINDOW, level="pair-uniform")
+    # a tail that already holds a question
+    model.generate(**eager.inputs_for(question[:, :3]), past_key_values=eager, max_new_tokens=1)
+    with pytest.raises(RuntimeError, match=r"starts from the compressed context.*rollback"):
+        eager.make_static(64)
+    assert not eager.is_static
+    # sliding-window layers are not packed yet
+    gemma, _ = make_pair("gemma3")
+    cache = KVzipCache(gemma)
+    cache.prefill(gemma, torch.randint(3, 120, (1, 40)))
+    cache.compress(gemma, 0.5, scorer="keydiff")
+    cache.evict_while_decoding(gemma, "keydiff", 0.5, window=4, level="pair-uniform")
+    with pytest.raises(ValueError, match=r"sliding-window layers yet"):
+        cache.make_static(64)
+    assert not cache.is_static
