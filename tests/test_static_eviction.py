@@ -158,6 +158,13 @@ def test_refusals_say_what_to_do_and_change_nothing():
     with pytest.raises(ValueError, match=r"packed the kept pairs.*rollback"):
         static.crop(packed - 1 - int(static.get_seq_length()))
     static.rollback()
+    # with generate's criterion, a full room stops generation (with a warning) instead of failing mid-answer
+    with pytest.warns(UserWarning, match=r"tail is full.*larger max_new_tokens"):
+        out = model.generate(**static.inputs_for(question, question_mask), past_key_values=static,
+                             max_new_tokens=400, do_sample=False, stopping_criteria=[static.eviction_criteria()])
+    assert question.shape[1] + NEW <= out.shape[1] - static.context_length < question.shape[1] + 400
+    assert static.static_room() == 0
+    static.rollback()
     with pytest.raises(RuntimeError, match=r"sizes its tail from eviction.*before cache\.make_static"):
         static.evict_while_decoding(model, predictor, RATIO, window=WINDOW, level="pair-uniform")
     # a tail that already holds a question

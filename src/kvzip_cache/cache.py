@@ -243,11 +243,20 @@ class KVzipCache(Cache):
         if self.is_static:
             self._check_static_room(1)
 
+    def static_room(self) -> int | None:
+        """Tokens a static cache's tail can still take (None for a dynamic cache). Reads the device on the host."""
+        if not self.is_static:
+            return None
+        first = self.layers[self._first_full]
+        return first.tail_keys.shape[2] - int(first.tail_end)
+
     def eviction_criteria(self):
-        """A `transformers.StoppingCriteria` that never stops generation and runs `evict_between_steps` after each
-        step: ``model.generate(..., stopping_criteria=[cache.eviction_criteria()])`` keeps evicting while
-        `generate` replays compiled decode steps (a static cache made with eviction while decoding on). Eager
-        decoding needs none (the cache evicts at the start of each forward); it does no harm there."""
+        """A `transformers.StoppingCriteria` that runs eviction while decoding after each step:
+        ``model.generate(..., stopping_criteria=[cache.eviction_criteria()])`` keeps evicting while `generate`
+        replays compiled decode steps (a static cache made with eviction while decoding on). It stops generation
+        only if the static tail is full (with a warning: `make_static` with a larger ``max_new_tokens``), where a
+        compiled step would otherwise write past it. Eager decoding needs none (the cache evicts at the start of each
+        forward); it does no harm there."""
         return EvictBetweenSteps(self)
 
     def _check_forward_batch(self, batch: int) -> None:

@@ -33,6 +33,7 @@ instead of ``n`` (KVzap's and Fast KVzip's decoding buffer).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -277,8 +278,14 @@ class EvictBetweenSteps(StoppingCriteria):
         self.cache = cache
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.cache.evict_between_steps(input_ids.shape[0])
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        cache = self.cache
+        if cache.decode_eviction is not None:
+            cache._evict_tail(1, input_ids.shape[0])
+        full = cache.static_room() == 0  # the last step may fill the room exactly: stop rather than raise
+        if full:
+            warnings.warn("generation stopped: the static cache's tail is full; call cache.make_static() with a "
+                          "larger max_new_tokens for longer answers", stacklevel=2)
+        return torch.full((input_ids.shape[0],), full, dtype=torch.bool, device=input_ids.device)
 
 
 def static_tail_room(tokens: int, ratio: float, window: int) -> int:
