@@ -366,8 +366,8 @@ def test_decode_ratios_answer_every_cell_again_while_evicting_the_answer(monkeyp
     monkeypatch.setattr(runner, "plot", lambda *args: None)
     evicted = []
     original = DecodeEviction._evict
-    monkeypatch.setattr(DecodeEviction, "_evict", lambda self, cache, count: evicted.append(self.ratio)
-                        or original(self, cache, count))
+    monkeypatch.setattr(DecodeEviction, "_evict", lambda self, cache, start, count: evicted.append(self.ratio)
+                        or original(self, cache, start, count))
     model, _ = make_pair("llama")
     ScorePredictor.init(model, "linear").save(tmp_path / "predictor.safetensors")
     config = EvalConfig(model="tiny-llama", tasks=["needle"], methods=["full", "kvzip"], ratios=[1.0, 0.5],
