@@ -181,3 +181,35 @@ def test_refusals_say_what_to_do_and_change_nothing():
     with pytest.raises(ValueError, match=r"sliding-window layers yet"):
         cache.make_static(64)
     assert not cache.is_static
+
+
+def test_a_stop_token_and_a_second_turn_decode_as_eager_eviction_does():
+    """A row that meets a stop token is padded from then on (its pad tokens still enter the tail, as in eager mode);
+    without rollback, a second question continues the conversation on the packed tail (one row: no padding)."""
+    model, _, _, (eager, static), _, question, question_mask = _setup("llama", seed=8)
+    free, _ = _generate(model, eager, question, question_mask)
+    eager.rollback()
+    answers = free[:, -NEW:]
+    stop = int(answers[0, 15])  # row 0 stops there, after evictions began
+    outs = []
+    for cache in (eager, static):
+        out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=NEW,
+                             do_sample=False, eos_token_id=stop, pad_token_id=0)
+        assert cache.decode_eviction.history
+        outs.append(out)
+        cache.rollback()
+    assert torch.equal(outs[0], outs[1])
+    # one row, two turns without rollback
+    model1, _, _, (eager1, static1), _, question1, _ = _setup("llama", seed=9, batch=1)
+    turns = []
+    for cache in (eager1, static1):
+        ids = question1
+        first = model1.generate(**cache.inputs_for(ids), past_key_values=cache, max_new_tokens=12, min_new_tokens=12,
+                                do_sample=False)
+        follow = torch.randint(3, 120, (1, 4), generator=torch.Generator().manual_seed(1))
+        history = torch.cat([first, follow], 1)  # the whole conversation so far, as generate expects
+        second = model1.generate(input_ids=history, attention_mask=torch.ones_like(history), past_key_values=cache,
+                                 max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        turns.append((first, second, len(cache.decode_eviction.history)))
+    assert torch.equal(turns[0][0], turns[1][0]) and torch.equal(turns[0][1], turns[1][1])
+    assert turns[0][2] == turns[1][2] >= 4

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue #31's device session (long answers at compiled speed); no SmolLM2 needed (random 8B-shaped weights):
+#   bash scripts/gpu_long_answers_session.sh 1  # GPU tests: compiled eviction vs eager, fp8 after the rounding fix;
+#                                               # 32K context at 0.3 + 8K tokens, compiled, without vs with eviction
+#   bash scripts/gpu_long_answers_session.sh 2  # the eviction step: packed static tail at 32K and 128K (2K tokens),
+#                                               # against eager eviction's append to the ragged store at 32K
+# Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+BENCH=(python3 -m kvzip_cache.bench --ratios 0.3 --window 128 --sample-every 512)
+case ${1:-} in
+    1)  timeout 40 python3 scripts/fp8_rounding_check.py 2>&1 | grep -v "^  row" | tee "$OUT/fp8_rounding.txt"
+        timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+            -k "eviction or fp8_pairs_on_cuda or compiled_static" -rA 2>&1 | tee "$OUT/tests.txt" | tail -6
+        timeout 330 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
+            --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
+    2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
+            --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
+        timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
+            --out "$OUT/eager32k" 2>&1 | grep -v Warning | tail -4 ;;
+    *) echo "usage: $0 1|2"; exit 2 ;;
+esac
