@@ -653,8 +653,6 @@ class CacheMachine(RuleBasedStateMachine):
         if self.st.eviction is not None:  # static + eviction: refused unless the layout serves it
             if self.cache.decode_eviction.level != "pair-uniform":
                 refusals.append((ValueError, r"needs level='pair-uniform'"))
-            if self.sliding:
-                refusals.append((ValueError, r"sliding-window layers yet"))
             if self.st.tail - self.st.absorbed:
                 refusals.append((RuntimeError, r"starts from the compressed context"))
             if not refusals and not self.st.absorbed and self.compressed is not None:

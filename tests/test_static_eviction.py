@@ -48,7 +48,7 @@ def _generate(model, cache, question, question_mask, **kwargs):
     return out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # gemma3: sliding windows move to the front too
 def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference(arch):
     model, reference, predictor, (eager, static), (ids, mask), question, question_mask = _setup(arch)
     assert static.is_static and static.is_compileable
@@ -56,12 +56,15 @@ def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference
     assert room == -(-static_tail_room(question.shape[1] + NEW, RATIO, WINDOW) // 64) * 64
     tokens, logits = _generate(model, eager, question, question_mask)
     static_tokens, static_logits = _generate(model, static, question, question_mask)
-    assert torch.equal(static_tokens, tokens)
-    torch.testing.assert_close(static_logits, logits, atol=1e-5, rtol=0)
     eager_steps, static_steps = eager.decode_eviction.history, static.decode_eviction.history
     assert len(static_steps) == len(eager_steps) >= 5
-    for a, b in zip(eager_steps, static_steps):
-        assert (a.start, a.count) == (b.start, b.count) and torch.equal(a.keep, b.keep)
+    if arch != "gemma3":  # (the random Gemma3 repeats tokens whose predicted scores tie within float noise, so the
+        # two paths may keep different pairs of them; the float64 replay below checks its path on its own choices)
+        assert torch.equal(static_tokens, tokens)
+        torch.testing.assert_close(static_logits, logits, atol=1e-5, rtol=0)
+        for a, b in zip(eager_steps, static_steps):
+            assert (a.start, a.count) == (b.start, b.count) and torch.equal(a.keep, b.keep)
+    tokens = static_tokens
     # independent of the library's attention: the float64 replay that hides every evicted pair; it takes the keep
     # masks (the random model repeats tokens, whose pairs tie exactly) and checks when each eviction happens
     generated = tokens[:, ids.shape[1] + question.shape[1]:]
@@ -75,6 +78,9 @@ def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference
     assert bool((per_head == per_head[:, :, :1]).all())
     torch.testing.assert_close(static_logits.double(), expected.double(), atol=1e-4, rtol=0)
     assert int(static.get_seq_length()) == tokens.shape[1] - 1 == eager.get_seq_length()
+    if arch == "gemma3":  # the sliding windows moved to the front at every eviction, within their fixed buffers
+        sliding = static.layers[0]
+        assert int(sliding.end) < model.config.sliding_window + 2 * WINDOW + 1
 
 
 def test_the_packed_tail_holds_the_pairs_eager_eviction_moved_into_its_store():
@@ -134,9 +140,10 @@ def test_a_compiled_style_loop_evicts_only_through_the_between_steps_hook(monkey
     assert len(static.decode_eviction.history) == len(eager.decode_eviction.history)
 
 
-def test_rollback_reuses_the_buffers_and_the_answers_repeat():
-    model, _, _, (_, static), _, question, question_mask = _setup("llama", seed=5)
-    first = static.layers[0]
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rollback_reuses_the_buffers_and_the_answers_repeat(arch):
+    model, _, _, (_, static), _, question, question_mask = _setup(arch, seed=5)
+    first = static.layers[_full_layers(model.config)[0]]
     buffers = (first.tail_keys.data_ptr(), first.tail_valid.data_ptr(), first.tail_dropped.data_ptr())
     answer, _ = _generate(model, static, question, question_mask)
     static.rollback()
@@ -172,15 +179,6 @@ def test_refusals_say_what_to_do_and_change_nothing():
     with pytest.raises(RuntimeError, match=r"starts from the compressed context.*rollback"):
         eager.make_static(64)
     assert not eager.is_static
-    # sliding-window layers are not packed yet
-    gemma, _ = make_pair("gemma3")
-    cache = KVzipCache(gemma)
-    cache.prefill(gemma, torch.randint(3, 120, (1, 40)))
-    cache.compress(gemma, 0.5, scorer="keydiff")
-    cache.evict_while_decoding(gemma, "keydiff", 0.5, window=4, level="pair-uniform")
-    with pytest.raises(ValueError, match=r"sliding-window layers yet"):
-        cache.make_static(64)
-    assert not cache.is_static
 
 
 def test_a_stop_token_and_a_second_turn_decode_as_eager_eviction_does():

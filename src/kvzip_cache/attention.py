@@ -107,7 +107,7 @@ def kvzip_attention(
             tail_valid = key.tail_mask(attention_mask)
         out = backend.ragged(query, key, scaling, tail_valid)
     elif isinstance(key, WindowKV):  # a static sliding-window layer
-        key_valid = None if attention_mask is None else key.slot_mask(attention_mask)
+        key_valid = key.slot_mask(attention_mask)
         out = backend.dense(query, key.keys, key.values, scaling, key_valid, sliding_window,
                             getattr(module, "is_causal", True), end=key.end)
     elif isinstance(key, (ScoringKV, CompressedScoringKV)):  # a reconstruction pass over a dense / compressed layer

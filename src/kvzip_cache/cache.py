@@ -230,6 +230,9 @@ class KVzipCache(Cache):
     def _check_static_room(self, new_tokens: int) -> None:
         first = self.layers[self._first_full]
         check_static_room(first.tail_keys.shape[2] - int(first.tail_end), new_tokens)
+        for layer in self.layers:  # with eviction, sliding windows move to the front at each eviction: check them too
+            if layer.is_sliding and layer.slot_valid is not None:
+                check_static_room(layer.slot_room(), new_tokens)
 
     def evict_between_steps(self, batch: int | None = None) -> None:
         """Run eviction while decoding now, if the tail is due, as the next one-token forward would: the hook of a
@@ -789,8 +792,8 @@ class KVzipCache(Cache):
         is sized from the bound eviction keeps, not from ``max_new_tokens``: about ``ratio x max_new_tokens`` packed
         pairs plus ``2 x window`` recent tokens (`static_tail_room`). Evictions pack the kept pairs into the tail's
         front between compiled steps (`KVzipLayer.compact_tail`); pass ``stopping_criteria=[cache.eviction_criteria()]``
-        to ``generate``, or call `evict_between_steps` before each step of your own compiled loop. Not for models
-        with sliding-window layers yet.
+        to ``generate``, or call `evict_between_steps` before each step of your own compiled loop. Sliding-window
+        layers (Gemma3) move their window to the front of their buffers at each eviction (`compact_window`).
         """
         if not self.is_compressed:
             raise RuntimeError(
@@ -810,10 +813,12 @@ class KVzipCache(Cache):
             layer.check_static(capacity)
         evicting = eviction is not None and not self.is_static  # (a static cache stays as it was made)
         for layer in self.layers:
-            if evicting:
-                layer.make_static(capacity, evicting=True)
-            else:
+            if not evicting:
                 layer.make_static(capacity)
+            elif layer.is_sliding:
+                layer.make_static(capacity, evicting=True, context_mask=self.attention_mask)
+            else:
+                layer.make_static(capacity, evicting=True)
 
     def _check_static_eviction(self, max_new_tokens: int) -> int:
         """The tail's room for a static cache that evicts while decoding; refuses what it cannot serve."""
@@ -825,11 +830,6 @@ class KVzipCache(Cache):
                 f"make_static() with eviction while decoding needs level='pair-uniform' (every head keeps the same "
                 f"share, so fixed buffers bound the answer's pairs); eviction runs with level={eviction.level!r}: "
                 f"call cache.evict_while_decoding(model, scorer, ratio, level='pair-uniform') first"
-            )
-        if any(kind != FULL for kind in self.layer_types):
-            raise ValueError(
-                "make_static() with eviction while decoding does not serve models with sliding-window layers yet "
-                "(their windows are not packed): decode eagerly with eviction, or compiled without it"
             )
         if any(self.layers[idx].tail_length for idx in self.compressible_layers):
             raise RuntimeError("make_static() with eviction while decoding starts from the compressed context: call "

@@ -228,11 +228,13 @@ class DecodeEviction:
         pending = cache.pending_query_mask
         if tail == 0 and pending is not None and pending.shape == (batch, new_tokens):
             self._tail_real = None if bool(pending.all()) else pending.clone()
-            for idx in self.layers:  # a static tail masks its slots itself (see KVzipLayer.compact_tail)
-                layer = cache.layers[idx]
-                if layer.tail_valid is not None:
+            for layer in cache.layers:  # static layers mask their slots themselves (compact_tail, compact_window)
+                if getattr(layer, "tail_valid", None) is not None:
                     layer.tail_valid[:, layer.packed_slots : layer.packed_slots + new_tokens] = pending.to(
                         layer.tail_valid.device)
+                elif getattr(layer, "slot_valid", None) is not None:
+                    end = int(layer.end)
+                    layer.slot_valid[:, end : end + new_tokens] = pending.to(layer.slot_valid.device)
             return
         if batch == 1:
             return  # one row and no padding recorded for it: every slot is a real token
@@ -265,6 +267,9 @@ class DecodeEviction:
                             self.parallel)
         keep = select(scores, self.ratio, self.level)
         cache.keep_pairs({idx: keep[idx] for idx in self.layers}, start=start)
+        for layer in cache.layers:  # a static cache's sliding windows move to the front with it (O(window))
+            if getattr(layer, "slot_valid", None) is not None:
+                layer.compact_window()
         self._real_before = before + real.sum(-1)
         self.history.append(DecodeEvictionStep(start, count, keep))
 

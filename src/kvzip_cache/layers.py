@@ -642,6 +642,11 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.start: torch.Tensor | None = None  # static mode: the position of the buffers' first slot
         self.static_mask_width = 0
         self.is_compileable = False
+        # Static mode with eviction while decoding (see compact_window): which slots are real tokens ([B, slots] bool
+        # on the device; it replaces the padding mask's columns, which no longer line up once slots move), and its
+        # value at make_static, for rollback.
+        self.slot_valid: torch.Tensor | None = None
+        self._initial_valid: torch.Tensor | None = None
         # (end, tokens) of each multi-token step after the prefill that is still within reach of the window: its
         # slots may be padding (a left-padded question), so they do not count against the window.
         self._padded_steps: list[tuple[int, int]] = []
@@ -672,7 +677,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         # CUDA graphs); the attention masks the window by real tokens and the slots not written yet.
         _write_at_end(self.keys, self.values, self.end, key_states, value_states)
         self.length.add_(key_states.shape[-2])
-        view = WindowKV(self.keys, self.values, self.start, self.end)
+        view = WindowKV(self.keys, self.values, self.start, self.end, valid=self.slot_valid)
         return view, view
 
     def _slots_to_keep(self) -> int:
@@ -699,11 +704,15 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         stored = self.keys.shape[-2]  # the window, plus the slots of padded steps still in reach
         return stored + query_length, self.cumulative_length - stored
 
-    def make_static(self, capacity: int) -> None:
+    def make_static(self, capacity: int, evicting: bool = False, context_mask: torch.Tensor | None = None) -> None:
         """Fixed buffers ``[B, H, w + capacity, D]``: the window the prefill left (``w`` slots), then room for
         ``capacity`` tokens written in place at a device-side end; lengths stay on the device (see
         `KVzipLayer.make_static`). The window then slides by masking, not by moving slots, so a padded question
-        displaces no real token; tokens already after the context are kept."""
+        displaces no real token; tokens already after the context are kept.
+
+        ``evicting``: eviction while decoding runs on the full layers, so the answer may outgrow ``capacity``; the
+        window is then moved to the buffers' front at each eviction (`compact_window`), and the layer keeps its own
+        slot mask, starting from ``context_mask`` (``[B, context]``, the prefill's padding mask)."""
         self.check_static(capacity)
         if self.is_static:
             return
@@ -727,8 +736,38 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self.start = torch.tensor(context_length - width, dtype=torch.long, device=device)  # slot 0's position
         self.static_mask_width = length_bucket(context_length) + capacity
         self.is_compileable = True
-        for tensor in (self.keys, self.values, self.length, self.end, self.start):
+        packing = ()
+        if evicting:
+            self.slot_valid = torch.ones(batch, width + capacity, dtype=torch.bool, device=device)
+            self.slot_valid[:, :width] = context_mask[:, context_length - width : context_length].to(device).bool()
+            self._initial_valid = self.slot_valid.clone()
+            packing = (self.slot_valid,)
+        for tensor in (self.keys, self.values, self.length, self.end, self.start, *packing):
             torch._dynamo.mark_static_address(tensor)
+
+    def compact_window(self) -> None:
+        """Static layer, eviction while decoding: move the slots the next steps can still reach (the last
+        ``sliding_window - 1`` real tokens of every row, with any padding among them) to the buffers' front and free
+        the rest, so that the buffers never fill however long the answer. O(window); eager code, between steps."""
+        end = int(self.end)
+        valid = self.slot_valid[:, :end]
+        reach = self.sliding_window - 1
+        from_end = valid.flip(-1).long().cumsum(-1)  # [B, end]: real slots from the last one back to each slot
+        needed = (from_end >= reach).long().argmax(-1)  # per row: how far back the reach goes (from the end)
+        first = end - 1 - int(needed.max()) if bool((from_end[:, -1] >= reach).all()) else 0
+        if first <= 0:
+            return
+        kept = slice(first, end)
+        self.keys[:, :, : end - first] = self.keys[:, :, kept].clone()
+        self.values[:, :, : end - first] = self.values[:, :, kept].clone()
+        self.slot_valid[:, : end - first] = self.slot_valid[:, kept].clone()
+        self.slot_valid[:, end - first :] = True
+        self.end.sub_(first)
+        self.start.add_(first)
+
+    def slot_room(self) -> int:
+        """Slots still free in a static layer's buffers (eager code: reads the device)."""
+        return self.keys.shape[2] - int(self.end)
 
     def check_static(self, capacity: int) -> None:
         """Raise unless `make_static` can succeed (changes nothing)."""
@@ -773,6 +812,9 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
             self.values[:, :, : keys.shape[2]].copy_(values)
             self.end.fill_(keys.shape[2])
             self.length.fill_(cumulative)
+            self.start.fill_(cumulative - keys.shape[2])
+            if self.slot_valid is not None:
+                self.slot_valid.copy_(self._initial_valid)
         else:
             self.keys, self.values = keys.clone(), values.clone()
             self._rows = None

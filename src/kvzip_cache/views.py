@@ -132,15 +132,23 @@ class WindowKV(_KVzipView):
         start: 0-dim int64 device tensor, the sequence position of slot 0 (so slot ``j`` holds position
             ``start + j``).
         end: 0-dim int64 device tensor: slots written; this step's tokens are the last of them.
+        valid: None, or (eviction while decoding) ``[B, w + capacity]`` bool, which slots hold real tokens.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     start: torch.Tensor
     end: torch.Tensor
+    valid: torch.Tensor | None = None
 
-    def slot_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The ``[B, w + capacity]`` columns of a position-indexed padding mask that cover the buffers' slots."""
+    def slot_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``[B, w + capacity]`` columns of a position-indexed padding mask that cover the buffers' slots; or,
+        with eviction while decoding (the window moves to the front at each eviction, see
+        `KVzipSlidingLayer.compact_window`), the layer's own slot mask ``valid``."""
+        if self.valid is not None:
+            return self.valid
+        if attention_mask is None:
+            return None
         columns = self.start + torch.arange(self.keys.shape[-2], device=attention_mask.device)
         return attention_mask.gather(1, columns.expand(attention_mask.shape[0], -1))
 
