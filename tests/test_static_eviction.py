@@ -211,3 +211,18 @@ def test_a_stop_token_and_a_second_turn_decode_as_eager_eviction_does():
         turns.append((first, second, len(cache.decode_eviction.history)))
     assert torch.equal(turns[0][0], turns[1][0]) and torch.equal(turns[0][1], turns[1][1])
     assert turns[0][2] == turns[1][2] >= 4
+
+
+def test_reset_forgets_the_static_packing_and_a_new_context_evicts_eagerly_again():
+    """After reset, a new prefill of the same cache object decodes as a fresh cache (no stale packed counters)."""
+    model, _, predictor, (eager, static), (ids, mask), question, question_mask = _setup("llama", seed=12)
+    _generate(model, static, question, question_mask)
+    assert static.layers[0].dropped > 0
+    static.reset()
+    static.prefill(model, ids, mask, context_start=torch.tensor([2, 6]))
+    static.compress(model, 0.5, predictor=predictor)
+    static.evict_while_decoding(model, predictor, RATIO, window=WINDOW, level="pair-uniform")
+    assert not static.is_static
+    again, _ = _generate(model, static, question, question_mask)
+    expected, _ = _generate(model, eager, question, question_mask)
+    assert torch.equal(again, expected)

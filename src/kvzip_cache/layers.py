@@ -141,6 +141,8 @@ class KVzipLayer(DynamicLayer):
         self.tail_keys = self.tail_values = None
         self.tail_length = 0
         self.tail_end, self.context_end, self.is_compileable = None, None, False
+        self.tail_valid = self.tail_dropped = None
+        self.packed_slots = self.dropped = 0
         self.share, self._static_rows, self.static_mask_width = 1, (), 0
         self.owner = None
 
@@ -867,6 +869,7 @@ class KVzipSlidingLayer(DynamicSlidingWindowLayer):
         self._padded_steps = []
         self._rows = None
         self.length = self.end = self.start = None
+        self.slot_valid = self._initial_valid = None
         self.is_compileable = False
 
     def kv_bytes(self) -> int:
