@@ -101,10 +101,9 @@ def kvzip_attention(
                 "again, or KVzipCache.load(path, copy)), or prefill a new cache with this one. This step stopped "
                 "partway: call cache.rollback() first"
             )
-        tail_valid = key.tail_valid  # a static tail that evicts while decoding knows its slots itself
         if attention_mask is not None:
             _check_mask_width(attention_mask, key.length)
-            tail_valid = key.tail_mask(attention_mask)
+        tail_valid = key.tail_mask(attention_mask)
         out = backend.ragged(query, key, scaling, tail_valid)
     elif isinstance(key, WindowKV):  # a static sliding-window layer
         key_valid = key.slot_mask(attention_mask)

@@ -228,30 +228,28 @@ class KVzipCache(Cache):
         return layer.update(key_states, value_states)
 
     def _check_static_room(self, new_tokens: int) -> None:
-        first = self.layers[self._first_full]
-        check_static_room(first.tail_keys.shape[2] - int(first.tail_end), new_tokens)
-        for layer in self.layers:  # with eviction, sliding windows move to the front at each eviction: check them too
-            if layer.is_sliding and layer.slot_valid is not None:
-                check_static_room(layer.slot_room(), new_tokens)
+        check_static_room(self.static_room(), new_tokens)
 
-    def evict_between_steps(self, batch: int | None = None) -> None:
+    def evict_between_steps(self, batch: int | None = None, check_room: bool = True) -> None:
         """Run eviction while decoding now, if the tail is due, as the next one-token forward would: the hook of a
         static cache under compiled decoding, whose steps run no Python (a replayed CUDA graph). `generate` calls
-        it through `eviction_criteria`; a hand-written loop calls it before each compiled step. Then checks that
-        the next token fits the static tail."""
-        if self.decode_eviction is None:
-            return
-        rows = len(self.layers[self._first_full].src_rows) if batch is None else batch
-        self._evict_tail(1, rows)
-        if self.is_static:
+        it through `eviction_criteria`; a hand-written loop calls it before each compiled step. Then (``check_room``)
+        checks that the next token fits the static tail."""
+        if self.decode_eviction is not None:
+            self._evict_tail(1, len(self.layers[self._first_full].src_rows) if batch is None else batch)
+        if check_room and self.is_static:
             self._check_static_room(1)
 
     def static_room(self) -> int | None:
-        """Tokens a static cache's tail can still take (None for a dynamic cache). Reads the device on the host."""
+        """Tokens a static cache's tail can still take (None for a dynamic cache): the full layers' tail, and with
+        eviction while decoding the sliding layers' buffers too (their window moves to the front at each eviction).
+        Reads the device on the host."""
         if not self.is_static:
             return None
         first = self.layers[self._first_full]
-        return first.tail_keys.shape[2] - int(first.tail_end)
+        rooms = [first.tail_keys.shape[2] - int(first.tail_end)]
+        rooms += [layer.slot_room() for layer in self.layers if layer.is_sliding and layer.slot_valid is not None]
+        return min(rooms)
 
     def eviction_criteria(self):
         """A `transformers.StoppingCriteria` that runs eviction while decoding after each step:

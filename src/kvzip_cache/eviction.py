@@ -284,8 +284,7 @@ class EvictBetweenSteps(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         cache = self.cache
-        if cache.decode_eviction is not None:
-            cache._evict_tail(1, input_ids.shape[0])
+        cache.evict_between_steps(input_ids.shape[0], check_room=False)
         full = cache.static_room() == 0  # the last step may fill the room exactly: stop rather than raise
         if full:
             warnings.warn("generation stopped: the static cache's tail is full; call cache.make_static() with a "

@@ -524,7 +524,7 @@ class KVzipLayer(DynamicLayer):
         self.tail_dropped.add_(freed)
         self.packed_slots += slots
         self.dropped += freed
-        self._sync_static_length()
+        self.tail_length -= freed  # (the logical length, context + dropped + tail, does not change)
 
     def rollback(self, length: int, batch_size: int) -> None:
         """Forget everything appended after the first ``length`` tokens (the context) and restore its batch rows."""

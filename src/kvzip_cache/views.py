@@ -75,8 +75,8 @@ class RaggedKV(_KVzipView):
     owner: int | None = None
     tail_valid: torch.Tensor | None = None
 
-    def tail_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The ``[B, t]`` columns of a ``[B, length]`` padding mask that cover the tail.
+    def tail_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``[B, t]`` columns of a ``[B, length]`` padding mask that cover the tail (None without a mask).
 
         Dynamic view: the last ``t`` columns. Static view: the mask is padded to a bucketed width (see
         `KVzipLayer.make_static`), and the tail starts at the context length, which is read on the device. A static
@@ -84,6 +84,8 @@ class RaggedKV(_KVzipView):
         """
         if self.tail_valid is not None:
             return self.tail_valid
+        if attention_mask is None:
+            return None
         tail_len = self.tail_keys.shape[-2]
         if self.context_end is None:
             return attention_mask[:, -tail_len:]

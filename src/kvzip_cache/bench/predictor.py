@@ -43,9 +43,9 @@ def predictor_rows(model, predictor: ScorePredictor, ids: torch.Tensor, mask: to
     - ``kvzip-evict``: ``prefill(..., predictor=p, ratio=r)`` (``prefill_s``, ``peak_prefill_gb``) beside the plain
       prefill (``plain_prefill_s``), DynamicCache's (``dynamic_prefill_s``) and the bound
       ``bound_gb = allocated before (weights, inputs) + r x full KV + chunk_gb``.
-    - ``kvzip-evict+kvzip``: ``prefill(..., predictor=p, ratio=min(1, 2r))`` (``RESCORED_LOOSENESS``) (``prefill_s``, ``peak_prefill_gb``;
-      the bound with ``2r``), then ``compress(model, r, scorer="kvzip")``, KVzip's scores of the surviving pairs
-      (``compress_s``, ``peak_compress_gb``): the quality path of docs/score-predictors.md.
+    - ``kvzip-evict+kvzip``: ``prefill(..., predictor=p, ratio=min(1, RESCORED_LOOSENESS x r))`` (``prefill_s``,
+      ``peak_prefill_gb``; the bound with that ratio), then ``compress(model, r, scorer="kvzip")``, KVzip's scores of
+      the surviving pairs (``compress_s``, ``peak_compress_gb``): the quality path of docs/score-predictors.md.
 
     ``chunk_gb``, "one chunk's activations" in the bound, is measured by `one_chunk_gb` on the last ``chunk`` tokens
     of each row (they hold no left padding).
