@@ -14,14 +14,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from conftest import make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.selection import kept_count
-from references import decode_with_eviction, hidden_from_keep, predictor_rating
+from references import decode_with_eviction, full_layers, hidden_from_keep, predictor_rating
 
 WINDOW = 4
-
-
-def _full_layers(config):
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
 def _context(gen, batch):
@@ -56,7 +51,7 @@ def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(
                          min_new_tokens=23, do_sample=False, output_logits=True, return_dict_in_generate=True)
     generated = out.sequences[:, ids.shape[1] + question.shape[1]:]
     starts = cache.context_start
-    context_hidden = hidden_from_keep(cache.keep_mask, mask, starts, _full_layers(model.config), ids.shape[1])
+    context_hidden = hidden_from_keep(cache.keep_mask, mask, starts, full_layers(model.config), ids.shape[1])
     expected, decisions = decode_with_eviction(reference, predictor_rating(predictor, reference), context_hidden, ids,
                                                mask, question, question_mask, generated, 0.4, WINDOW)
     history = cache.decode_eviction.history
@@ -65,7 +60,7 @@ def test_generate_with_decode_eviction_equals_the_step_by_step_masked_reference(
         assert step.start == start and torch.equal(step.keep, keep)
     torch.testing.assert_close(torch.stack(out.logits).double(), expected.double(), atol=1e-4, rtol=0)
     # the appended tokens that stay: the kept pairs of every evicted window plus the dense tail
-    layers = _full_layers(model.config)
+    layers = full_layers(model.config)
     tail = cache.layers[layers[0]].tail_length
     assert WINDOW <= tail < 2 * WINDOW + 1
     assert cache.get_seq_length() == out.sequences.shape[1] - 1

@@ -8,14 +8,9 @@ import torch
 from conftest import make_pair
 from kvzip_cache import KVzipCache, ScorePredictor
 from kvzip_cache.eviction import static_tail_room
-from references import decode_with_eviction, hidden_from_keep, predictor_rating
+from references import decode_with_eviction, full_layers, hidden_from_keep, predictor_rating
 
 WINDOW, RATIO, NEW = 4, 0.4, 30
-
-
-def _full_layers(config):
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
 def _setup(arch, seed=10, batch=2, kind="linear"):
@@ -52,7 +47,7 @@ def _generate(model, cache, question, question_mask, **kwargs):
 def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference(arch):
     model, reference, predictor, (eager, static), (ids, mask), question, question_mask = _setup(arch)
     assert static.is_static and static.is_compileable
-    room = static.layers[_full_layers(model.config)[0]].tail_keys.shape[2]
+    room = static.layers[full_layers(model.config)[0]].tail_keys.shape[2]
     assert room == -(-static_tail_room(question.shape[1] + NEW, RATIO, WINDOW) // 64) * 64
     tokens, logits = _generate(model, eager, question, question_mask)
     static_tokens, static_logits = _generate(model, static, question, question_mask)
@@ -68,7 +63,7 @@ def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference
     # independent of the library's attention: the float64 replay that hides every evicted pair; it takes the keep
     # masks (the random model repeats tokens, whose pairs tie exactly) and checks when each eviction happens
     generated = tokens[:, ids.shape[1] + question.shape[1]:]
-    context_hidden = hidden_from_keep(static.keep_mask, mask, static.context_start, _full_layers(model.config),
+    context_hidden = hidden_from_keep(static.keep_mask, mask, static.context_start, full_layers(model.config),
                                       ids.shape[1])
     expected, decisions = decode_with_eviction(reference, predictor_rating(predictor, reference), context_hidden, ids,
                                                mask, question, question_mask, generated, RATIO, WINDOW, uniform=True,
@@ -88,7 +83,7 @@ def test_the_packed_tail_holds_the_pairs_eager_eviction_moved_into_its_store():
     _generate(model, eager, question, question_mask)
     _generate(model, static, question, question_mask)
     prefilled = eager.context_length
-    for idx in _full_layers(model.config):
+    for idx in full_layers(model.config):
         layer, packed = eager.layers[idx], static.layers[idx]
         ctx = layer.context
         end = int(packed.tail_end)
@@ -103,7 +98,7 @@ def test_the_packed_tail_holds_the_pairs_eager_eviction_moved_into_its_store():
                 torch.testing.assert_close(packed.tail_keys[row, head, :end][slots], expected, atol=1e-5, rtol=0)
     # bounded: the packed tail holds about RATIO of the appended tokens, in a room fixed in advance
     appended = int(static.get_seq_length()) - prefilled
-    first = static.layers[_full_layers(model.config)[0]]
+    first = static.layers[full_layers(model.config)[0]]
     assert first.packed_slots <= RATIO * appended + appended / WINDOW
     assert first.tail_keys.shape[2] < question.shape[1] + NEW + 64  # below what a plain static tail would round to
 
@@ -143,7 +138,7 @@ def test_a_compiled_style_loop_evicts_only_through_the_between_steps_hook(monkey
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_rollback_reuses_the_buffers_and_the_answers_repeat(arch):
     model, _, _, (_, static), _, question, question_mask = _setup(arch, seed=5)
-    first = static.layers[_full_layers(model.config)[0]]
+    first = static.layers[full_layers(model.config)[0]]
     buffers = (first.tail_keys.data_ptr(), first.tail_valid.data_ptr(), first.tail_dropped.data_ptr())
     answer, _ = _generate(model, static, question, question_mask)
     static.rollback()
