@@ -48,7 +48,7 @@ def test_a_static_tail_that_packs_gives_eager_eviction_and_the_float64_reference
     model, reference, predictor, (eager, static), (ids, mask), question, question_mask = _setup(arch)
     assert static.is_static and static.is_compileable
     room = static.layers[full_layers(model.config)[0]].tail_keys.shape[2]
-    assert room == -(-static_tail_room(question.shape[1] + NEW, RATIO, WINDOW) // 64) * 64
+    assert room == -(-static_tail_room(question.shape[1] + NEW, RATIO, WINDOW) // 16) * 16
     tokens, logits = _generate(model, eager, question, question_mask)
     static_tokens, static_logits = _generate(model, static, question, question_mask)
     eager_steps, static_steps = eager.decode_eviction.history, static.decode_eviction.history
@@ -221,3 +221,49 @@ def test_reset_forgets_the_static_packing_and_a_new_context_evicts_eagerly_again
     again, _ = _generate(model, static, question, question_mask)
     expected, _ = _generate(model, eager, question, question_mask)
     assert torch.equal(again, expected)
+
+
+def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_mask_width():
+    """generate's padding mask keeps growing with the answer, past the static view's fixed width (the context's bucket
+    plus the packed tail's room, smaller than the answer when it evicts): the compiled step must take no branch on
+    that width (a recompilation of the whole model, 41 s for the 8B shape on an H100), and still give eager
+    eviction's tokens."""
+    torch._dynamo.reset()
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "linear", seed=4)
+    gen = torch.Generator().manual_seed(4)
+    ids, question = torch.randint(3, 120, (1, 29), generator=gen), torch.randint(3, 120, (1, 5), generator=gen)
+    new, ratio = 200, 0.25
+    caches = []
+    for static in (False, True):
+        cache = KVzipCache(model)
+        cache.prefill(model, ids, context_start=2)
+        cache.compress(model, 0.5, predictor=predictor)
+        cache.evict_while_decoding(model, predictor, ratio, window=WINDOW, level="pair-uniform")
+        if static:
+            cache.make_static(question.shape[1] + new)
+        caches.append(cache)
+    eager, static = caches
+    expected = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False)[:, -new:]
+    width = static.layers[0].static_mask_width
+    assert ids.shape[1] + question.shape[1] + new > width + 8  # the mask outgrows the static width
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+    attention = static.inputs_for(question)["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=question, attention_mask=attention, past_key_values=static,
+                       position_ids=torch.arange(ids.shape[1], attention.shape[1])[None]).logits
+    token, tokens = logits[:, -1:].argmax(-1), []
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for step in range(new - 1):
+            tokens.append(token)
+            static.evict_between_steps()
+            attention = torch.cat([attention, torch.ones_like(token)], 1)
+            step_mask = attention.clone()
+            torch._dynamo.mark_dynamic(step_mask, 1)
+            logits = compiled(input_ids=token, attention_mask=step_mask, past_key_values=static,
+                              position_ids=torch.tensor([[attention.shape[1] - 1]])).logits
+            token = logits[:, -1:].argmax(-1)
+    tokens.append(token)
+    assert torch.equal(torch.cat(tokens, 1), expected)
+    assert len(static.decode_eviction.history) == len(eager.decode_eviction.history) > 20

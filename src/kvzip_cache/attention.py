@@ -45,14 +45,21 @@ def kvzip_mask(
             "the kvzip attention takes a 2D padding mask [batch, seq]; got a mask of shape "
             f"{tuple(attention_mask.shape)}. Pass the 2D attention_mask your tokenizer returns."
         )
-    attention_mask = attention_mask[:, -kv_length:].bool()
     # A static cache's query offset is a device tensor (its length never goes to the host), as for transformers'
-    # StaticLayer; only then may the mask be narrower than kv_length. A narrower mask otherwise is the caller's
-    # error, which the attention function reports.
-    if isinstance(q_offset, torch.Tensor) and attention_mask.shape[-1] < kv_length:
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]), value=False)
-    if torch.compiler.is_compiling() or not bool(attention_mask.all()):
-        return attention_mask  # compiled code must not read the mask on the host
+    # StaticLayer; only then may the mask be narrower than kv_length: it is padded on the right and cut to kv_length
+    # with no branch on its width, which grows every step (past kv_length when eviction while decoding packs the tail,
+    # whose own slot mask then replaces the tail's columns): a compiled step would otherwise be recompiled there. A
+    # narrower mask otherwise is the caller's error, which the attention function reports.
+    static = isinstance(q_offset, torch.Tensor)
+    if static:
+        attention_mask = torch.nn.functional.pad(attention_mask.bool(), (0, kv_length), value=False)[:, :kv_length]
+    else:
+        attention_mask = attention_mask[:, -kv_length:].bool()
+    # Compiled code must not read the mask on the host; and a static cache always gets the mask, even one with no
+    # padding left: generate builds a compileable cache's masks eagerly, and a mask that turned into None when the
+    # answer filled its width would recompile the decode step (it did, 41 s for the 8B shape on an H100).
+    if static or torch.compiler.is_compiling() or not bool(attention_mask.all()):
+        return attention_mask
     return None
 
 

@@ -160,6 +160,9 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.steady_median_ms = statistics.median(t for t, evicted in zip(steps, clock.evicted) if not evicted)
     evicting = [t for t, evicted in zip(steps, clock.evicted) if evicted]
     row.eviction_step_ms = statistics.mean(evicting) if evicting else float("nan")
+    slow = [(i, t) for i, t in enumerate(steps) if t > 1e3]  # a recompilation inside the measurement, say
+    if slow:
+        row.notes.append("steps over 1 s: " + ", ".join(f"#{i} {t / 1e3:.1f} s" for i, t in slow))
     row.end_kv_gb, row.end_allocated_gb, row.peak_generate_gb = base.kv_bytes() / GB, _allocated_gb(), peak_gb()
     row.curve = clock.curve + [(len(steps), row.end_kv_gb, row.end_allocated_gb)]
     row.max_kv_gb = max(kv for _, kv, _ in row.curve)
