@@ -645,7 +645,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(max_new_tokens=st.integers(1, 100))
     def make_static(self, max_new_tokens):
         """Fixed shapes for compiled decoding; here eager (CPU, no compile), which must decode the same."""
-        capacity = -(-max_new_tokens // 64) * 64
+        capacity = -(-max_new_tokens // 16) * 16
         call = lambda: self.cache.make_static(max_new_tokens)  # noqa: E731
         refusals = []
         if self.compressed is None:
@@ -1086,7 +1086,7 @@ def test_crop_into_a_padded_question_then_evicting_while_decoding():
 
 def test_a_static_sliding_cache_refuses_a_step_past_its_room():
     model, cache = _prefilled("gemma3", rows=1, compress=True)
-    cache.make_static(8)  # room for 64 tokens
+    cache.make_static(64)  # room for 64 tokens
     _step(model, cache, _ids(60, 1))
     _refused_unchanged(cache, lambda: _step(model, cache, _ids(5, 2), n_ctx=80),
                        [(ValueError, r"the static cache has room for 4 more tokens")], "a step past the room")

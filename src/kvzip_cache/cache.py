@@ -86,8 +86,9 @@ class CompressReport:
         )
 
 
-# Static tails are sized in multiples of this, so that nearby max_new_tokens share a compiled graph.
-_TAIL_BUCKET = 64
+# Static tails are sized in multiples of this, so that nearby max_new_tokens share a compiled graph; small, because
+# every row of a shared batch holds its own tail (64 rows x 32 + 32 tokens: 80 slots a row instead of 128).
+_TAIL_BUCKET = 16
 
 
 class KVzipCache(Cache):
@@ -779,7 +780,7 @@ class KVzipCache(Cache):
         re-compressed or grow its batch afterwards. Sliding-window layers (Gemma3) keep their window in fixed buffers;
         they need a context at least as long as the window.
 
-        Compile once: the tail's room is ``max_new_tokens`` rounded up to a multiple of 64, and what a decode step
+        Compile once: the tail's room is ``max_new_tokens`` rounded up to a multiple of 16, and what a decode step
         sees of the context depends only on its length bucket (`length_bucket`, the next power of two: it bounds the
         segments' lengths for the kernels' grids and sets the mask's width; the number of kept pairs is a dynamic
         dimension; the length itself is on the device). A second document whose
