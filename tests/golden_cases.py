@@ -4,7 +4,10 @@ architecture, recorded once so that moving code can be proven not to change a si
     .venv/bin/python tests/golden_cases.py --record      # writes tests/data/golden.safetensors (only on purpose)
     .venv/bin/python tests/golden_cases.py --check       # compares this tree with the recording, bit for bit
 
-`tests/test_golden.py` runs the comparison in the default suite. The cases use the public entry points only (the
+`tests/test_golden.py` runs the comparison in the default suite, on a machine like the recording's (`fingerprint`:
+the CPU model, its vector ISA as PyTorch uses it, the torch and transformers versions); elsewhere it is skipped, since
+the same code gives other floating-point bits on another CPU's BLAS (an AMD EPYC against the first recording: scores
+and two near-tied greedy tokens). Before moving code on such a machine, record there first, then check. The cases use the public entry points only (the
 keywords ``predictor=``, ``head_scores=``, ``score=``, ``level=`` and the registered scorer names, the eval's
 methods), so they keep working whatever moves underneath.
 """
@@ -23,6 +26,24 @@ from conftest import ARCHS, ByteTokenizer, make_pair  # noqa: E402
 from kvzip_cache import KVzipCache, ScorePredictor  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "golden.safetensors"
+
+
+def fingerprint() -> dict[str, str]:
+    """What the floating-point bits depend on besides the code: the CPU, its ISA level, torch and transformers."""
+    import platform
+
+    import transformers
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 NEW_TOKENS = 8
 RATIO = 0.4
 
@@ -156,7 +177,7 @@ def main() -> None:
     actual = compute_all()
     if args.record:
         GOLDEN.parent.mkdir(exist_ok=True)
-        save_file(actual, str(GOLDEN))
+        save_file(actual, str(GOLDEN), metadata=fingerprint())
         print(f"recorded {len(actual)} tensors to {GOLDEN}")
     if args.check:
         problems = differences(load_file(str(GOLDEN)), actual)

@@ -2,14 +2,21 @@
 tiny architecture, are bit-identical to the recording in tests/data/golden.safetensors (see tests/golden_cases.py)."""
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ARCHS
-from golden_cases import GOLDEN, cases, differences
+from golden_cases import GOLDEN, cases, differences, fingerprint
 
 
 @pytest.fixture(scope="module")
 def recorded():
+    with safe_open(str(GOLDEN), "pt") as file:
+        machine = file.metadata() or {}
+    if machine != fingerprint():
+        pytest.skip(f"the golden outputs were recorded on {machine or 'an unrecorded machine'}; this is "
+                    f"{fingerprint()}: other floating-point bits. Record on this machine before moving code "
+                    "(python tests/golden_cases.py --record), then --check after")
     return load_file(str(GOLDEN))
 
 
