@@ -267,3 +267,23 @@ def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_m
     tokens.append(token)
     assert torch.equal(torch.cat(tokens, 1), expected)
     assert len(static.decode_eviction.history) == len(eager.decode_eviction.history) > 20
+
+
+def test_a_static_mask_keeps_its_type_and_width_when_the_answer_fills_it():
+    """transformers 5.17 builds a compileable cache's masks eagerly and hands them to the compiled step: a static
+    cache's mask (its query offset is a device tensor) must stay a ``[B, width]`` tensor even once it has no padding
+    left (an evicting answer fills the width, then outgrows it), or the step is recompiled (it was, on an H100)."""
+    from kvzip_cache.attention import kvzip_mask
+
+    offset = torch.tensor(40)
+    for columns in (30, 48, 60):  # narrower than the fixed width, exactly as wide, wider (eviction while decoding)
+        mask = torch.ones(2, columns, dtype=torch.long)
+        mask[1, :3] = 0
+        for full in (False, True):
+            mask = torch.ones_like(mask) if full else mask
+            out = kvzip_mask(2, 1, 48, q_offset=offset, attention_mask=mask)
+            assert out is not None and out.shape == (2, 48) and out.dtype == torch.bool
+            assert torch.equal(out[:, : min(columns, 48)], mask[:, :48].bool())  # position-indexed columns
+            assert not out[:, columns:].any()  # slots not written yet
+    # a dynamic cache (an int offset) still drops a mask with no padding
+    assert kvzip_mask(2, 1, 48, q_offset=40, attention_mask=torch.ones(2, 48, dtype=torch.long)) is None
