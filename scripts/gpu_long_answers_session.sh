@@ -2,6 +2,13 @@
 # Issue #31's device session (long answers at compiled speed); no SmolLM2 needed (random 8B-shaped weights):
 #   bash scripts/gpu_long_answers_session.sh 1  # GPU tests: compiled eviction vs eager, fp8 after the rounding fix;
 #                                               # 32K context at 0.3 + 8K tokens, compiled, without vs with eviction
+#   bash scripts/gpu_long_answers_session.sh 3  # only the 32K + 8K-token comparison, both modes in one process (each
+#                                               # mode compiles, then ~2 minutes of decoding: mode 1 ran out of time)
+#   bash scripts/gpu_long_answers_session.sh 4  # one call for the rest: the eviction step at 32K and 128K (compiled,
+#                                               # packed tail), the shared step's profile (1 vs 64 rows at 32K), and
+#                                               # eager eviction's step at 32K and 128K (appends to the ragged store)
+#   bash scripts/gpu_long_answers_session.sh 5  # the eviction step at 32K and 128K (compiled, 640 tokens: past the
+#                                               # static mask width at 560), logging any recompilation
 #   bash scripts/gpu_long_answers_session.sh 2  # the eviction step: packed static tail at 32K and 128K (2K tokens),
 #                                               # against eager eviction's append to the ragged store at 32K
 # Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
@@ -19,9 +26,20 @@ case ${1:-} in
             -k "eviction or fp8_pairs_on_cuda or compiled_static" -rA 2>&1 | tee "$OUT/tests.txt" | tail -6
         timeout 330 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
             --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
+    3)  timeout 560 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
+            --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
+    4)  timeout 245 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 1024 \
+            --out "$OUT/steps" 2>&1 | grep -v Warning | tail -4
+        timeout 200 python3 scripts/profile_shared_step.py --context 32768 --questions 64 --out "$OUT/shared" 2>&1 \
+            | grep -v Warning | grep -E "row|ratio|Error" | tail -8
+        timeout 115 "${BENCH[@]}" --decode-eviction on --contexts 32768 131072 --new-tokens 512 \
+            --out "$OUT/eager" 2>&1 | grep -v Warning | tail -4 ;;
+    5)  TORCH_LOGS=recompiles timeout 290 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 \
+            --new-tokens 640 --out "$OUT/steps" > "$OUT/steps.log" 2>&1
+        grep -E "ctx|triggered|- " "$OUT/steps.log" | cut -c1-300 | tail -12 ;;
     2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
         timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
             --out "$OUT/eager32k" 2>&1 | grep -v Warning | tail -4 ;;
-    *) echo "usage: $0 1|2"; exit 2 ;;
+    *) echo "usage: $0 1|2|3|4|5"; exit 2 ;;
 esac
