@@ -25,14 +25,31 @@ def make_context(lengths, num_heads, head_dim, gen):
     return CompressedContext.from_counts(keys, values, torch.zeros(total, dtype=torch.int32), counts, num_heads)
 
 
+def with_nan_room(ctx: CompressedContext) -> CompressedContext:
+    """The same pairs in a store with reserved room (what eviction while decoding appends into), the free slots NaN:
+    attention must read each segment only up to its end."""
+    head_dim = ctx.keys.shape[-1]
+    nothing = torch.zeros(ctx.num_rows, ctx.num_heads, 1, dtype=torch.bool)
+    roomy = ctx.append(torch.zeros(ctx.num_rows, ctx.num_heads, 1, head_dim),
+                       torch.zeros(ctx.num_rows, ctx.num_heads, 1, head_dim), nothing, 10_000, room=True)
+    for end, next_start in zip(roomy.ends, roomy.offsets[1:]):
+        roomy.keys[end:next_start] = float("nan")
+        roomy.values[end:next_start] = float("nan")
+    assert roomy.ends != roomy.offsets[1:]
+    return roomy
+
+
 @pytest.mark.parametrize("ragged", [ref.ragged_attention, ref.segment_attention])  # few / many queries
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("group", [1, 3])
-def test_ragged_attention_matches_naive(q_len, group, ragged):
+@pytest.mark.parametrize("room", [False, True])
+def test_ragged_attention_matches_naive(q_len, group, ragged, room):
     gen = torch.Generator().manual_seed(q_len * 10 + group)
     num_heads, head_dim, tail = 3, 8, 7
     lengths = [[0, 1, 37], [129, 2, 0]]
-    ctx = make_context(lengths, num_heads, head_dim, gen)
+    packed = ctx = make_context(lengths, num_heads, head_dim, gen)
+    if room:
+        ctx = with_nan_room(packed)
     src_rows = (1, 0, 0)  # row 0 reads compressed row 1; rows 1 and 2 share compressed row 0 (beams)
     batch = len(src_rows)
     tail_k = torch.randn(batch, num_heads, tail, head_dim, generator=gen)
@@ -45,9 +62,9 @@ def test_ragged_attention_matches_naive(q_len, group, ragged):
     for b, src in enumerate(src_rows):
         for qh in range(num_heads * group):
             h = qh // group
-            lo, hi = ctx.offsets[src * num_heads + h], ctx.offsets[src * num_heads + h + 1]
-            keys = torch.cat([ctx.keys[lo:hi], tail_k[b, h]])
-            values = torch.cat([ctx.values[lo:hi], tail_v[b, h]])
+            lo, hi = packed.offsets[src * num_heads + h], packed.offsets[src * num_heads + h + 1]
+            keys = torch.cat([packed.keys[lo:hi], tail_k[b, h]])
+            values = torch.cat([packed.values[lo:hi], tail_v[b, h]])
             causal = torch.arange(tail)[None, :] <= torch.arange(tail - q_len, tail)[:, None]
             allowed = torch.cat([torch.ones(q_len, hi - lo, dtype=torch.bool), causal & tail_valid[b]], 1)
             expected = naive(query[b, qh], keys, values, allowed, 0.3)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from conftest import VOCAB, make_pair
+from conftest import make_pair
 from kvzip_cache import ScorePredictor
 from kvzip_cache.bench.common import kv_bytes_per_token
 from kvzip_cache.bench.decode_eviction import decode_rows, write_decode_report
@@ -29,15 +29,17 @@ def test_decode_rows_bound_the_answer_only_with_eviction_alternate_and_roll_back
     # One compressed context serves every run: each starts from the same bytes (rolled back in between), and the
     # off run after an on run evicts nothing (turned off again).
     assert len({row.context_kv_gb for row in runs}) == 1 and runs[2].evictions == 0
-    assert runs[1].evictions == runs[3].evictions and runs[1].end_kv_gb == runs[3].end_kv_gb
+    token_gb = kv_bytes_per_token(model.config, 4) / 1e9
+    room_gb = 5 * 8 * token_gb  # the store's reserved room: at most 4 appends of a window, plus the one that overflowed
+    assert runs[1].evictions == runs[3].evictions and abs(runs[1].end_kv_gb - runs[3].end_kv_gb) <= room_gb
     rows = {row.mode: row for row in runs if row.repeat == 0}
     off, on = rows["off"], rows["on"]
     assert off.evictions == 0 and off.tail_tokens == 6 + 80 - 1  # the last token is sampled, never forwarded
     assert on.evictions > 0 and 8 <= on.tail_tokens < 2 * 8
-    token_gb = kv_bytes_per_token(model.config, 4) / 1e9
     assert off.end_kv_gb - off.context_kv_gb >= (6 + 79) * token_gb  # every appended token, plus spare capacity
     steady = {tokens: kv for tokens, kv, _ in on.curve}  # from 32 tokens on, the tail's buffer no longer grows:
-    assert abs(steady[80] - steady[32] - 0.25 * 48 * token_gb) < 1e-12  # 6 evictions keep 2 of 8 tokens' pairs each
+    kept = 0.25 * 48 * token_gb  # 6 evictions keep 2 of 8 tokens' pairs each, in the store's reserved room
+    assert kept - 1e-12 <= steady[80] - steady[32] <= kept + room_gb
     assert on.eviction_step_ms > 0 and off.eviction_step_ms != off.eviction_step_ms  # NaN: no step evicted
     for row in runs:
         assert row.steady_median_ms > 0

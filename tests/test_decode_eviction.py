@@ -139,13 +139,17 @@ def test_crop_cuts_the_tail_but_not_the_answer_tokens_that_joined_the_store():
 
 
 class _RecordBytes(StoppingCriteria):
-    """Records ``cache.kv_bytes()`` after every step (stops nothing)."""
+    """Records ``cache.kv_bytes()`` after every step, and the reserved-room lease of layer 0's store (a new lease is
+    a rebuilt store; the objects are kept, so no id is reused). Stops nothing."""
 
     def __init__(self, cache):
-        self.cache, self.seen = cache, []
+        self.cache, self.seen, self.leases = cache, [], []
 
     def __call__(self, input_ids, scores, **kwargs):
         self.seen.append(self.cache.kv_bytes())
+        lease = self.cache.layers[0].context.lease
+        if lease is not None and not any(lease[0] is seen for seen in self.leases):
+            self.leases.append(lease[0])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
@@ -174,11 +178,18 @@ def test_kv_bytes_stay_bounded_over_a_2000_token_sampled_multi_turn_generation()
     pair_bytes = 2 * head_dim * 4  # key + value, float32
     evicted = sum(step.count for step in cache.decode_eviction.history)
     assert appended - evicted < 2 * window + 2
-    # kept pairs: round(ratio x pairs) per eviction; the tail's buffer: at most 4 x window slots per layer and head
+    # kept pairs: round(ratio x pairs) per eviction, in a store whose reserved room holds at most a quarter of them or
+    # four appends of a window, plus the append that overflowed (CompressedContext.append); the tail's buffer: at most
+    # 4 x window slots a (layer, head)
     kept_bound = sum(kept_count(ratio, step.count * layers * heads) for step in cache.decode_eviction.history)
-    bound = compressed + kept_bound * pair_bytes + layers * heads * 4 * window * pair_bytes
+    room_bound = kept_bound // 4 + layers * heads * 5 * window
+    bound = compressed + (kept_bound + room_bound) * pair_bytes + layers * heads * 4 * window * pair_bytes
     assert max(record.seen) <= bound
-    assert max(record.seen) < compressed + appended * layers * heads * pair_bytes / 3  # vs keeping every token
+    # vs keeping every token: a quarter kept, its room, and the tail's two to four windows of 32
+    assert max(record.seen) < compressed + appended * layers * heads * pair_bytes / 2.5
+    # the kept pairs joined the store in its reserved room: rebuilt (O(context)) at a few of the evictions only
+    evictions = len(cache.decode_eviction.history)
+    assert evictions > 50 and 1 <= len(record.leases) <= evictions // 3
 
 
 def test_refusals_say_what_to_do_and_change_nothing():
@@ -210,7 +221,6 @@ def test_refusals_say_what_to_do_and_change_nothing():
     assert not cache.is_static
     # a batched multi-token step that inputs_for did not build: its padding is unknown
     question = torch.randint(3, 120, (2, 4), generator=gen)
-    full = torch.cat([ids, question], 1)
     bytes_before = cache.kv_bytes()
     with pytest.raises(ValueError, match=r"which of these 4 tokens.*cache\.inputs_for"):
         model(input_ids=question, attention_mask=torch.cat([mask, torch.ones_like(question)], 1),
@@ -226,3 +236,52 @@ def test_refusals_say_what_to_do_and_change_nothing():
     cache.make_static(16)  # allowed once it is off
     with pytest.raises(RuntimeError, match=r"sizes its tail from eviction.*before cache\.make_static"):
         cache.evict_while_decoding(model, predictor, 0.3)
+
+
+def test_appending_into_reserved_room_gives_the_packed_store_in_place_and_spares_a_sibling():
+    """`CompressedContext.append(..., room=True)` (what eviction while decoding does): the same pairs as the packed
+    append, operation after operation (plain and fp8, bit for bit), written into the same buffers between rebuilds;
+    a store that shares the buffers with a newer one (its lease is stale) rebuilds instead of writing over pairs the
+    newer one reads; keep, drop_after and to() return the packed results."""
+    from kvzip_cache.storage import CompressedContext
+
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 40, 8, generator=gen), torch.randn(2, 3, 40, 8, generator=gen)
+    base = CompressedContext.from_dense(keys, values, torch.rand(2, 3, 40, generator=gen) < 0.5)
+
+    def same(roomy, packed):
+        got = roomy.compact()
+        assert got.ends is None and got.offsets == packed.offsets and torch.equal(got.positions, packed.positions)
+        for a, b in ((got.keys, packed.keys), (got.values, packed.values)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        if packed.is_fp8:
+            assert torch.equal(got.key_scales, packed.key_scales) and torch.equal(got.value_scales, packed.value_scales)
+        assert roomy.max_seqlen == packed.max_seqlen and roomy.seqlens().tolist() == packed.seqlens().tolist()
+
+    for store in (base, base.to_fp8()):
+        roomy, packed, position, rebuilds = store, store, 40, 0
+        for _ in range(24):
+            new = torch.randn(2, 3, 6, 8, generator=gen), torch.randn(2, 3, 6, 8, generator=gen)
+            keep = torch.rand(2, 3, 6, generator=gen) < 0.4
+            before = roomy
+            roomy, packed = roomy.append(*new, keep, position, room=True), packed.append(*new, keep, position)
+            in_place = before.lease is not None and roomy.lease[0] is before.lease[0]
+            rebuilds += not in_place
+            if in_place:
+                assert roomy.keys.data_ptr() == before.keys.data_ptr()
+            same(roomy, packed)
+            position += 6
+        assert roomy.ends is not None and 2 <= rebuilds <= 10  # (24 appends)
+        cut = torch.rand(2, 3, position, generator=gen) < 0.7
+        same(roomy.keep(cut), packed.keep(cut))
+        same(roomy.drop_after(50), packed.drop_after(50))
+        same(roomy.to("cpu"), packed)
+        # two stores on one buffer: the newer appends in place, the older one must not write into the same room
+        new = torch.randn(2, 3, 2, 8, generator=gen), torch.randn(2, 3, 2, 8, generator=gen)
+        keep = torch.ones(2, 3, 2, dtype=torch.bool)
+        first = roomy.append(*new, keep, position, room=True)
+        other = torch.randn(2, 3, 2, 8, generator=gen), torch.randn(2, 3, 2, 8, generator=gen)
+        second = roomy.append(*other, keep, position, room=True)
+        assert second.keys.data_ptr() != first.keys.data_ptr()
+        same(first, packed.append(*new, keep, position))
+        same(second, packed.append(*other, keep, position))

@@ -119,6 +119,42 @@ def test_ragged_context_attention(dtype, head_dim, rows):
     assert _outside(wrong_out, ref_out, OUT_TOL[dtype]) and _outside(wrong_lse, ref_lse, LSE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ragged_context_attention_reads_each_segment_only_up_to_its_end(dtype):
+    """A store with reserved room (eviction while decoding appends into it, `CompressedContext.append`): each segment
+    is followed by free slots, here NaN, which neither the kernel nor the reference may read; both equal the packed
+    store's attention."""
+    gen = torch.Generator().manual_seed(11)
+    num_heads, head_dim, rows = 2, 64, 4
+    lengths, room = [0, 1, 64, 65, 300, 7], [5, 0, 17, 64, 3, 200]
+    keys, values, offsets = _flat_context(lengths, head_dim, dtype, gen)
+    src_rows = (2, 0, 0, 1)
+    query = torch.randn(len(src_rows), num_heads, rows, head_dim, generator=gen).to(DEVICE, dtype)
+    packed_out, packed_lse = kernels.ragged_context_attention_reference(query.float(), keys.float(), values.float(),
+                                                                        tuple(offsets), src_rows, 0.3)
+    starts, ends, rows_of = [0], [], []
+    for s, (n, r) in enumerate(zip(lengths, room)):
+        ends.append(starts[-1] + n)
+        rows_of += list(range(offsets[s], offsets[s + 1])) + [-1] * r
+        starts.append(starts[-1] + n + r)
+    index = torch.tensor(rows_of, device=DEVICE)
+    spread_keys = torch.where((index >= 0)[:, None], keys[index.clamp(min=0)], float("nan")).to(dtype)
+    spread_values = torch.where((index >= 0)[:, None], values[index.clamp(min=0)], float("nan")).to(dtype)
+    ref_out, ref_lse = kernels.ragged_context_attention_reference(query.float(), spread_keys.float(),
+                                                                  spread_values.float(), tuple(starts), src_rows, 0.3,
+                                                                  ends=tuple(ends))
+    torch.testing.assert_close(ref_out, packed_out, atol=1e-6, rtol=1e-6)
+    cu = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    seg_ends = torch.tensor(ends, dtype=torch.int32, device=DEVICE)
+    src = torch.tensor(src_rows, dtype=torch.int32, device=DEVICE)
+    for splits in (None, 3):
+        out, lse = kernels.ragged_context_attention(query, spread_keys, spread_values, cu, src, max(lengths), 0.3,
+                                                    num_splits=splits, poison=True, seg_ends=seg_ends)
+        assert not out.isnan().any() and not lse.isnan().any()  # no free slot was read
+        _close(out, packed_out, OUT_TOL[dtype])
+        _close(lse, packed_lse, LSE_TOL[dtype])
+
+
 def _dense_float64(query, keys, values, offsets, src_rows, scaling):
     """Attention in float64 over each segment: an independent reference (no kernel, no twin code)."""
     batch, num_heads, rows, head_dim = query.shape

@@ -869,7 +869,7 @@ class CacheMachine(RuleBasedStateMachine):
                 continue
             assert layer.src_rows == rows, (layer.src_rows, rows)
             assert layer.context_length == seq + self.st.absorbed and layer.context.num_rows == C
-            offsets = layer.context.offsets
+            offsets, ends = layer.context.offsets, layer.context.host_ends  # (ends: before any reserved room)
             positions = layer.context.positions.long()
             for c in range(C):
                 prefix = torch.arange(seq)[self.ctx.mask[c] & (torch.arange(seq) < self.ctx.starts[c])]
@@ -878,7 +878,7 @@ class CacheMachine(RuleBasedStateMachine):
                     for start, keep in self.st.absorbed_keep:
                         expected.append(seq + start + keep[idx, c, h].nonzero().flatten())
                     segment = c * self.heads + h
-                    stored = positions[offsets[segment] : offsets[segment + 1]]
+                    stored = positions[offsets[segment] : ends[segment]]
                     assert torch.equal(stored, torch.cat(expected)), f"layer {idx} row {c} head {h} stores other pairs"
 
 

@@ -736,7 +736,8 @@ class KVzipCache(Cache):
         self.keep_mask = keep_mask
         self.kv_dtype = kv_dtype or self.kv_dtype
 
-    def keep_pairs(self, keeps: dict[int, torch.Tensor], start: int, fp8: bool | None = None) -> None:
+    def keep_pairs(self, keeps: dict[int, torch.Tensor], start: int, fp8: bool | None = None,
+                   room: bool = False) -> None:
         """The one path by which keep masks reach the layers: every eviction (`compress`, `evict`, a prefill or a
         decoding step that evicts) ends here.
 
@@ -748,6 +749,8 @@ class KVzipCache(Cache):
                 ragged store.
             fp8: store what the layers keep as float8 (`CompressedContext.to_fp8`); default: whether the cache
                 stores its pairs so (`kv_dtype`). A layer's store that is fp8 already quantizes what joins it.
+            room: tail pairs join the ragged store in reserved room, in place (eviction while decoding: O(pairs
+                kept) per eviction, not O(context); see `CompressedContext.append`).
         """
         fp8 = self.kv_dtype is not None if fp8 is None else fp8
         for idx, keep in keeps.items():
@@ -756,7 +759,7 @@ class KVzipCache(Cache):
             if layer.is_static and layer.tail_valid is not None:
                 layer.compact_tail(keep, start)
             elif layer.is_compressed and start == layer.context_length:
-                layer.absorb_tail(keep, keep.shape[-1])
+                layer.absorb_tail(keep, keep.shape[-1], room=room)
             elif start == 0:
                 layer.evict(keep, fp8=fp8)
             else:

@@ -266,7 +266,7 @@ class DecodeEviction:
         scores = rate_pairs(self.scorer, cache.dense_pairs(start, count), positions, real, len(cache.layers),
                             self.parallel)
         keep = select(scores, self.ratio, self.level)
-        cache.keep_pairs({idx: keep[idx] for idx in self.layers}, start=start)
+        cache.keep_pairs({idx: keep[idx] for idx in self.layers}, start=start, room=True)
         for layer in cache.layers:  # a static cache's sliding windows move to the front with it (O(window))
             if getattr(layer, "slot_valid", None) is not None:
                 layer.compact_window()

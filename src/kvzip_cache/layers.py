@@ -276,9 +276,9 @@ class KVzipLayer(DynamicLayer):
     def _peek_compressed(self, key_states, value_states, row, chunk, prefix_positions, scores_out, query_norms,
                          ) -> tuple[CompressedScoringKV, CompressedScoringKV]:
         """`peek` of a compressed layer: row ``row``'s kept pairs, then the new states as a tail (nothing kept)."""
-        ctx = self.context
-        if self.tail_length or self.src_rows != tuple(range(ctx.num_rows)):
+        if self.tail_length or self.src_rows != tuple(range(self.context.num_rows)):
             raise RuntimeError("a compressed layer is scored again from its context alone: rollback() first")
+        self.context = ctx = self.context.compact()  # (once, not at every chunk's dense_span)
         dtype = key_states.dtype
         chunk_keys, chunk_values, chunk_kept = ctx.dense_span(row, *chunk, dtype)
         prefix_positions = prefix_positions.to(ctx.keys.device)
@@ -347,14 +347,15 @@ class KVzipLayer(DynamicLayer):
             self.context = self.context.to_fp8()
         self._set_src_rows(self.src_rows)
 
-    def absorb_tail(self, keep: torch.Tensor, count: int | None = None) -> None:
+    def absorb_tail(self, keep: torch.Tensor, count: int | None = None, room: bool = False) -> None:
         """Move the tail's first ``count`` tokens (default: all) into the compressed context, keeping the pairs
         where ``keep`` (``[B, H, count]``) is True; the rest of them is freed.
 
         Used by a prefill that evicts chunk by chunk (each chunk arrives as the tail, attends to the kept context
         like a question would, then joins the context; the tail's buffer is freed) and by eviction while decoding
         (the oldest tokens join the context; the newer ones move to the front of the tail's buffer, which is kept).
-        Positions continue the context's.
+        Positions continue the context's. ``room``: append into the store's reserved room (`CompressedContext.append`,
+        O(pairs kept) instead of O(context): eviction while decoding, which appends every window).
         """
         ctx = self.context
         if self.src_rows != tuple(range(ctx.num_rows)):
@@ -363,7 +364,7 @@ class KVzipLayer(DynamicLayer):
         if not 0 < length <= self.tail_length:
             raise ValueError(f"cannot absorb {length} of the tail's {self.tail_length} tokens")
         self.context = ctx.append(self.tail_keys[:, :, :length], self.tail_values[:, :, :length], keep,
-                                  self.context_length)
+                                  self.context_length, room=room)
         self.context_length += length
         remaining = self.tail_length - length
         if remaining == 0:
@@ -411,7 +412,7 @@ class KVzipLayer(DynamicLayer):
         # dynamic dimension, and the context length lives on the device. A second document in the same bucket then
         # reuses the first one's graph.
         bucket = length_bucket(self.context_length)
-        self.context = ctx = dataclasses.replace(self.context, max_seqlen=bucket)
+        self.context = ctx = dataclasses.replace(self.context.compact(), max_seqlen=bucket)
         shape = (len(self.src_rows), ctx.num_heads, capacity, ctx.keys.shape[-1])
         tail_keys = torch.zeros(shape, dtype=ctx.dtype, device=ctx.keys.device)  # the model's dtype, even for fp8 pairs
         tail_values = torch.zeros(shape, dtype=ctx.dtype, device=ctx.keys.device)
@@ -554,7 +555,7 @@ class KVzipLayer(DynamicLayer):
         """The compressed context as plain tensors (`kvzip_cache.persistence` writes them): ``keys`` and ``values``
         ``[N, D]``, ``cu_seqlens`` ``[S + 1]``, ``positions`` ``[N]``, and for an fp8 store ``key_scales`` and
         ``value_scales`` ``[N]``. Needs a compressed layer with an empty tail."""
-        ctx = self.context
+        ctx = self.context.compact()
         state = {"keys": ctx.keys, "values": ctx.values, "cu_seqlens": ctx.cu_seqlens, "positions": ctx.positions}
         if ctx.is_fp8:
             state.update(key_scales=ctx.key_scales, value_scales=ctx.value_scales)

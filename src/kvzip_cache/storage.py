@@ -6,6 +6,15 @@ head), with per-segment offsets and each pair's position. Every change of what a
 operations here (`from_dense`, `keep`, `append`, `drop_after`), each returning a new store: this is the one place a
 storage format plugs in.
 
+**Reserved room** (`append` with ``room=True``, what eviction while decoding uses): appending to a packed store
+moves every pair (each segment's new pairs go after its old ones), O(context) per eviction. With room, each
+segment is followed by free slots, ``ends[s]`` marks where its pairs stop, and an append writes the new pairs into
+the room in place, O(new pairs); only when a segment's room runs out is the store rebuilt (O(context)), with room
+for four more appends like the one that overflowed or a quarter again of what the segment has been appended so far,
+whichever is more: a rebuild every 4 evictions at first, then every ~k/4 after the k-th (a logarithmic number in
+all), and the room never holds more than four appends' or a quarter of the appended pairs' bytes. Attention reads
+``offsets[s] .. ends[s]``; every other operation first returns to a packed store (`compact`).
+
 **fp8 kept pairs** (`CompressedContext.to_fp8`): keys and values stored as float8 e4m3 (half of bf16's bytes), each
 pair's key and value with its own float32 scale (``amax / 448`` over the head dim). A scale per pair rather than per
 block of pairs because the store is reshuffled by every operation (a re-selection drops pairs from the middle of a
@@ -45,6 +54,20 @@ def dequantize_fp8(pairs: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return (pairs.float() * scales[..., None]).to(dtype)
 
 
+class _RoomLease:
+    """Which store may write into a buffer's reserved room: the one holding the current version. Stores are
+    immutable, and two may share buffers (a layer's previous store, or a cache's copy taken by reference); each
+    in-place append bumps the version, so an older or sibling store appends by rebuilding instead of writing over
+    pairs the other reads."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+
+_MIN_ROOM = 16  # free slots a segment gets at least when a store makes room
+_ROOM_APPENDS = 4  # a rebuild makes room for at least this many more appends like the one that caused it
+
+
 @dataclass(frozen=True)
 class CompressedContext:
     """The kept context of one layer: every (sequence, KV head) keeps its own number of pairs.
@@ -64,6 +87,12 @@ class CompressedContext:
         value_scales: None, or ``[total_kept]`` float32, each value's scale.
         dtype: the dtype the pairs are read in (the model's): the keys' own dtype, or the one they were quantized
             from.
+        ends: None (packed: segment ``s`` ends where ``s + 1`` starts), or, with reserved room (see `append`), the
+            host ints where each segment's pairs end; the slots up to the next segment's start are free.
+        segment_ends: None, or the same ends as ``[S]`` int32 on the keys' device.
+        appended: with room, the pairs each segment got from `append` since the room was made (sizes the next room).
+        lease: with room, (the buffers' lease, the version this store holds): only the newest store built on the
+            buffers writes into their room.
     """
 
     keys: torch.Tensor
@@ -76,6 +105,10 @@ class CompressedContext:
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
     dtype: torch.dtype | None = None
+    ends: tuple[int, ...] | None = None
+    segment_ends: torch.Tensor | None = None
+    appended: tuple[int, ...] | None = None
+    lease: tuple[_RoomLease, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -116,13 +149,26 @@ class CompressedContext:
     def num_segments(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def host_ends(self) -> tuple[int, ...]:
+        """Where each segment's pairs end (host ints): ``offsets[1:]`` for a packed store."""
+        return self.offsets[1:] if self.ends is None else self.ends
+
+    @property
+    def end_offsets(self) -> torch.Tensor:
+        """``[S]`` int32 on the keys' device, where each segment's pairs end (a view of ``cu_seqlens`` if packed)."""
+        return self.cu_seqlens[1:] if self.segment_ends is None else self.segment_ends
+
     def seqlens(self) -> torch.Tensor:
         """``[B0, H]`` int64 number of kept pairs per (row, KV head)."""
-        lengths = torch.tensor(self.offsets, dtype=torch.long)
-        return (lengths[1:] - lengths[:-1]).view(self.num_rows, self.num_heads)
+        starts = torch.tensor(self.offsets[:-1], dtype=torch.long)
+        return (torch.tensor(self.host_ends, dtype=torch.long) - starts).view(self.num_rows, self.num_heads)
 
     def segment_ids(self) -> torch.Tensor:
-        """``[total_kept]`` int64 on the keys' device: the segment (``b * num_heads + h``) of every kept pair."""
+        """``[total_kept]`` int64 on the keys' device: the segment (``b * num_heads + h``) of every kept pair (of a
+        packed store: `compact` one with room first)."""
+        if self.ends is not None:
+            raise RuntimeError("segment_ids() of a store with reserved room: compact() it first")
         segments = torch.arange(self.num_segments, device=self.keys.device)
         return torch.repeat_interleave(segments, self.seqlens().flatten().to(self.keys.device))
 
@@ -155,6 +201,8 @@ class CompressedContext:
             keys ``[H, end - start, D]`` and values in ``dtype`` (default: `dtype`), zero where a pair was evicted,
             and ``kept`` ``[H, end - start]`` bool.
         """
+        if self.ends is not None:
+            return self.compact().dense_span(row, start, end, dtype)
         heads = self.num_heads
         first, last = self.offsets[row * heads], self.offsets[(row + 1) * heads]
         counts = self.seqlens()[row].to(self.keys.device)
@@ -174,6 +222,8 @@ class CompressedContext:
         """The same pairs stored as float8 e4m3 with a float32 scale per key and per value (itself, if already)."""
         if self.is_fp8:
             return self
+        if self.ends is not None:
+            return self.compact().to_fp8()
         keys, key_scales = quantize_fp8(self.keys)
         values, value_scales = quantize_fp8(self.values)
         return replace(self, keys=keys, values=values, key_scales=key_scales, value_scales=value_scales,
@@ -184,7 +234,8 @@ class CompressedContext:
 
     # ------------------------------------------------------------------------------------------------ operations
     def select(self, pairs: torch.Tensor) -> CompressedContext:
-        """The context of the kept pairs where ``pairs`` (``[total_kept]`` bool) is True, in the same order."""
+        """The context of the kept pairs where ``pairs`` (``[total_kept]`` bool) is True, in the same order (of a
+        packed store)."""
         counts = torch.bincount(self.segment_ids()[pairs], minlength=self.num_segments)
         scales = (self.key_scales[pairs], self.value_scales[pairs]) if self.is_fp8 else (None, None)
         return CompressedContext.from_counts(self.keys[pairs], self.values[pairs], self.positions[pairs], counts,
@@ -192,20 +243,73 @@ class CompressedContext:
 
     def keep(self, keep: torch.Tensor) -> CompressedContext:
         """The kept pairs whose position ``keep`` (``[B0, H, T]`` bool over padded positions) marks True."""
+        if self.ends is not None:
+            return self.compact().keep(keep)
         selected = keep.to(self.keys.device).reshape(self.num_segments, -1)[self.segment_ids(), self.positions.long()]
         return self.select(selected)
 
+    def compact(self) -> CompressedContext:
+        """The same pairs in a packed store (itself, if packed): no reserved room."""
+        if self.ends is None:
+            return self
+        device = self.keys.device
+        capacities = torch.tensor(self.offsets, dtype=torch.long).diff().to(device)
+        segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), capacities)
+        used = torch.arange(self.keys.shape[0], device=device) < self.segment_ends.long()[segment]
+        scales = (self.key_scales[used], self.value_scales[used]) if self.is_fp8 else (None, None)
+        return CompressedContext.from_counts(self.keys[used], self.values[used], self.positions[used],
+                                             self.seqlens().flatten().to(device), self.num_heads, *scales, self.dtype)
+
+    def _with_room(self, room: torch.Tensor, appended: torch.Tensor) -> CompressedContext:
+        """These pairs in a new store whose segment ``s`` is followed by ``room[s]`` free slots (``[S]`` host int64
+        tensors; ``appended``: what the new store's `appended` starts from). Free slots hold zeros and position -1."""
+        packed = self.compact()
+        device, lengths = packed.keys.device, packed.seqlens().flatten()
+        capacity_offsets = torch.zeros(self.num_segments + 1, dtype=torch.long)
+        capacity_offsets[1:] = (lengths + room).cumsum(0)
+        starts = capacity_offsets[:-1].to(device)
+        segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), lengths.to(device))
+        rank = torch.arange(packed.keys.shape[0], device=device) - torch.tensor(packed.offsets[:-1], device=device)[segment]
+        destination = starts[segment] + rank
+
+        def spread(tensor: torch.Tensor, fill: float) -> torch.Tensor:
+            out = tensor.new_full((int(capacity_offsets[-1]), *tensor.shape[1:]), fill)
+            out[destination] = tensor
+            return out
+
+        ends = capacity_offsets[:-1] + lengths
+        scales = (spread(packed.key_scales, 1.0), spread(packed.value_scales, 1.0)) if packed.is_fp8 else (None, None)
+        return replace(packed, keys=spread(packed.keys, 0), values=spread(packed.values, 0),
+                       cu_seqlens=capacity_offsets.to(device=device, dtype=torch.int32),
+                       offsets=tuple(capacity_offsets.tolist()), positions=spread(packed.positions, -1),
+                       key_scales=scales[0], value_scales=scales[1], ends=tuple(ends.tolist()),
+                       segment_ends=ends.to(device=device, dtype=torch.int32), appended=tuple(appended.tolist()),
+                       lease=(_RoomLease(), 0))
+
+    def _room_fits(self, counts: tuple[int, ...]) -> bool:
+        """Whether `append` may write ``counts`` new pairs per segment into this store's room, in place."""
+        if self.ends is None or self.lease[0].version != self.lease[1]:
+            return False
+        return all(end + count <= next_start for end, count, next_start in zip(self.ends, counts, self.offsets[1:]))
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, first_position: int,
-               ) -> CompressedContext:
+               room: bool = False) -> CompressedContext:
         """This context plus the pairs of ``[B0, H, n, D]`` keys/values (positions ``first_position ..
         first_position + n - 1``) where ``keep`` (``[B0, H, n]`` bool) is True: each segment gets its old pairs,
-        then its new ones, in position order. An fp8 store quantizes the new pairs (the old ones are not touched)."""
+        then its new ones, in position order. An fp8 store quantizes the new pairs (the old ones are not touched).
+
+        ``room``: write the new pairs into the segments' reserved room, in place (O(new pairs)); a store without
+        room enough is first rebuilt with room for them and for more (see the module docstring). Without ``room`` the result is packed (every pair moves: O(context))."""
         segments, length, head_dim = self.num_segments, keys.shape[2], self.keys.shape[-1]
         keep = keep.to(self.keys.device).reshape(segments, length)
         new_keys = keys.reshape(segments, length, head_dim)[keep]
         new_values = values.reshape(segments, length, head_dim)[keep]
         new_positions = torch.arange(first_position, first_position + length, dtype=torch.int32,
                                      device=keep.device).expand(segments, -1)[keep]
+        if room:
+            return self._append_in_room(new_keys, new_values, new_positions, keep.sum(dim=1))
+        if self.ends is not None:
+            return self.compact().append(keys, values, keep.view(keys.shape[:3]), first_position)
         old_counts, new_counts = self.seqlens().flatten().to(keep.device), keep.sum(dim=1)
         segment_of = torch.cat([self.segment_ids().to(keep.device),
                                 torch.arange(segments, device=keep.device).repeat_interleave(new_counts)])
@@ -221,11 +325,44 @@ class CompressedContext:
             *scales, self.dtype,
         )
 
+    def _append_in_room(self, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor,
+                        new_counts: torch.Tensor) -> CompressedContext:
+        """`append` into reserved room: ``new_*`` are the new pairs segment after segment (``[n, D]``, ``[n]``),
+        ``new_counts`` ``[S]`` how many each segment gets."""
+        counts = tuple(new_counts.tolist())
+        store = self
+        if not store._room_fits(counts):  # room for these pairs, then for 4 more such appends or a quarter of what
+            # the segment will hold, whichever is more: a rebuild every few appends first, then ever rarer
+            appended = torch.tensor(self.appended or (0,) * self.num_segments, dtype=torch.long)
+            new = torch.tensor(counts, dtype=torch.long)
+            room = new + torch.maximum(_ROOM_APPENDS * new, (appended + new) // 4)
+            store = self._with_room(room.clamp(min=_MIN_ROOM), appended)
+        device = store.keys.device
+        segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), new_counts.to(device))
+        first_new = (new_counts.cumsum(0) - new_counts).to(device)
+        destination = store.segment_ends.long()[segment] + torch.arange(segment.numel(), device=device) - first_new[segment]
+        if store.is_fp8:
+            (new_keys, key_scales), (new_values, value_scales) = quantize_fp8(new_keys), quantize_fp8(new_values)
+            store.key_scales[destination], store.value_scales[destination] = key_scales, value_scales
+        store.keys[destination], store.values[destination] = new_keys, new_values
+        store.positions[destination] = new_positions
+        lease, _ = store.lease
+        lease.version += 1
+        ends = tuple(end + count for end, count in zip(store.ends, counts))
+        return replace(store, ends=ends, segment_ends=store.segment_ends + new_counts.to(device=device, dtype=torch.int32),
+                       appended=tuple(a + c for a, c in zip(store.appended, counts)), lease=(lease, lease.version),
+                       max_seqlen=max((e - s for s, e in zip(store.offsets[:-1], ends)), default=0))
+
     def drop_after(self, length: int) -> CompressedContext:
-        """The pairs at positions ``< length`` (forgets what `append` added after them)."""
+        """The pairs at positions ``< length`` (forgets what `append` added after them), packed."""
+        if self.ends is not None:
+            return self.compact().drop_after(length)
         return self.select(self.positions < length)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedContext:
+        if self.ends is not None:  # (the same device returns the same buffers: never two leases on one room)
+            return self.compact().to(device, non_blocking)
+
         def move(tensor):
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 

@@ -163,12 +163,12 @@ def segment_attention(
     Shapes as in `ragged_attention`; returns ``[B, q, Hq, D]`` in the query dtype.
     """
     batch, num_q_heads, q_len, head_dim = query.shape
-    ctx, offsets = kv.context, kv.context.offsets
+    ctx, offsets, ends = kv.context, kv.context.offsets, kv.context.host_ends
     group = num_q_heads // ctx.num_heads
     out = query.new_empty(batch, q_len, num_q_heads, head_dim)
     for b, src in enumerate(kv.src_rows):
         for h in range(ctx.num_heads):
-            start, end = offsets[src * ctx.num_heads + h], offsets[src * ctx.num_heads + h + 1]
+            start, end = offsets[src * ctx.num_heads + h], ends[src * ctx.num_heads + h]
             kept_keys, kept_values = ctx.read(slice(start, end), kv.tail_keys.dtype)
             keys = torch.cat([kept_keys, kv.tail_keys[b, h]])[None, None]  # [1, 1, kept + t, D]
             values = torch.cat([kept_values, kv.tail_values[b, h]])[None, None]
@@ -212,14 +212,14 @@ def ragged_attention(
         return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_q_heads, head_dim)
 
     # Rows reading the same compressed row attend to its segments together (one matmul per segment for all of them).
-    ctx, offsets = kv.context, kv.context.offsets
+    ctx, offsets, ends = kv.context, kv.context.offsets, kv.context.host_ends
     readers: dict[int, list[int]] = {}
     for b, src in enumerate(kv.src_rows):
         readers.setdefault(src, []).append(b)
     for src, rows in readers.items():
         index = torch.tensor(rows, device=query.device)
         for h in range(num_heads):
-            start, end = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
+            start, end = offsets[src * num_heads + h], ends[src * num_heads + h]
             if end == start:
                 continue  # this head kept no context pair
             seg_out, seg_lse = attend(grouped[index, h], *ctx.read(slice(start, end), torch.float32), scaling)
@@ -231,7 +231,8 @@ def _static_context_attention(grouped: torch.Tensor, kv: RaggedKV, scaling: floa
     """Context part of a static view without host offsets (so one compiled graph serves every document).
 
     Each (row, KV head)'s segment is gathered into ``ctx.max_seqlen`` slots (a bucketed bound, see
-    `KVzipLayer.make_static`) using the device-side ``cu_seqlens``; slots past the segment's end are masked.
+    `KVzipLayer.make_static`) using the device-side ``cu_seqlens`` and segment ends; slots past a segment's end are
+    masked.
 
     Args:
         grouped: ``[B, H, g, q, D]`` queries.
@@ -245,8 +246,8 @@ def _static_context_attention(grouped: torch.Tensor, kv: RaggedKV, scaling: floa
         return torch.zeros_like(grouped, dtype=torch.float32), grouped.new_full(grouped.shape[:-1], float("-inf"),
                                                                                   dtype=torch.float32)
     segment = kv.src_index.long()[:, None] * num_heads + torch.arange(num_heads, device=grouped.device)  # [B, H]
-    cu = ctx.cu_seqlens.long()
-    start, length = cu[segment], cu[segment + 1] - cu[segment]
+    start = ctx.cu_seqlens.long()[segment]
+    length = ctx.end_offsets.long()[segment] - start
     slots = torch.arange(max(ctx.max_seqlen, 1), device=grouped.device)
     valid = slots < length[..., None]  # [B, H, L]
     index = (start[..., None] + slots).clamp(max=ctx.keys.shape[0] - 1)

@@ -52,6 +52,7 @@ def ragged_attention(
             grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
             kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
             share=kv.share if shared else 1, key_scales=ctx.key_scales, value_scales=ctx.value_scales,
+            seg_ends=ctx.end_offsets,
         )
 
 

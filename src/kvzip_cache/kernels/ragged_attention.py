@@ -40,6 +40,7 @@ def ragged_context_attention_reference(
     scaling: float,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    ends: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference.
 
@@ -52,6 +53,7 @@ def ragged_context_attention_reference(
         scaling: softmax scale.
         key_scales: None, or ``[N]`` float32 (fp8 keys): key ``n`` is ``keys[n] * key_scales[n]``.
         value_scales: None, or ``[N]`` float32, the same for values.
+        ends: None (segment ``s`` ends at ``offsets[s + 1]``), or ``S`` host ints: where each segment's pairs end.
 
     Returns:
         ``(out [B, H, M, D] float32, lse [B, H, M] float32)``; empty segments give out 0 and lse -inf.
@@ -63,7 +65,8 @@ def ragged_context_attention_reference(
     lse = torch.full((batch, num_heads, rows), float("-inf"), dtype=torch.float32, device=query.device)
     for b, src in enumerate(src_rows):
         for h in range(num_heads):
-            lo, hi = offsets[src * num_heads + h], offsets[src * num_heads + h + 1]
+            lo = offsets[src * num_heads + h]
+            hi = offsets[src * num_heads + h + 1] if ends is None else ends[src * num_heads + h]
             if hi > lo:
                 logits = query[b, h].float() @ keys[lo:hi].T * scaling
                 lse[b, h] = torch.logsumexp(logits, dim=-1)
@@ -130,7 +133,7 @@ if triton is not None:
 
     @triton.jit
     def _ragged_split_kernel(
-        Q, K, V, KS, VS, CU, SRC, O, LSE,
+        Q, K, V, KS, VS, CU, END, SRC, O, LSE,
         scaling,
         stride_qb, stride_qh, stride_qm,
         stride_ob, stride_oh, stride_os, stride_om,
@@ -146,7 +149,7 @@ if triton is not None:
         h = bh % num_heads
         seg = tl.load(SRC + b) * num_heads + h
         seg_start = tl.load(CU + seg)
-        seg_end = tl.load(CU + seg + 1)
+        seg_end = tl.load(END + seg)  # CU + 1 for a packed store; before the segment's reserved room otherwise
         # Each segment is cut into num_splits equal slices (whole key blocks) from its own length, read on the
         # device: the grid depends on no segment length, so one compiled graph serves every document.
         split_len = tl.cdiv(tl.cdiv(seg_end - seg_start, num_splits), BLOCK_N) * BLOCK_N
@@ -293,6 +296,7 @@ def ragged_context_partials(
     poison: bool = False,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    seg_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split attention over the compressed context (not yet merged).
 
@@ -302,7 +306,9 @@ def ragged_context_partials(
         values: ``[N, D]``, like ``keys``.
         key_scales: None, or ``[N]`` float32 for fp8 keys (key ``n`` is ``keys[n] * key_scales[n]``).
         value_scales: None, or ``[N]`` float32 for fp8 values.
-        cu_seqlens: ``[S + 1]`` int32 on the device.
+        cu_seqlens: ``[S + 1]`` int32 on the device: segment ``s`` starts at ``cu_seqlens[s]``.
+        seg_ends: None (segment ``s`` ends at ``cu_seqlens[s + 1]``), or ``[S]`` int32 on the device, where each
+            segment's pairs end (a store with reserved room, `CompressedContext.append`).
         src_rows: ``[B]`` int32 on the device.
         max_seqlen: a bound on the longest segment (host int; caps the number of splits without a device sync).
         num_splits: splits per segment, each segment cut into that many equal slices of its own length; default:
@@ -330,7 +336,7 @@ def ragged_context_partials(
     scaled = key_scales is not None
     _ragged_split_kernel[grid](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values,  # dummies unscaled
-        cu_seqlens, src_rows, out, lse,
+        cu_seqlens, cu_seqlens[1:] if seg_ends is None else seg_ends, src_rows, out, lse,
         scaling,
         query.stride(0), query.stride(1), query.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
