@@ -269,8 +269,8 @@ class CompressedContext:
         capacity_offsets[1:] = (lengths + room).cumsum(0)
         starts = capacity_offsets[:-1].to(device)
         segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), lengths.to(device))
-        rank = torch.arange(packed.keys.shape[0], device=device) - torch.tensor(packed.offsets[:-1], device=device)[segment]
-        destination = starts[segment] + rank
+        first = torch.tensor(packed.offsets[:-1], device=device)[segment]  # each pair's segment start, packed
+        destination = starts[segment] + torch.arange(packed.keys.shape[0], device=device) - first
 
         def spread(tensor: torch.Tensor, fill: float) -> torch.Tensor:
             out = tensor.new_full((int(capacity_offsets[-1]), *tensor.shape[1:]), fill)
@@ -299,7 +299,8 @@ class CompressedContext:
         then its new ones, in position order. An fp8 store quantizes the new pairs (the old ones are not touched).
 
         ``room``: write the new pairs into the segments' reserved room, in place (O(new pairs)); a store without
-        room enough is first rebuilt with room for them and for more (see the module docstring). Without ``room`` the result is packed (every pair moves: O(context))."""
+        room enough is first rebuilt with room for them and for more (see the module docstring). Without ``room``
+        the result is packed (every pair moves: O(context))."""
         segments, length, head_dim = self.num_segments, keys.shape[2], self.keys.shape[-1]
         keep = keep.to(self.keys.device).reshape(segments, length)
         new_keys = keys.reshape(segments, length, head_dim)[keep]
@@ -340,7 +341,8 @@ class CompressedContext:
         device = store.keys.device
         segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), new_counts.to(device))
         first_new = (new_counts.cumsum(0) - new_counts).to(device)
-        destination = store.segment_ends.long()[segment] + torch.arange(segment.numel(), device=device) - first_new[segment]
+        rank = torch.arange(segment.numel(), device=device) - first_new[segment]  # within its segment's new pairs
+        destination = store.segment_ends.long()[segment] + rank
         if store.is_fp8:
             (new_keys, key_scales), (new_values, value_scales) = quantize_fp8(new_keys), quantize_fp8(new_values)
             store.key_scales[destination], store.value_scales[destination] = key_scales, value_scales
@@ -349,7 +351,8 @@ class CompressedContext:
         lease, _ = store.lease
         lease.version += 1
         ends = tuple(end + count for end, count in zip(store.ends, counts))
-        return replace(store, ends=ends, segment_ends=store.segment_ends + new_counts.to(device=device, dtype=torch.int32),
+        segment_ends = store.segment_ends + new_counts.to(device=device, dtype=torch.int32)
+        return replace(store, ends=ends, segment_ends=segment_ends,
                        appended=tuple(a + c for a, c in zip(store.appended, counts)), lease=(lease, lease.version),
                        max_seqlen=max((e - s for s, e in zip(store.offsets[:-1], ends)), default=0))
 
