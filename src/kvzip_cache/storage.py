@@ -64,6 +64,14 @@ class _RoomLease:
         self.version = 0
 
 
+def _scatter_index(counts: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Where pairs laid out segment after segment (``counts[s]`` of segment ``s``, ``[S]`` int64) go when segment
+    ``s``'s pairs are to start at ``bases[s]``: ``[sum(counts)]`` int64, on the counts' device."""
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first = counts.cumsum(0) - counts
+    return bases[segment] + torch.arange(segment.numel(), device=counts.device) - first[segment]
+
+
 _MIN_ROOM = 16  # free slots a segment gets at least when a store makes room
 _ROOM_APPENDS = 4  # a rebuild makes room for at least this many more appends like the one that caused it
 
@@ -267,10 +275,7 @@ class CompressedContext:
         device, lengths = packed.keys.device, packed.seqlens().flatten()
         capacity_offsets = torch.zeros(self.num_segments + 1, dtype=torch.long)
         capacity_offsets[1:] = (lengths + room).cumsum(0)
-        starts = capacity_offsets[:-1].to(device)
-        segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), lengths.to(device))
-        first = torch.tensor(packed.offsets[:-1], device=device)[segment]  # each pair's segment start, packed
-        destination = starts[segment] + torch.arange(packed.keys.shape[0], device=device) - first
+        destination = _scatter_index(lengths.to(device), capacity_offsets[:-1].to(device))
 
         def spread(tensor: torch.Tensor, fill: float) -> torch.Tensor:
             out = tensor.new_full((int(capacity_offsets[-1]), *tensor.shape[1:]), fill)
@@ -339,10 +344,7 @@ class CompressedContext:
             room = new + torch.maximum(_ROOM_APPENDS * new, (appended + new) // 4)
             store = self._with_room(room.clamp(min=_MIN_ROOM), appended)
         device = store.keys.device
-        segment = torch.repeat_interleave(torch.arange(self.num_segments, device=device), new_counts.to(device))
-        first_new = (new_counts.cumsum(0) - new_counts).to(device)
-        rank = torch.arange(segment.numel(), device=device) - first_new[segment]  # within its segment's new pairs
-        destination = store.segment_ends.long()[segment] + rank
+        destination = _scatter_index(new_counts.to(device), store.segment_ends.long())
         if store.is_fp8:
             (new_keys, key_scales), (new_values, value_scales) = quantize_fp8(new_keys), quantize_fp8(new_values)
             store.key_scales[destination], store.value_scales[destination] = key_scales, value_scales
