@@ -91,13 +91,12 @@ def split_sweep(path: str) -> None:
         tail = torch.randn(share, HEADS, 80, DIM, device="cuda", dtype=torch.bfloat16)
         end = torch.tensor(40, device="cuda")
         stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
-        variants = [(None, None, chunk) for chunk in (1, 2, 4, 8)]  # (splits, block_m, merge chunk)
-        variants += [(splits, block_m, 4) for splits in (8, 16, 24, 33, 48, 66, 132)
-                     for block_m in ([None, 128] if share > 1 else [None])] + ([(None, 128, 4)] if share > 1 else [])
-        for splits, block_m, chunk in variants:
+        variants = [(splits, block_m) for splits in (None, 8, 16, 24, 33, 48, 66, 132)
+                    for block_m in ([None, 128] if share > 1 else [None])]
+        for splits, block_m in variants:
             whole = lambda: ragged_attention_with_tail(query, keys, values, cu, src, bucket, tail, tail, None,  # noqa: E731
                                                        0.088, 1, tail_end=end, share=share, num_splits=splits,
-                                                       context_block_m=block_m, merge_chunk=chunk, **scales)
+                                                       context_block_m=block_m, **scales)
             block = block_m or (64 if share > 1 else 16)
             split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
                                                     num_splits=splits, block_m=block, **scales)
@@ -105,7 +104,7 @@ def split_sweep(path: str) -> None:
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
             split_us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
             record = {"context": context, "rows": share, "kv": kv_dtype, "splits": splits or "default",
-                      "used_splits": parts.shape[2], "block_m": block, "merge_chunk": chunk, "whole_us": round(whole_us, 1),
+                      "used_splits": parts.shape[2], "block_m": block, "whole_us": round(whole_us, 1),
                       "split_us": round(split_us, 1), "merge_us": round(whole_us - split_us, 1),
                       "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
             records.append(record)

@@ -75,7 +75,6 @@ def ragged_context_attention_reference(
 
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-MAX_SPLITS = 256  # splits per segment at most: the tail-merge kernel loads all their log-sum-exps as one tile
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -204,7 +203,6 @@ if triton is not None:
         num_heads, rows, q_len, group, tail_len, num_splits, share,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_END: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     ):
         bh = tl.program_id(0)
         m_block = tl.program_id(1)
@@ -238,33 +236,23 @@ if triton is not None:
                 valid = tl.load(VALID + b * stride_vb + n_idx, mask=in_tail, other=0) != 0
                 allowed = (allowed & valid[None, :]) | (n_idx[None, :] == pos[:, None])
             m_i, l_i, acc = _online_softmax_block(q, k, v, allowed, scaling, m_i, l_i, acc, IEEE)
-        # 2. the context splits (each a normalised output with its log-sum-exp). All splits' log-sum-exps are one
-        # [BLOCK_S, BLOCK_M] tile (one load, no loop), and the partial outputs are read SPLIT_CHUNK splits at a time
-        # as [SPLIT_CHUNK, BLOCK_M, BLOCK_D] tiles: a loop of one split per iteration left a program (one per row and
-        # KV head: 8 at batch 1) waiting out a memory latency per split, 20 us a layer at 66 splits on an H100.
-        # Shared contexts (share > 1): batch row b's partials are rows (b % share) * rows + m of context row b // share.
+        # 2. the context splits (each a normalised output with its log-sum-exp). First the overall maximum, so that
+        # the accumulation below has no loop-carried rescaling and its loads can be pipelined. Shared contexts
+        # (share > 1): batch row b's partials are rows (b % share) * rows + m of context row b // share.
         part_b = b // share
         part_m = (b % share) * rows + offs_m
-        offs_s = tl.arange(0, BLOCK_S)
         lse_ptr = PL + part_b * stride_lb + h * stride_lh + part_m
-        lse_all = tl.load(lse_ptr[None, :] + offs_s[:, None] * stride_ls,
-                          mask=(offs_s[:, None] < num_splits) & row_ok[None, :], other=float("-inf"))
-        m_all = tl.maximum(m_i, tl.max(lse_all, axis=0))
+        m_all = m_i
+        for split in range(0, num_splits):
+            m_all = tl.maximum(m_all, tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")))
         scale = tl.exp(m_i - m_all)
         acc = acc * scale[:, None]
-        l_i = l_i * scale + tl.sum(tl.exp(lse_all - m_all[None, :]), axis=0)
-        offs_c = tl.arange(0, SPLIT_CHUNK)
-        o_ptr = (PO + part_b * stride_pb + h * stride_ph + part_m[None, :, None] * stride_pm
-                 + offs_d[None, None, :])
-        chunk_mask = _dim_mask(row_ok[:, None], offs_d, HEAD_DIM, PAD_D)[None, :, :]
-        for first in tl.range(0, num_splits, SPLIT_CHUNK, num_stages=3):
-            split = first + offs_c
-            in_range = split < num_splits
-            weight = tl.exp(tl.load(lse_ptr[None, :] + split[:, None] * stride_ls,
-                                    mask=in_range[:, None] & row_ok[None, :], other=float("-inf")) - m_all[None, :])
-            part = tl.load(o_ptr + split[:, None, None] * stride_ps, mask=in_range[:, None, None] & chunk_mask,
-                           other=0.0)
-            acc += tl.sum(part * weight[:, :, None], axis=0)
+        l_i = l_i * scale
+        o_ptr = PO + part_b * stride_pb + h * stride_ph + part_m[:, None] * stride_pm + offs_d[None, :]
+        for split in tl.range(0, num_splits, num_stages=3):
+            weight = tl.exp(tl.load(lse_ptr + split * stride_ls, mask=row_ok, other=float("-inf")) - m_all)
+            acc += tl.load(o_ptr + split * stride_ps, mask=row_mask, other=0.0) * weight[:, None]
+            l_i += weight
         out = acc / l_i[:, None]
         # row m = j * q_len + i is query head h * group + j at position i: write [B, q, Hq, D] directly
         q_idx = offs_m % q_len
@@ -346,8 +334,7 @@ def ragged_context_partials(
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads * triton.cdiv(rows, block_m), max_seqlen,
                                    _sm_count(query.device), block_n, split_factor)
-    # no split shorter than a key block; at most MAX_SPLITS (the merge holds every split's log-sum-exp at once)
-    num_splits = max(1, min(num_splits, -(-max(max_seqlen, 1) // block_n), MAX_SPLITS))
+    num_splits = max(1, min(num_splits, -(-max(max_seqlen, 1) // block_n)))  # no split shorter than a key block
     fill = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
     out = fill((batch, num_heads, num_splits, rows, head_dim), float("nan"), dtype=torch.float32, device=query.device)
     lse = fill((batch, num_heads, num_splits, rows), float("nan"), dtype=torch.float32, device=query.device)
@@ -393,7 +380,6 @@ def ragged_attention_with_tail(
     tail_end: torch.Tensor | None = None,
     share: int = 1,
     context_block_m: int | None = None,
-    merge_chunk: int = 4,
     **kwargs,
 ) -> torch.Tensor:
     """Full decode/question attention: compressed context (split-K) + causal dense tail, merged in one kernel.
@@ -414,7 +400,6 @@ def ragged_attention_with_tail(
         share: R, batch rows per shared context row (B must be a multiple of it); 1 reads the context per row.
         context_block_m: query rows per program of the context's split kernel (default: ``block_m``, or
             `shared_block_m` of the stacked rows when ``share > 1``).
-        merge_chunk: splits whose partial results the merge reads per loop iteration (a power of two).
 
     Returns:
         ``[B, q_len, H * g, D]`` in the query dtype (the layout transformers expects from an attention function).
@@ -451,8 +436,7 @@ def ragged_attention_with_tail(
         num_heads, rows, q_len, group, tail_len, out_part.shape[2], share,
         HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
         HAS_VALID=tail_valid is not None, HAS_END=tail_end is not None,
-        IEEE=query.dtype == torch.float32, BLOCK_S=triton.next_power_of_2(out_part.shape[2]),
-        SPLIT_CHUNK=merge_chunk, num_warps=4,
+        IEEE=query.dtype == torch.float32, num_warps=4,
     )
     return out
 
