@@ -2,11 +2,14 @@
 # Issues #30 / #31, third device session: back-to-back calls from the repo root on one warm machine, SmolLM2 carried
 # in four parts, one a call (bash scripts/make_device_data.sh makes them; carry .whl/smol.part0N, and with the last
 # one .whl/data.tar.xz).
-#   bash scripts/gpu_depth_session.sh lane    # GPU lane (kernel + GPU tests) after the reserved room and the static
-#                                             # mask fix; one layer's decode attention against the split count
+#   bash scripts/gpu_depth_session.sh lane    # GPU lane: kernel + GPU tests (the first session's call ran this and
+#                                             # the sweep in one call, and timed out in the tests after 330 s)
+#   bash scripts/gpu_depth_session.sh sweep   # one layer's decode attention against the split count, both decode
+#                                             # paths (two launches; split tail), and an 8K-token tail
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
-#                                             # kernels); the compiled step at 1K context: the model's own step
-#                                             # against the weights' floor (what #30's 1.3x floor leaves attention)
+#                                             # kernels), through the decode kernels and the split-tail candidate
+#   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
+#                                             # weights' floor (what #30's 1.3x floor leaves attention)
 #   bash scripts/gpu_depth_session.sh p       # only carries a part
 #   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
 # Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
@@ -26,16 +29,22 @@ install_library() {  # every call: the tree that came with this call, not the la
 case ${1:-} in
     lane)
         install_library
-        timeout 330 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
+        timeout 540 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_kernels.py \
             tests/test_gpu.py -rfE > "$OUT/tests.txt" 2>&1
-        tail -8 "$OUT/tests.txt"
-        timeout 220 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
+        tail -8 "$OUT/tests.txt" ;;
+    sweep)
+        install_library
+        timeout 400 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
         tail -3 "$OUT/splits.log" ;;
     shared)
         install_library
-        timeout 300 python3 scripts/profile_shared_step.py --context 32768 --questions 64 --out "$OUT/shared" \
-            > "$OUT/shared.log" 2>&1
-        grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
+        for backend in triton triton-split-tail; do  # the decode path, then the split-tail candidate
+            timeout 240 python3 scripts/profile_shared_step.py --context 32768 --questions 64 --backend $backend \
+                --out "$OUT/shared-$backend" > "$OUT/shared-$backend.log" 2>&1
+            grep -E "row\(s\)|ratio|Error" "$OUT/shared-$backend.log" | cut -c1-400 | tail -8
+        done ;;
+    floor)
+        install_library
         timeout 230 python3 -m kvzip_cache.bench --compiled --batches 1 --ratios 0.3 --decode-steps 32 \
             --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled --no-generate --out "$OUT/compiled1k" \
             > "$OUT/compiled1k.log" 2>&1
@@ -51,5 +60,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|shared|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|shared|floor|p|probe"; exit 2 ;;
 esac

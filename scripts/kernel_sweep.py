@@ -20,7 +20,7 @@ import sys
 import torch
 import triton
 
-from kvzip_cache.kernels import ragged_attention_with_tail, ragged_context_partials
+from kvzip_cache.kernels import ragged_attention_split_tail, ragged_attention_with_tail, ragged_context_partials
 from kvzip_cache.storage import quantize_fp8
 
 HEADS, GROUP, DIM = 8, 4, 128
@@ -78,8 +78,10 @@ def split_sweep(path: str) -> None:
     """Whole decode attention of one layer against the number of splits (see the module docstring)."""
     gen = torch.Generator().manual_seed(0)
     records = []
-    for context, share, kv_dtype in [(32768, 1, "bf16"), (32768, 1, "fp8"), (131072, 1, "bf16"), (131072, 1, "fp8"),
-                                     (32768, 64, "bf16"), (32768, 64, "fp8")]:
+    configs = [(32768, 1, "bf16", 80, 40), (32768, 1, "fp8", 80, 40), (131072, 1, "bf16", 80, 40),
+               (131072, 1, "fp8", 80, 40), (32768, 64, "bf16", 80, 40), (32768, 64, "fp8", 80, 40),
+               (32768, 1, "bf16", 8256, 8200)]  # (context, rows, pairs, tail slots, written): last, a long answer
+    for context, share, kv_dtype, tail_slots, written in configs:
         query, keys, values, cu, _, max_len = shape(context, 0.3, 1, gen)
         bucket = 1 << (context - 1).bit_length()  # what a static cache passes: its length bucket
         scales = {}
@@ -88,25 +90,27 @@ def split_sweep(path: str) -> None:
             scales = {"key_scales": key_scales, "value_scales": value_scales}
         query = torch.randn(share, HEADS, GROUP, DIM, device="cuda", dtype=torch.bfloat16)
         src = torch.zeros(share, dtype=torch.int32, device="cuda")
-        tail = torch.randn(share, HEADS, 80, DIM, device="cuda", dtype=torch.bfloat16)
-        end = torch.tensor(40, device="cuda")
+        tail = torch.randn(share, HEADS, tail_slots, DIM, device="cuda", dtype=torch.bfloat16)
+        end = torch.tensor(written, device="cuda")
         stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
-        variants = [(splits, block_m) for splits in (None, 8, 16, 24, 33, 48, 66, 132)
+        # (splits, query block, path): the two-launch path, then the split-tail candidate (kernels.split_tail)
+        variants = [(splits, block_m, "two-launch") for splits in (None, 8, 16, 24, 33, 48, 66, 132)
                     for block_m in ([None, 128] if share > 1 else [None])]
-        for splits, block_m in variants:
-            whole = lambda: ragged_attention_with_tail(query, keys, values, cu, src, bucket, tail, tail, None,  # noqa: E731
-                                                       0.088, 1, tail_end=end, share=share, num_splits=splits,
-                                                       context_block_m=block_m, **scales)
+        variants += [(splits, None, "split-tail") for splits in (None, 16, 33)]
+        for splits, block_m, path in variants:
+            kernel = ragged_attention_with_tail if path == "two-launch" else ragged_attention_split_tail
+            whole = lambda: kernel(query, keys, values, cu, src, bucket, tail, tail, None, 0.088, 1,  # noqa: E731
+                                   tail_end=end, share=share, num_splits=splits, context_block_m=block_m, **scales)
             block = block_m or (64 if share > 1 else 16)
             split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
                                                     num_splits=splits, block_m=block, **scales)
             parts = split()[0]
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
             split_us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
-            record = {"context": context, "rows": share, "kv": kv_dtype, "splits": splits or "default",
-                      "used_splits": parts.shape[2], "block_m": block, "whole_us": round(whole_us, 1),
-                      "split_us": round(split_us, 1), "merge_us": round(whole_us - split_us, 1),
-                      "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
+            record = {"context": context, "rows": share, "kv": kv_dtype, "tail": f"{written}/{tail_slots}",
+                      "path": path, "splits": splits or "default", "used_splits": parts.shape[2], "block_m": block,
+                      "whole_us": round(whole_us, 1), "split_us": round(split_us, 1),
+                      "merge_us": round(whole_us - split_us, 1), "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
             records.append(record)
             print(json.dumps(record), flush=True)
     with open(path, "w") as f:

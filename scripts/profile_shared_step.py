@@ -10,6 +10,7 @@ head's pairs (the decode cost does not depend on which pairs), and for 1 and ``-
   the rest (the kernels are the same ones a CUDA graph replays).
 
     python scripts/profile_shared_step.py --context 32768 --questions 64 --out prof_shared   # CUDA only
+    python scripts/profile_shared_step.py ... --backend triton-split-tail   # the candidate decode kernels
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvzip_cache import KVzipCache
+from kvzip_cache.backends import use_backend
 from kvzip_cache.bench.common import GB, compiled_forward, load_model, question_step, timed_steps
 from kvzip_cache.bench.shared import context_kv_bytes
 
@@ -37,7 +40,7 @@ def kernel_groups(prof) -> dict[str, float]:
         name = event.key.lower()
         if "ragged_split" in name:
             groups["attention (ragged split)"] += ms
-        elif "tail_merge" in name:
+        elif "tail_merge" in name or "tail_split" in name or "merge_kernel" in name:  # either decode path
             groups["attention (tail + merge)"] += ms
         elif "gemm" in name or "gemv" in name or "cutlass" in name or "sm90" in name or "matmul" in name:
             groups["matmul"] += ms
@@ -55,7 +58,15 @@ def main() -> None:
     parser.add_argument("--question-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("prof_shared"))
+    parser.add_argument("--backend", default=None, help="an attention backend by name (e.g. triton-split-tail); "
+                        "default: the device's own")
     args = parser.parse_args()
+    with use_backend(args.backend) if args.backend else nullcontext():
+        profile_rows(args)
+
+
+def profile_rows(args) -> None:
+    """Profile 1 and ``args.questions`` rows (see the module docstring)."""
     args.out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     model = load_model(args.model, torch.bfloat16, "cuda", max_positions=args.context + 4096)
@@ -64,7 +75,8 @@ def main() -> None:
     base.prefill(model, torch.randint(10, model.config.vocab_size, (1, args.context), device="cuda"),
                  context_start=16, chunk_size=16384)
     base.evict(torch.rand(base.selectable_pairs().shape, device="cuda") < args.ratio)
-    result = {"context": args.context, "ratio": args.ratio, "device": torch.cuda.get_device_name(), "rows": {}}
+    result = {"context": args.context, "ratio": args.ratio, "device": torch.cuda.get_device_name(),
+              "backend": args.backend, "rows": {}}
     steps_per_profile = 4
     for rows in (1, args.questions):
         ask = torch.randint(10, model.config.vocab_size, (rows, args.question_tokens), device="cuda")

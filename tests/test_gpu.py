@@ -80,17 +80,20 @@ def _assert_bf16_matches_float32(model, ask, cache, logits, bounds):
         assert effect.mean() > mean_bound and effect.max() > max_bound, (effect.mean(), effect.max())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("arch,backend", [("llama", "triton"), ("gemma3", "triton"), ("qwen2", "triton"),
+                                          ("llama", "triton-split-tail"), ("gemma3", "triton-split-tail")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backend_matches_reference_backend(arch, dtype):
+def test_triton_backend_matches_reference_backend(arch, backend, dtype):
     """float32: Triton gives the reference backend's scores, selection and logits. bfloat16: Triton's run agrees
     with float32 math within bounds below eviction's effect (measured on the CPU's bf16 reference backend: score
-    error <= 0.009 relative, logits 0.0012 mean / 0.005 max, against eviction's 0.03 / 0.12)."""
+    error <= 0.009 relative, logits 0.0012 mean / 0.005 max, against eviction's 0.03 / 0.12). Both decode paths:
+    the two-launch kernels and the split-tail candidate."""
     model, _ = _on_gpu(arch, dtype)
     context, question = _ids(300, 1), _ids(9, 2)
 
     def ask(m, keep=None):
-        return _compress_and_ask(m, context, question, keep)
+        with use_backend(backend):
+            return _compress_and_ask(m, context, question, keep)
 
     cache, fast = ask(model)
     if dtype == torch.float32:
@@ -332,11 +335,19 @@ def _static_pair(model, context, ratio=0.3, room=48, kv_dtype=None):
     return caches
 
 
-@pytest.mark.parametrize("arch,dtype,kv_dtype", [("llama", torch.float32, None), ("gemma3", torch.float32, None),
-                                                  ("llama", torch.bfloat16, "fp8")])
-def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch, dtype, kv_dtype):
+@pytest.mark.parametrize("arch,dtype,kv_dtype,backend", [
+    ("llama", torch.float32, None, "triton"), ("gemma3", torch.float32, None, "triton"),
+    ("llama", torch.bfloat16, "fp8", "triton"), ("llama", torch.float32, None, "triton-split-tail"),
+    ("llama", torch.bfloat16, "fp8", "triton-split-tail")])
+def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch, dtype, kv_dtype, backend):
     """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens
-    (Gemma3: with its sliding layers' windows in fixed buffers; fp8 kept pairs: their scales in fixed buffers too)."""
+    (Gemma3: with its sliding layers' windows in fixed buffers; fp8 kept pairs: their scales in fixed buffers too),
+    through either decode path."""
+    with use_backend(backend):
+        _compiled_static_decode_equals_eager(arch, dtype, kv_dtype)
+
+
+def _compiled_static_decode_equals_eager(arch, dtype, kv_dtype):
     torch._dynamo.reset()
     model, _ = _on_gpu(arch, dtype)
     context, question = _ids(300, 11), _ids(6, 12)

@@ -13,6 +13,7 @@ falls outside those bounds, so they are shown to tell right from wrong.
 """
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -285,11 +286,83 @@ def test_merge_splits_ignores_empty_splits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,q_len,group", [(64, 1, 4), (64, 3, 2), (80, 17, 1)])
+def test_tail_split_partials_match_their_reference(dtype, head_dim, q_len, group):
+    """The tail's split kernel against its PyTorch twin: causal, padding (more than a key block in one row), a static
+    tail whose written end is on the device, split counts that leave some splits empty or cut mid-block."""
+    from kvzip_cache.kernels.split_tail import tail_split_partials
+
+    gen = torch.Generator().manual_seed(head_dim + q_len)
+    batch, num_heads, capacity, written = 3, 2, 100, 77
+    tail_k = torch.randn(batch, num_heads, capacity, head_dim, generator=gen).to(DEVICE, dtype)
+    tail_v = torch.randn(batch, num_heads, capacity, head_dim, generator=gen).to(DEVICE, dtype)
+    query = torch.randn(batch, num_heads, group * q_len, head_dim, generator=gen).to(DEVICE, dtype)
+    valid = torch.ones(batch, capacity, dtype=torch.bool, device=DEVICE)
+    valid[1, :40] = False
+    valid[2, 10:13] = False
+    for splits in (1, 3, 5):
+        for tail_valid in (None, valid):
+            for end in (None, written):  # the whole buffer, or a static tail's first `written` slots
+                got_out, got_lse = tail_split_partials(
+                    query, tail_k, tail_v, tail_valid, 0.125, q_len, splits,
+                    tail_end=None if end is None else torch.tensor(end, device=DEVICE))
+                out, lse = kernels.tail_split_partials_reference(query, tail_k.float(), tail_v.float(), tail_valid,
+                                                                 0.125, q_len, splits, tail_len=end)
+                assert torch.equal(torch.isinf(got_lse), torch.isinf(lse))
+                _close(got_lse.masked_fill(lse.isinf(), 0), lse.masked_fill(lse.isinf(), 0), LSE_TOL[dtype])
+                _close(got_out, out, OUT_TOL[dtype])
+    assert torch.isinf(lse).any()  # row 1's padding leaves some splits with nothing to see
+
+
+@pytest.mark.parametrize("share,q_len", [(1, 1), (3, 2)])
+def test_merge_partials_equals_merge_splits_over_both_sets(share, q_len):
+    """The split-tail merge adds up the context's and the tail's partial results as `merge_splits` does over both
+    sets together (empty splits included), and writes each (row, query head, position) where transformers expects."""
+    from kvzip_cache.kernels.split_tail import merge_partials
+
+    gen = torch.Generator().manual_seed(share)
+    batch, num_heads, group, head_dim, context_splits, tail_splits = 6, 2, 2, 48, 37, 3
+    rows = group * q_len
+    c_out = torch.randn(batch // share, num_heads, context_splits, share * rows, head_dim, generator=gen).to(DEVICE)
+    c_lse = torch.randn(batch // share, num_heads, context_splits, share * rows, generator=gen).to(DEVICE)
+    c_lse[:, :, ::5] = float("-inf")  # empty context splits
+    t_out = torch.randn(batch, num_heads, tail_splits, rows, head_dim, generator=gen).to(DEVICE)
+    t_lse = torch.randn(batch, num_heads, tail_splits, rows, generator=gen).to(DEVICE) + 3
+    t_lse[:, :, 1] = float("-inf")
+    got = merge_partials(c_out, c_lse, t_out, t_lse, q_len, share, torch.float32)
+    # batch row b's context partials are rows (b % share) * rows .. of context row b // share
+    contexts = batch // share
+    per_row_out = c_out.reshape(contexts, num_heads, context_splits, share, rows, head_dim).permute(0, 3, 1, 2, 4, 5)
+    per_row_lse = c_lse.reshape(contexts, num_heads, context_splits, share, rows).permute(0, 3, 1, 2, 4)
+    merged, _ = kernels.merge_splits(
+        torch.cat([per_row_out.reshape(batch, num_heads, context_splits, rows, head_dim), t_out], dim=2),
+        torch.cat([per_row_lse.reshape(batch, num_heads, context_splits, rows), t_lse], dim=2))
+    # [B, H, g * q, D] with row j * q + i -> [B, q, H * g, D]
+    expected = merged.reshape(batch, num_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    _close(got, expected.reshape(batch, q_len, num_heads * group, head_dim), OUT_TOL[torch.float32])
+
+
+def _entry(kernel: str):
+    """The Triton backend's ragged attention through one of its kernel entry points: the two-launch path, or the
+    split-tail candidate with its tail cut into 3 splits (more than the short tails here would get by default)."""
+    from kvzip_cache.backends import triton_backend
+
+    if kernel == "two-launch":
+        return triton_backend.ragged_attention
+    split_tail = functools.partial(kernels.ragged_attention_split_tail, tail_splits=3)
+    return functools.partial(triton_backend.ragged_attention, kernel=split_tail)
+
+
+KERNEL_PATHS = ["two-launch", "split-tail"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
 @pytest.mark.parametrize(
     "head_dim,q_len,group",
     [(64, 1, 4), (64, 3, 2), (64, 17, 1), (96, 3, 2), (80, 1, 4)] + [(d, 3, 2) for d in WIDE_PADDED],
 )
-def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q_len, group):
+def test_ragged_attention_with_tail_matches_reference_backend(dtype, kernel, head_dim, q_len, group):
     from kvzip_cache.backends import triton_backend
     from kvzip_cache.storage import CompressedContext
     from kvzip_cache.views import RaggedKV
@@ -314,14 +387,16 @@ def test_ragged_attention_with_tail_matches_reference_backend(dtype, head_dim, q
     static = RaggedKV(ctx, src_rows, kv.src_index, buffer_k, buffer_v, length=505,
                       tail_end=torch.tensor(tail, device=DEVICE))
     padded_valid = torch.cat([valid, torch.ones(3, 5, dtype=torch.bool, device=DEVICE)], 1)
+    attention = _entry(kernel)
     for tail_valid in (None, valid):
-        out = triton_backend.ragged_attention(query, kv, 0.125, tail_valid)
+        out = attention(query, kv, 0.125, tail_valid)
         expected = reference.ragged_attention(query.float(), _float32(kv), 0.125, tail_valid)
         assert out.shape == expected.shape and out.dtype == dtype and not out.isnan().any()
         _close(out, expected, OUT_TOL[dtype])
         static_valid = None if tail_valid is None else padded_valid
-        for backend in (triton_backend, reference):
-            got = backend.ragged_attention(query, static, 0.125, static_valid)
+        for got in (attention(query, static, 0.125, static_valid),
+                    triton_backend.ragged_attention(query, static, 0.125, static_valid),
+                    reference.ragged_attention(query, static, 0.125, static_valid)):
             _close(got, expected, OUT_TOL[dtype])
         full = torch.ones(3, tail, dtype=torch.bool, device=DEVICE) if tail_valid is None else tail_valid
         wrong = reference.ragged_attention(query.float(), _float32(kv), 0.125, _first_real_masked(full))
@@ -360,11 +435,12 @@ def test_tail_merge_over_any_number_of_splits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
 @pytest.mark.parametrize(  # (src rows, q_len, GQA group): one context for 5 rows; 2 contexts x 3 rows; 64 rows
     "src_rows,q_len,group",
     [((0,) * 5, 1, 4), ((1, 1, 1, 0, 0, 0), 3, 2), ((0,) * 64, 1, 4)],
 )
-def test_shared_context_attention_matches_reference_backend(dtype, src_rows, q_len, group):
+def test_shared_context_attention_matches_reference_backend(dtype, kernel, src_rows, q_len, group):
     """Rows sharing a compressed row read it once (queries stacked, share > 1): same output as the reference and as
     the per-row kernels, with padded tails, empty heads and a static tail."""
     from kvzip_cache.backends import triton_backend
@@ -393,8 +469,9 @@ def test_shared_context_attention_matches_reference_backend(dtype, src_rows, q_l
     expected = reference.ragged_attention(query.float(), _float32(kv), 0.125, valid)
     per_row = triton_backend.ragged_attention(query, kv, 0.125, valid, shared=False)
     padded_valid = torch.cat([valid, torch.ones(batch, 3, dtype=torch.bool, device=DEVICE)], 1)
-    for got in (triton_backend.ragged_attention(query, kv, 0.125, valid),
-                triton_backend.ragged_attention(query, static, 0.125, padded_valid),
+    attention = _entry(kernel)
+    for got in (attention(query, kv, 0.125, valid),
+                attention(query, static, 0.125, padded_valid),
                 reference.ragged_attention(query, static, 0.125, padded_valid), per_row):
         assert got.shape == expected.shape and got.dtype == dtype and not got.isnan().any()
         _close(got, expected, OUT_TOL[dtype])

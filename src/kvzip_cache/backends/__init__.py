@@ -45,7 +45,7 @@ def _register_triton() -> None:
         from . import triton_backend
     except ImportError:
         return
-    from kvzip_cache.kernels import TRITON_AVAILABLE
+    from kvzip_cache.kernels import TRITON_AVAILABLE, ragged_attention_split_tail
 
     if TRITON_AVAILABLE:
         register_backend(AttentionBackend(
@@ -61,6 +61,15 @@ def _register_triton() -> None:
             name="triton-per-row",
             dense=reference.dense_attention,
             ragged=functools.partial(triton_backend.ragged_attention, shared=False),
+            scoring=triton_backend.scoring_attention,
+            supports=lambda device: device.type == "cuda",
+        ), first=False)
+        # A candidate decode path (never picked unless named): the dense tail cut into splits like the context and
+        # one merge of both (`kvzip_cache.kernels.split_tail`), until a GPU run says which of the two is faster.
+        register_backend(AttentionBackend(
+            name="triton-split-tail",
+            dense=reference.dense_attention,
+            ragged=functools.partial(triton_backend.ragged_attention, kernel=ragged_attention_split_tail),
             scoring=triton_backend.scoring_attention,
             supports=lambda device: device.type == "cuda",
         ), first=False)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -29,13 +30,15 @@ def _on(device: torch.device):
 
 
 def ragged_attention(
-    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None, shared: bool = True
+    query: torch.Tensor, kv: RaggedKV, scaling: float, tail_valid: torch.Tensor | None = None, shared: bool = True,
+    kernel: Callable[..., torch.Tensor] = ragged_attention_with_tail,
 ) -> torch.Tensor:
     """Same contract as `reference.ragged_attention`: two kernel launches (context splits, then tail + merge).
 
     Rows that share a compressed row (``kv.share > 1``: `KVzipCache.inputs_for(..., shared=True)`, beams, repeated
     rows) read its context once per step for all of them; ``shared=False`` reads it once per row (the
-    "triton-per-row" backend, kept as the baseline the benchmark compares with).
+    "triton-per-row" backend, kept as the baseline the benchmark compares with). ``kernel``: the kernels' entry point
+    (`ragged_attention_split_tail` for the "triton-split-tail" backend: the tail cut into splits, three launches).
 
     The kernels serve decode steps and questions; more than `reference.LARGE_QUERY` queries (a head-dropping
     prefill's chunks) go to `reference.segment_attention` (the tail kernel has no causal block skipping, and it
@@ -48,7 +51,7 @@ def ragged_attention(
     ctx = kv.context
     grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
     with _on(query.device):
-        return ragged_attention_with_tail(
+        return kernel(
             grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
             kv.tail_keys, kv.tail_values, tail_valid, scaling, q_len, tail_end=kv.tail_end,
             share=kv.share if shared else 1, key_scales=ctx.key_scales, value_scales=ctx.value_scales,

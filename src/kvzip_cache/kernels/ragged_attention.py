@@ -406,19 +406,9 @@ def ragged_attention_with_tail(
     """
     batch, num_heads, rows, head_dim = query.shape
     group = rows // q_len
-    if share > 1:
-        if batch % share:
-            raise ValueError(f"share={share} does not divide the batch of {batch} rows")
-        contexts = batch // share
-        stacked = query.reshape(contexts, share, num_heads, rows, head_dim).transpose(1, 2)
-        stacked = stacked.reshape(contexts, num_heads, share * rows, head_dim)
-        out_part, lse_part = ragged_context_partials(
-            stacked, keys, values, cu_seqlens, src_rows[::share].contiguous(), max_seqlen, scaling,
-            block_m=context_block_m or shared_block_m(share * rows), **kwargs,
-        )
-    else:
-        out_part, lse_part = ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
-                                                     block_m=context_block_m or block_m, **kwargs)
+    out_part, lse_part = context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, share,
+                                          context_block_m or (shared_block_m(share * rows) if share > 1 else block_m),
+                                          **kwargs)
     out = torch.empty(batch, q_len, num_heads * group, head_dim, dtype=query.dtype, device=query.device)
     valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
     tail_len = tail_keys.shape[2]
@@ -439,6 +429,38 @@ def ragged_attention_with_tail(
         IEEE=query.dtype == torch.float32, num_warps=4,
     )
     return out
+
+
+def context_partials(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    src_rows: torch.Tensor,
+    max_seqlen: int,
+    scaling: float,
+    share: int,
+    block_m: int,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ragged_context_partials` for ``[B, H, M, D]`` queries; with ``share = R > 1`` the R rows of each shared
+    context are stacked into one ``[R * M]`` query matrix per KV head (the context read once for them).
+
+    Returns:
+        ``(out [B / R, H, splits, R * M, D], lse [B / R, H, splits, R * M])``: batch row ``b``'s query row ``m`` is
+        row ``(b % R) * M + m`` of context row ``b // R``.
+    """
+    batch, num_heads, rows, head_dim = query.shape
+    if share == 1:
+        return ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
+                                       block_m=block_m, **kwargs)
+    if batch % share:
+        raise ValueError(f"share={share} does not divide the batch of {batch} rows")
+    contexts = batch // share
+    stacked = query.reshape(contexts, share, num_heads, rows, head_dim).transpose(1, 2)
+    stacked = stacked.reshape(contexts, num_heads, share * rows, head_dim)
+    return ragged_context_partials(stacked, keys, values, cu_seqlens, src_rows[::share].contiguous(), max_seqlen,
+                                   scaling, block_m=block_m, **kwargs)
 
 
 def shared_block_m(rows: int) -> int:
