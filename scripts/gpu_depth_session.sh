@@ -6,6 +6,8 @@
 #                                             # the sweep in one call, and timed out in the tests after 330 s)
 #   bash scripts/gpu_depth_session.sh sweep   # one layer's decode attention against the split count, both decode
 #                                             # paths (two launches; split tail), and an 8K-token tail
+#   bash scripts/gpu_depth_session.sh launch  # the context split kernel's launch configurations, bf16 and fp8 pairs
+#                                             # (scripts/kernel_resources.py: 255 registers and spills at 4 warps)
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
@@ -36,6 +38,10 @@ case ${1:-} in
         install_library
         timeout 400 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
         tail -3 "$OUT/splits.log" ;;
+    launch)
+        install_library
+        timeout 500 python3 scripts/kernel_sweep.py > "$OUT/launch.log" 2>&1
+        grep -E "^ctx|skip" "$OUT/launch.log" | tail -12 ;;
     shared)
         install_library
         for backend in triton triton-split-tail; do  # the decode path, then the split-tail candidate
@@ -60,5 +66,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|shared|floor|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|shared|floor|p|probe"; exit 2 ;;
 esac

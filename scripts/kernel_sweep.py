@@ -1,4 +1,5 @@
-"""Sweep launch configurations of the ragged context kernel on Llama-3.1-8B-shaped decode inputs (bf16).
+"""Sweep launch configurations of the ragged context kernel on Llama-3.1-8B-shaped decode inputs (bf16 queries;
+kept pairs in bf16, and in fp8 at ratio 0.3).
 
     python scripts/kernel_sweep.py            # prints GB/s of retained KV per config; the best per shape last
     python scripts/kernel_sweep.py --splits OUT.json   # one layer's whole decode attention (context splits, then
@@ -42,36 +43,40 @@ def main():
     gen = torch.Generator().manual_seed(0)
     configs = list(itertools.product([32, 64, 128], [2, 3], [4, 8], [2, 4, 8, 16]))  # block_n, stages, warps, factor
     results = []
-    for context, ratio, batch in itertools.product([32768, 131072], [1.0, 0.3], [1, 8]):
-        if context * batch > 32768 * 8:
+    for context, ratio, batch, pairs in itertools.product([32768, 131072], [1.0, 0.3], [1, 8], ["bf16", "fp8"]):
+        if context * batch > 32768 * 8 or (pairs == "fp8" and ratio == 1.0):
             continue
         query, keys, values, cu, src, max_len = shape(context, ratio, batch, gen)
-        nbytes = keys.nbytes + values.nbytes
+        scales = {}
+        if pairs == "fp8":  # the kept pairs as an fp8 store holds them (scripts/kernel_resources.py: spills at 4 warps)
+            (keys, key_scales), (values, value_scales) = quantize_fp8(keys), quantize_fp8(values)
+            scales = {"key_scales": key_scales, "value_scales": value_scales}
+        nbytes = keys.nbytes + values.nbytes + sum(t.nbytes for t in scales.values())
         best = None
         for block_n, stages, warps, factor in configs:
             fn = lambda: ragged_context_partials(query, keys, values, cu, src, max_len, 0.088, block_n=block_n,  # noqa: E731
-                                                 num_stages=stages, num_warps=warps, split_factor=factor)
+                                                 num_stages=stages, num_warps=warps, split_factor=factor, **scales)
             try:
                 ms = triton.testing.do_bench_cudagraph(fn, rep=20)
             except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                 print(f"  skip {block_n, stages, warps, factor}: {type(error).__name__}")
                 continue
             gbps = nbytes / ms / 1e6
-            results.append((context, ratio, batch, block_n, stages, warps, factor, ms, gbps))
+            results.append((context, ratio, batch, pairs, block_n, stages, warps, factor, ms, gbps))
             if best is None or gbps > best[-1]:
                 best = (block_n, stages, warps, factor, ms, gbps)
         tail_k = torch.randn(batch, HEADS, 64, DIM, device="cuda", dtype=torch.bfloat16)
         block_n, stages, warps, factor = best[:4]
         full = lambda: ragged_attention_with_tail(query.reshape(batch, HEADS, GROUP, DIM), keys, values, cu, src,  # noqa: E731
-                                                  max_len, tail_k, tail_k, None, 0.088, 1, block_n=block_n,
+                                                  max_len, tail_k, tail_k, None, 0.088, 1, block_n=block_n, **scales,
                                                   num_stages=stages, num_warps=warps, split_factor=factor)
         full_ms = triton.testing.do_bench_cudagraph(full, rep=20)
-        print(f"ctx {context:>6} r {ratio} b {batch}: {nbytes / 1e6:8.1f} MB  best block_n={best[0]} stages={best[1]} "
-              f"warps={best[2]} factor={best[3]}: {best[4] * 1e3:7.1f} us {best[5]:6.0f} GB/s; "
+        print(f"ctx {context:>6} r {ratio} b {batch} {pairs}: {nbytes / 1e6:8.1f} MB  best block_n={best[0]} "
+              f"stages={best[1]} warps={best[2]} factor={best[3]}: {best[4] * 1e3:7.1f} us {best[5]:6.0f} GB/s; "
               f"with tail+merge {full_ms * 1e3:7.1f} us {nbytes / full_ms / 1e6:6.0f} GB/s", flush=True)
-    print("\nall configs (context, ratio, batch, block_n, stages, warps, factor, ms, GB/s):")
+    print("\nall configs (context, ratio, batch, pairs, block_n, stages, warps, factor, ms, GB/s):")
     for row in results:
-        print(*row[:7], f"{row[7]:.4f}", f"{row[8]:.0f}")
+        print(*row[:8], f"{row[8]:.4f}", f"{row[9]:.0f}")
 
 
 def split_sweep(path: str) -> None:
