@@ -117,3 +117,24 @@ def test_static_errors_are_clear_and_leave_the_cache_usable():
     with pytest.raises(ValueError, match="sliding window"):
         gemma.make_static(8)
     assert not gemma.is_static and not any(layer.is_static for layer in gemma.layers)  # nothing half-done
+
+
+def test_generate_past_the_room_stops_with_a_warning_through_the_criterion():
+    """A static cache without eviction whose room is smaller than generate's max_new_tokens: with
+    `eviction_criteria()` generation stops when the tail is full (a compiled step past it would write out of bounds:
+    a device-side assert on CUDA), with the dynamic cache's tokens up to there, and the cache stays usable."""
+    model, _ = make_pair("llama")
+    context, question = _ids(40, 12), _ids(5, 13)
+    dynamic, static = _compressed(model, context), _compressed(model, context)
+    static.make_static(16)  # room for the question's 5 tokens and 11 more
+    inputs = dynamic.inputs_for(question)
+    expected = model.generate(**inputs, past_key_values=dynamic, max_new_tokens=30, do_sample=False)
+    with pytest.warns(UserWarning, match="tail is full"):
+        got = model.generate(**inputs, past_key_values=static, max_new_tokens=30, do_sample=False,
+                             stopping_criteria=[static.eviction_criteria()])
+    assert static.static_room() == 0
+    assert got.shape[1] == 40 + 16 + 1  # the step that fills the room samples one token more, nothing is written
+    assert torch.equal(got, expected[:, : got.shape[1]])
+    static.rollback()
+    again = model.generate(**inputs, past_key_values=static, max_new_tokens=8, do_sample=False)
+    assert torch.equal(again, expected[:, : again.shape[1]])

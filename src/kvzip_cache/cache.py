@@ -790,6 +790,11 @@ class KVzipCache(Cache):
         lengths fall in the same buckets, made static with the same ``max_new_tokens`` and batch, reuses the compiled
         decode graph of the first.
 
+        ``generate`` does not know the room: with more ``max_new_tokens`` than the question leaves, its eager steps
+        raise at the full tail, and a compiled step would write past it (a device-side assert on CUDA). Pass
+        ``stopping_criteria=[cache.eviction_criteria()]`` and generation stops there with a warning instead (with or
+        without eviction while decoding).
+
         With eviction while decoding (call `evict_while_decoding` first, with ``level="pair-uniform"``): the tail
         is sized from the bound eviction keeps, not from ``max_new_tokens``: about ``ratio x max_new_tokens`` packed
         pairs plus ``2 x window`` recent tokens (`static_tail_room`). Evictions pack the kept pairs into the tail's
