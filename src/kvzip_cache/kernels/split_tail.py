@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ragged_attention import _dim_mask, _online_softmax_block, context_partials, head_dim_block, triton
-
-if triton is not None:
-    import triton.language as tl
+from .ragged_attention import context_partials, head_dim_block, triton
 
 
 def tail_splits_for(capacity: int, block_n: int = 32, keys_per_split: int = 256, max_splits: int = 16) -> int:
@@ -81,7 +78,10 @@ def tail_split_partials_reference(
     return out, lse
 
 
-if triton is not None:
+if triton is not None:  # the CPU-only install has no Triton: the reference backend runs, and nothing here is called
+    import triton.language as tl
+
+    from .ragged_attention import _dim_mask, _online_softmax_block
 
     @triton.jit
     def _tail_split_kernel(
