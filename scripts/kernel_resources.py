@@ -2,7 +2,9 @@
 
 Triton compiles for a named target without a device, and the cuobjdump it ships reads each binary's resources. A
 kernel that spills registers to local memory, or takes so many that few programs fit an SM, is slow in a way no CPU
-test shows; this prints it for the Llama-3.1-8B shape (head_dim 128, GQA 4) in the configurations decoding uses.
+test shows; this prints it for the Llama-3.1-8B shape (head_dim 128, GQA 4) in the configurations decoding and
+scoring use. (Triton's interpreter, which the CPU tests run, never compiles a kernel: `tests/test_kernel_compile.py`
+runs this script so that a kernel that would not compile for the GPU fails on the CPU too.)
 
     python scripts/kernel_resources.py            # sm_90a (H100 / H200)
 """
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvzip_cache.kernels import ragged_attention, split_tail
+from kvzip_cache.kernels import ragged_attention, restricted_scores, split_tail
 
 
 def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -75,6 +77,10 @@ def main() -> None:
              ("merge (split-tail path)", split_tail._merge_kernel,
               {"CO": "*fp32", "CL": "*fp32", "TO": "*fp32", "TL": "*fp32", "OUT": "*bf16"},
               {**dims, "BLOCK_S": 32}, 4, 3)]
+    scores = {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "OUT": "*fp32"}
+    blocks = {**dims, "BLOCK_M": 64, "BLOCK_N": 64, "IEEE": False}
+    rows += [("KVzip scores: log-sum-exp", restricted_scores._lse_kernel, scores, blocks, 4, 3),
+             ("KVzip scores: max probability", restricted_scores._max_prob_kernel, scores, blocks, 4, 3)]
     for name, kernel, pointers, constexprs, warps, stages in rows:  # the warps and stages the launches use
         report = resources(kernel, pointers, constexprs, warps, stages, args.arch)
         print(f"{name:<44} {warps} warps, {stages} stages: {report}", flush=True)
