@@ -54,7 +54,8 @@ def tail_split_partials_reference(
     """
     batch, num_heads, rows, head_dim = query.shape
     tail_len = tail_keys.shape[2] if tail_len is None else tail_len
-    split_len = -(-(-(-tail_len // num_splits)) // block_n) * block_n
+    per_split = -(-tail_len // num_splits)  # ceil, then up to whole key blocks, as the kernel cuts them
+    split_len = -(-per_split // block_n) * block_n
     positions = tail_len - q_len + torch.arange(rows, device=query.device) % q_len  # [M]
     slots = torch.arange(tail_len, device=query.device)
     allowed = slots[None, :] <= positions[:, None]  # [M, t]
