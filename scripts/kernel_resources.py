@@ -49,8 +49,17 @@ def resources(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
     if usage is None:
         return report.strip()[-300:]
-    return (f"{usage.group(1)} registers, stack (spills) {usage.group(2)} B, local {usage.group(3)} B, "
-            f"shared {compiled.metadata.shared} B")
+    registers, shared = int(usage.group(1)), compiled.metadata.shared
+    return (f"{registers} registers, stack (spills) {usage.group(2)} B, local {usage.group(3)} B, shared {shared} B; "
+            f"programs of {num_warps} warps per SM: {programs_per_sm(registers, shared, num_warps)}")
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """How many programs of a kernel one Hopper SM holds at once: 64K registers (allocated per warp in steps of 8 a
+    thread), 228 KB of shared memory, 64 warps."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * num_warps)
+    by_shared = 228 * 1024 // shared if shared else 64
+    return min(by_registers, by_shared, 64 // num_warps)
 
 
 def main() -> None:

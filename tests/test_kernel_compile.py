@@ -28,7 +28,7 @@ def test_every_kernel_compiles_for_an_h100():
                             text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 9 and all(re.search(r": \d+ registers, stack \(spills\) \d+ B", line) for line in lines), \
-        result.stdout
+    report = re.compile(r": \d+ registers, stack \(spills\) \d+ B.*per SM: [1-9]\d*$")
+    assert len(lines) == 9 and all(report.search(line) for line in lines), result.stdout
     source = (ROOT / "scripts" / "kernel_resources.py").read_text()
     assert all(f".{kernel}," in source for kernel in KERNELS)  # each kernel of the package is in the report
