@@ -22,6 +22,7 @@ import torch
 import triton
 
 from kvzip_cache.kernels import ragged_attention_split_tail, ragged_attention_with_tail, ragged_context_partials
+from kvzip_cache.kernels.ragged_attention import default_context_block_m
 from kvzip_cache.storage import quantize_fp8
 
 HEADS, GROUP, DIM = 8, 4, 128
@@ -106,7 +107,7 @@ def split_sweep(path: str) -> None:
             kernel = ragged_attention_with_tail if path == "two-launch" else ragged_attention_split_tail
             whole = lambda: kernel(query, keys, values, cu, src, bucket, tail, tail, None, 0.088, 1,  # noqa: E731
                                    tail_end=end, share=share, num_splits=splits, context_block_m=block_m, **scales)
-            block = block_m or (64 if share > 1 else 16)
+            block = block_m or default_context_block_m(share, GROUP, 16)  # the split kernel's own choice
             split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
                                                     num_splits=splits, block_m=block, **scales)
             parts = split()[0]

@@ -407,8 +407,7 @@ def ragged_attention_with_tail(
     batch, num_heads, rows, head_dim = query.shape
     group = rows // q_len
     out_part, lse_part = context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, share,
-                                          context_block_m or (shared_block_m(share * rows) if share > 1 else block_m),
-                                          **kwargs)
+                                          context_block_m or default_context_block_m(share, rows, block_m), **kwargs)
     out = torch.empty(batch, q_len, num_heads * group, head_dim, dtype=query.dtype, device=query.device)
     valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
     tail_len = tail_keys.shape[2]
@@ -461,6 +460,12 @@ def context_partials(
     stacked = stacked.reshape(contexts, num_heads, share * rows, head_dim)
     return ragged_context_partials(stacked, keys, values, cu_seqlens, src_rows[::share].contiguous(), max_seqlen,
                                    scaling, block_m=block_m, **kwargs)
+
+
+def default_context_block_m(share: int, rows: int, block_m: int) -> int:
+    """Query rows per program of the context's split kernel: ``block_m`` for rows of their own, `shared_block_m` of
+    the ``share * rows`` stacked query rows of a shared context."""
+    return shared_block_m(share * rows) if share > 1 else block_m
 
 
 def shared_block_m(rows: int) -> int:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .ragged_attention import context_partials, head_dim_block, triton
+from .ragged_attention import context_partials, default_context_block_m, head_dim_block, triton
 
 
-def tail_splits_for(capacity: int, block_n: int = 32, keys_per_split: int = 256, max_splits: int = 16) -> int:
+def tail_splits_for(capacity: int, keys_per_split: int = 256, max_splits: int = 16) -> int:
     """Splits of a tail with room for ``capacity`` tokens: one per ``keys_per_split`` (a host-side bound: a static
     tail's length is on the device, and the kernel cuts its splits from that length), at most ``max_splits``."""
-    return max(1, min(max_splits, -(-capacity // max(keys_per_split, block_n))))
+    return max(1, min(max_splits, -(-capacity // keys_per_split)))
 
 
 def tail_split_partials_reference(
@@ -305,12 +305,9 @@ def ragged_attention_split_tail(
 ) -> torch.Tensor:
     """`ragged_attention_with_tail`'s contract (same arguments and result) in three launches: the context's splits,
     the tail's splits (``tail_splits``; default `tail_splits_for` the tail's capacity), one merge."""
-    from .ragged_attention import shared_block_m
-
-    rows = query.shape[2]
     context_out, context_lse = context_partials(
         query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, share,
-        context_block_m or (shared_block_m(share * rows) if share > 1 else block_m), **kwargs)
+        context_block_m or default_context_block_m(share, query.shape[2], block_m), **kwargs)
     splits = tail_splits or tail_splits_for(tail_keys.shape[2])
     tail_out, tail_lse = tail_split_partials(query, tail_keys, tail_values, tail_valid, scaling, q_len, splits,
                                              tail_end=tail_end, block_m=block_m)
