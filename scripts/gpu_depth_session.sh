@@ -6,6 +6,7 @@
 #                                             # the sweep in one call, and timed out in the tests after 330 s)
 #   bash scripts/gpu_depth_session.sh sweep   # one layer's decode attention against the split count, both decode
 #                                             # paths (two launches; split tail), and an 8K-token tail
+#   bash scripts/gpu_depth_session.sh sweep quick-launch   # and the launch sweep for one row at 32K and 128K
 #   bash scripts/gpu_depth_session.sh launch  # the context split kernel's launch configurations, bf16 and fp8 pairs
 #                                             # (scripts/kernel_resources.py: 255 registers and spills at 4 warps)
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
@@ -37,7 +38,9 @@ case ${1:-} in
     sweep)
         install_library
         timeout 400 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
-        tail -3 "$OUT/splits.log" ;;
+        tail -3 "$OUT/splits.log"
+        [ "${2:-}" = quick-launch ] && timeout 200 python3 scripts/kernel_sweep.py --quick > "$OUT/launch.log" 2>&1
+        grep -E "^ctx" "$OUT/launch.log" 2>/dev/null ;;
     launch)
         install_library
         timeout 500 python3 scripts/kernel_sweep.py > "$OUT/launch.log" 2>&1
