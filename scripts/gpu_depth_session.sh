@@ -13,6 +13,7 @@
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
 #                                             # weights' floor (what #30's 1.3x floor leaves attention)
+#   bash scripts/gpu_depth_session.sh fp8gap  # the 1K compiled step profiled, bf16 against fp8 kept pairs
 #   bash scripts/gpu_depth_session.sh p       # only carries a part
 #   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
 # Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
@@ -58,6 +59,13 @@ case ${1:-} in
             --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled --no-generate --out "$OUT/compiled1k" \
             > "$OUT/compiled1k.log" 2>&1
         grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | tail -8 ;;
+    fp8gap)  # the compiled step at 1K with bf16 vs fp8 kept pairs, profiled (fp8 took +1.6 ms in compiled-1k)
+        install_library
+        for kv in model fp8; do
+            timeout 200 python3 scripts/profile_shared_step.py --context 1024 --questions 1 --kv-dtype $kv \
+                --out "$OUT/gap-$kv" > "$OUT/gap-$kv.log" 2>&1
+            grep -E "row\(s\)|Error" "$OUT/gap-$kv.log" | cut -c1-300
+        done ;;
     p) ;;
     probe)
         mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
@@ -69,5 +77,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|shared|floor|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|shared|floor|fp8gap|p|probe"; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ head's pairs (the decode cost does not depend on which pairs), and for 1 and ``-
 
     python scripts/profile_shared_step.py --context 32768 --questions 64 --out prof_shared   # CUDA only
     python scripts/profile_shared_step.py ... --backend triton-split-tail   # the candidate decode kernels
+    python scripts/profile_shared_step.py --context 1024 --questions 1 --kv-dtype fp8   # one row, fp8 kept pairs
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("prof_shared"))
     parser.add_argument("--backend", default=None, help="an attention backend by name (e.g. triton-split-tail); "
                         "default: the device's own")
+    parser.add_argument("--kv-dtype", default=None, help="fp8: store the kept pairs as float8; model (default): in the model's dtype")
     args = parser.parse_args()
     with use_backend(args.backend) if args.backend else nullcontext():
         profile_rows(args)
@@ -74,11 +76,12 @@ def profile_rows(args) -> None:
     base = KVzipCache(model)
     base.prefill(model, torch.randint(10, model.config.vocab_size, (1, args.context), device="cuda"),
                  context_start=16, chunk_size=16384)
-    base.evict(torch.rand(base.selectable_pairs().shape, device="cuda") < args.ratio)
+    base.evict(torch.rand(base.selectable_pairs().shape, device="cuda") < args.ratio,
+               kv_dtype=None if args.kv_dtype in (None, "model") else args.kv_dtype)
     result = {"context": args.context, "ratio": args.ratio, "device": torch.cuda.get_device_name(),
-              "backend": args.backend, "rows": {}}
+              "backend": args.backend, "kv_dtype": args.kv_dtype, "rows": {}}
     steps_per_profile = 4
-    for rows in (1, args.questions):
+    for rows in dict.fromkeys((1, args.questions)):  # one pass when --questions 1
         ask = torch.randint(10, model.config.vocab_size, (rows, args.question_tokens), device="cuda")
         record = result["rows"][rows] = {}
         # a static copy (its rows stay through rollback); its eager steps run the kernels a CUDA graph replays
