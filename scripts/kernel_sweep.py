@@ -125,6 +125,22 @@ def split_sweep(path: str) -> None:
             print(json.dumps(record), flush=True)
     with open(path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+    with open(path.removesuffix(".json") + ".md", "w") as f:
+        f.write(split_table(records, torch.cuda.get_device_name()))
+
+
+def split_table(records: list[dict], device: str) -> str:
+    """The split sweep's records as a markdown table (microseconds per layer)."""
+    lines = [f"# One layer's decode attention against the split count ({device})", "",
+             "`python scripts/kernel_sweep.py --splits splits.json`: see the script's docstring. `split kernel us` is "
+             "the context's split kernel alone; `rest us` is the whole path minus it (two-launch: the tail-and-merge "
+             "kernel; split-tail: the tail's splits and the merge).", "",
+             "| context | rows | pairs | tail (written/slots) | path | splits (used) | query block | split kernel us "
+             "| rest us | whole us |", "|---:|---:|---|---|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['context']} | {r['rows']} | {r['kv']} | {r['tail']} | {r['path']} | {r['splits']} "
+                     f"({r['used_splits']}) | {r['block_m']} | {r['split_us']} | {r['merge_us']} | {r['whole_us']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
