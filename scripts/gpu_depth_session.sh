@@ -13,6 +13,7 @@
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
 #                                             # weights' floor (what #30's 1.3x floor leaves attention)
+#   bash scripts/gpu_depth_session.sh combo   # sweep, a short launch sweep, then the GPU tests new since the lane
 #   bash scripts/gpu_depth_session.sh fp8gap  # the 1K compiled step profiled, bf16 against fp8 kept pairs
 #   bash scripts/gpu_depth_session.sh p       # only carries a part
 #   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
@@ -59,6 +60,15 @@ case ${1:-} in
             --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled --no-generate --out "$OUT/compiled1k" \
             > "$OUT/compiled1k.log" 2>&1
         grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | tail -8 ;;
+    combo)  # one call when device time is short: the sweeps, then the GPU tests new since the last lane
+        install_library
+        timeout 240 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
+        tail -2 "$OUT/splits.log"
+        timeout 80 python3 scripts/kernel_sweep.py --quick > "$OUT/launch.log" 2>&1; grep -E "^ctx" "$OUT/launch.log"
+        timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
+            tests/test_gpu.py "tests/test_kernels.py" -k "test_gpu or split or merge or tail or shared" \
+            > "$OUT/tests.txt" 2>&1
+        tail -4 "$OUT/tests.txt" ;;
     fp8gap)  # the compiled step at 1K with bf16 vs fp8 kept pairs, profiled (fp8 took +1.6 ms in compiled-1k)
         install_library
         for kv in model fp8; do
@@ -77,5 +87,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|shared|floor|fp8gap|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|p|probe"; exit 2 ;;
 esac
