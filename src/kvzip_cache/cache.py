@@ -855,9 +855,10 @@ class KVzipCache(Cache):
         one budget per row over layers x heads x tokens, ``"pair-uniform"``: the same share per head, ``"head"``:
         whole heads; default the scorer's level) move into the ragged store and the rest is freed. The newest
         ``window`` tokens always stay. Works with ``model.generate`` (greedy, sampling, stop tokens; left-padded
-        batches built with `inputs_for`), multi-turn use and `rollback`, which returns to the compressed context. Not
-        with `make_static` (eviction changes the context's size, which a compiled step fixes), nor with rows
-        repeated for shared questions or beams.
+        batches built with `inputs_for`), multi-turn use and `rollback`, which returns to the compressed context.
+        With ``level="pair-uniform"`` it also runs under a later `make_static(max_new_tokens=N)`: the kept pairs are
+        packed into a fixed tail sized from ``ratio``, ``window`` and N, between compiled steps (`eviction_criteria`,
+        `evict_between_steps`; docs/compiled-decoding.md). Not with rows repeated for shared questions or beams.
 
         Args:
             model: the model that filled the cache (the predictor undoes RoPE with its rotary embedding).
