@@ -14,8 +14,8 @@ a `ScorePredictor`, `HeadScores`, or an object of your own. Layer scorers also e
 (``evict_while_decoding(model, s, ratio)``: long answers stay bounded; see `kvzip_cache.eviction`).
 
 Sequences are in padded coordinates (left padding when batch > 1). Positions before ``context_start`` are the
-protected prefix: never scored, never evicted. Padding is never kept. Every refusal lives in `kvzip_cache.checks`;
-every keep mask reaches the layers through `KVzipCache.keep_pairs`.
+protected prefix: never scored, never evicted. Padding is never kept. The shared refusals live in `kvzip_cache.checks`
+(the rest are raised by the call they guard, before anything changes); every keep mask reaches the layers through `KVzipCache.keep_pairs`.
 """
 
 from __future__ import annotations

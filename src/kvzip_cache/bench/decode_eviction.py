@@ -10,7 +10,7 @@ answered by one plain ``model.generate`` of exactly ``--new-tokens`` greedy toke
 - ``off``: everything after the context stays in the tail (what KVzip alone does);
 - ``on``: ``cache.evict_while_decoding(model, predictor, ratio, window=--window)`` with the same ratio: every
   ``window`` tokens the oldest tail window is scored and only ``ratio`` of its pairs are kept (they join the ragged
-  store, which is rebuilt: an eviction costs O(context));
+  store's reserved room in place, O(pairs kept), with a rebuild, O(context), a logarithmic number of times);
 - ``off-compiled`` / ``on-compiled``: a copy of the compressed cache made static (`KVzipCache.make_static`, room for
   the question and ``--new-tokens``), so that ``generate`` compiles its decode steps (CUDA graphs); ``on-compiled``
   turns eviction on first (``level="pair-uniform"``, which a static tail needs) and passes

@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                         help=f"built-in tasks ({', '.join(TASKS)}) and/or paths of .jsonl files of "
                              '{"context": ..., "questions": [{"question": ..., "answers": [...]}]}')
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-                        help="default: every method but predicted and predicted-prefill (they need a predictor)")
+                        help="default: every method but the predicted ones (predicted, predicted-prefill, "
+                             "predicted-prefill-carry, predicted-prefill+kvzip: they need a predictor)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.2, 0.1],
                         help="fractions of context KV pairs kept")
     parser.add_argument("--num-contexts", type=int, default=None,
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--head-scores", default=None,
                         help="HeadScores file, folder or Hub repo for kvzip-head(-duo); default: from each context")
     parser.add_argument("--predictor", default=None,
-                        help="ScorePredictor for predicted(-prefill): a shipped short name, file, folder or Hub repo; "
+                        help="ScorePredictor for the predicted methods: a shipped short name, file, folder or Hub repo; "
                              "default: the one shipped for --model")
     parser.add_argument("--decode-ratios", nargs="+", type=float, default=[], metavar="R",
                         help="also answer every (method, ratio) evicting while decoding (evict_while_decoding with "
