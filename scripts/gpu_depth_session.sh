@@ -62,7 +62,7 @@ case ${1:-} in
         grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | tail -8 ;;
     combo)  # one call when device time is short: the sweeps, then the GPU tests new since the last lane
         install_library
-        timeout 240 python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
+        timeout "${SPLITS_TIMEOUT:-240}" python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
         tail -2 "$OUT/splits.log"
         if [ "${LAUNCH:-1}" = 1 ]; then  # LAUNCH=0 leaves the launch sweep out (a shorter call)
             timeout 80 python3 scripts/kernel_sweep.py --quick > "$OUT/launch.log" 2>&1; grep -E "^ctx" "$OUT/launch.log"
