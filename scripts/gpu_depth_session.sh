@@ -49,7 +49,7 @@ case ${1:-} in
         grep -E "^ctx|skip" "$OUT/launch.log" | tail -12 ;;
     shared)
         install_library
-        for backend in triton triton-split-tail; do  # the decode path, then the split-tail candidate
+        for backend in triton triton-split-tail; do  # the default (two launches for shared rows), then the split tail
             timeout 240 python3 scripts/profile_shared_step.py --context 32768 --questions 64 --backend $backend \
                 --out "$OUT/shared-$backend" > "$OUT/shared-$backend.log" 2>&1
             grep -E "row\(s\)|ratio|Error" "$OUT/shared-$backend.log" | cut -c1-400 | tail -8

@@ -103,7 +103,7 @@ def split_sweep(path: str) -> None:
         tail = torch.randn(share, HEADS, tail_slots, DIM, device="cuda", dtype=torch.bfloat16)
         end = torch.tensor(written, device="cuda")
         stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
-        # (splits, query block, path): the two-launch path, then the split-tail candidate (kernels.split_tail)
+        # (splits, query block, path): the two-launch path, then the split tail (kernels.split_tail)
         variants = [(splits, block_m, "two-launch") for splits in (None, 8, 16, 24, 33, 48, 66, 132)
                     for block_m in ([None, 128] if share > 1 else [None])]
         variants += [(splits, None, "split-tail") for splits in (None, 16, 33)]

@@ -10,7 +10,7 @@ head's pairs (the decode cost does not depend on which pairs), and for 1 and ``-
   the rest (the kernels are the same ones a CUDA graph replays).
 
     python scripts/profile_shared_step.py --context 32768 --questions 64 --out prof_shared   # CUDA only
-    python scripts/profile_shared_step.py ... --backend triton-split-tail   # the candidate decode kernels
+    python scripts/profile_shared_step.py ... --backend triton-two-launch   # one decode path forced
     python scripts/profile_shared_step.py --context 1024 --questions 1 --kv-dtype fp8   # one row, fp8 kept pairs
 """
 

@@ -81,13 +81,13 @@ def _assert_bf16_matches_float32(model, ask, cache, logits, bounds):
 
 
 @pytest.mark.parametrize("arch,backend", [("llama", "triton"), ("gemma3", "triton"), ("qwen2", "triton"),
-                                          ("llama", "triton-split-tail"), ("gemma3", "triton-split-tail")])
+                                          ("llama", "triton-two-launch"), ("gemma3", "triton-two-launch")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backend_matches_reference_backend(arch, backend, dtype):
     """float32: Triton gives the reference backend's scores, selection and logits. bfloat16: Triton's run agrees
     with float32 math within bounds below eviction's effect (measured on the CPU's bf16 reference backend: score
     error <= 0.009 relative, logits 0.0012 mean / 0.005 max, against eviction's 0.03 / 0.12). Both decode paths:
-    the two-launch kernels and the split-tail candidate."""
+    the default ("triton": the split tail for rows of their own) and the two-launch kernels."""
     model, _ = _on_gpu(arch, dtype)
     context, question = _ids(300, 1), _ids(9, 2)
 
@@ -260,13 +260,15 @@ def _phi3_head_dim_96(monkeypatch, dtype):
 
 
 def _count_kernel_calls(monkeypatch) -> list[tuple[str, int]]:
-    """Record (kernel, head_dim) for each call of the Triton kernels from the backend (no silent fallback)."""
+    """Record (kernel, head_dim) for each call of the Triton kernels from the backend (no silent fallback): "ragged"
+    for either decode path, "scores" for the scoring kernel."""
     calls = []
-    for name in ("ragged_attention_with_tail", "restricted_max_scores_triton"):
+    for name, label in (("ragged_attention_with_tail", "ragged"), ("ragged_attention_split_tail", "ragged"),
+                        ("restricted_max_scores_triton", "scores")):
         kernel = getattr(triton_backend, name)
 
-        def spy(query, *args, _kernel=kernel, _name=name, **kwargs):
-            calls.append((_name, query.shape[-1]))
+        def spy(query, *args, _kernel=kernel, _label=label, **kwargs):
+            calls.append((_label, query.shape[-1]))
             return _kernel(query, *args, **kwargs)
 
         monkeypatch.setattr(triton_backend, name, spy)
@@ -291,7 +293,7 @@ def test_phi3_head_dim_96_matches_reference_backend(dtype, monkeypatch):
         return cache, logits, tokens
 
     cache, fast, fast_tokens = run()
-    assert {name for name, _ in calls} == {"ragged_attention_with_tail", "restricted_max_scores_triton"}
+    assert {name for name, _ in calls} == {"ragged", "scores"}
     assert {head_dim for _, head_dim in calls} == {96}
     calls.clear()
     if dtype == torch.float32:
@@ -320,7 +322,7 @@ def test_phi3_head_dim_96_greedy_generation_matches_dynamic_cache(monkeypatch):
     out = model.generate(full, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     expected = reference.generate(full, past_key_values=DynamicCache(config=reference.config), max_new_tokens=12,
                                   min_new_tokens=12, do_sample=False)
-    assert ("ragged_attention_with_tail", 96) in calls
+    assert ("ragged", 96) in calls
     assert torch.equal(out, expected)
 
 
@@ -337,8 +339,8 @@ def _static_pair(model, context, ratio=0.3, room=48, kv_dtype=None):
 
 @pytest.mark.parametrize("arch,dtype,kv_dtype,backend", [
     ("llama", torch.float32, None, "triton"), ("gemma3", torch.float32, None, "triton"),
-    ("llama", torch.bfloat16, "fp8", "triton"), ("llama", torch.float32, None, "triton-split-tail"),
-    ("llama", torch.bfloat16, "fp8", "triton-split-tail")])
+    ("llama", torch.bfloat16, "fp8", "triton"), ("llama", torch.float32, None, "triton-two-launch"),
+    ("llama", torch.bfloat16, "fp8", "triton-two-launch")])
 def test_compiled_static_decode_with_cuda_graphs_equals_eager_compressed_cache(arch, dtype, kv_dtype, backend):
     """torch.compile(mode="reduce-overhead"): the Triton kernels run inside CUDA graphs and give the eager tokens
     (Gemma3: with its sliding layers' windows in fixed buffers; fp8 kept pairs: their scales in fixed buffers too),

@@ -344,16 +344,28 @@ def test_merge_partials_equals_merge_splits_over_both_sets(share, q_len):
 
 def _entry(kernel: str):
     """The Triton backend's ragged attention through one of its kernel entry points: the two-launch path, or the
-    split-tail candidate with its tail cut into 3 splits (more than the short tails here would get by default)."""
+    split tail with its tail cut into 3 splits (more than the short tails here would get by default)."""
     from kvzip_cache.backends import triton_backend
 
     if kernel == "two-launch":
-        return triton_backend.ragged_attention
+        return functools.partial(triton_backend.ragged_attention, kernel=kernels.ragged_attention_with_tail)
     split_tail = functools.partial(kernels.ragged_attention_split_tail, tail_splits=3)
     return functools.partial(triton_backend.ragged_attention, kernel=split_tail)
 
 
 KERNEL_PATHS = ["two-launch", "split-tail"]
+
+
+def test_the_backend_picks_the_split_tail_unless_shared_rows_have_short_tails():
+    """`decode_kernel`, as measured (docs/results/h100-depth-2/splits.md): one row, or a long tail, takes the split
+    tail (25.4 vs 32.8 us a layer at 32K; 45.9 vs 228.8 with an 8K tail); 64 rows sharing a context with 80-slot
+    tails take the two-launch path (85.9 vs 95.0)."""
+    from kvzip_cache.backends import triton_backend
+
+    assert triton_backend.decode_kernel(1, 80) is kernels.ragged_attention_split_tail
+    assert triton_backend.decode_kernel(1, 8256) is kernels.ragged_attention_split_tail
+    assert triton_backend.decode_kernel(64, 80) is kernels.ragged_attention_with_tail
+    assert triton_backend.decode_kernel(64, triton_backend.SHARED_SHORT_TAIL + 1) is kernels.ragged_attention_split_tail
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

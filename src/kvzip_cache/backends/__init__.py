@@ -45,7 +45,7 @@ def _register_triton() -> None:
         from . import triton_backend
     except ImportError:
         return
-    from kvzip_cache.kernels import TRITON_AVAILABLE, ragged_attention_split_tail
+    from kvzip_cache.kernels import TRITON_AVAILABLE, ragged_attention_split_tail, ragged_attention_with_tail
 
     if TRITON_AVAILABLE:
         register_backend(AttentionBackend(
@@ -64,15 +64,17 @@ def _register_triton() -> None:
             scoring=triton_backend.scoring_attention,
             supports=lambda device: device.type == "cuda",
         ), first=False)
-        # A candidate decode path (never picked unless named): the dense tail cut into splits like the context and
-        # one merge of both (`kvzip_cache.kernels.split_tail`), until a GPU run says which of the two is faster.
-        register_backend(AttentionBackend(
-            name="triton-split-tail",
-            dense=reference.dense_attention,
-            ragged=functools.partial(triton_backend.ragged_attention, kernel=ragged_attention_split_tail),
-            scoring=triton_backend.scoring_attention,
-            supports=lambda device: device.type == "cuda",
-        ), first=False)
+        # Each of the two decode paths alone (never picked unless named; "triton" picks per step with
+        # `triton_backend.decode_kernel`): for tests that must run both, and for timing one against the other.
+        for name, kernel in (("triton-split-tail", ragged_attention_split_tail),
+                             ("triton-two-launch", ragged_attention_with_tail)):
+            register_backend(AttentionBackend(
+                name=name,
+                dense=reference.dense_attention,
+                ragged=functools.partial(triton_backend.ragged_attention, kernel=kernel),
+                scoring=triton_backend.scoring_attention,
+                supports=lambda device: device.type == "cuda",
+            ), first=False)
 
 
 def register_backend(backend: AttentionBackend, *, first: bool = True) -> None:

@@ -261,7 +261,7 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=row_mask)
 
 
-def choose_splits(programs: int, max_seqlen: int, num_sms: int, block_n: int, factor: int = 4) -> int:
+def choose_splits(programs: int, max_seqlen: int, num_sms: int, block_n: int, factor: int = 2) -> int:
     """Enough splits for ``factor`` programs per SM over (``programs`` x splits), none shorter than one key block.
 
     ``programs``: the grid's other programs, rows x KV heads x query blocks. (Counting the query blocks matters for
@@ -297,7 +297,7 @@ def ragged_context_partials(
     block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
-    split_factor: int = 4,
+    split_factor: int = 2,
     poison: bool = False,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
@@ -317,7 +317,9 @@ def ragged_context_partials(
         src_rows: ``[B]`` int32 on the device.
         max_seqlen: a bound on the longest segment (host int; caps the number of splits without a device sync).
         num_splits: splits per segment, each segment cut into that many equal slices of its own length; default:
-            enough for ``split_factor`` programs per SM.
+            enough for ``split_factor`` programs per SM. (Two: with the merge counted, an H100 sweep of one layer
+            found 33 splits faster than 66 for one row at 32K and 128K, and 8 faster than 17 for 64 shared rows;
+            docs/results/h100-depth-2/splits.md. The split kernel alone is fastest at about 4 programs per SM.)
         poison: fill the buffers with NaN first (tests: every element must be written).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Decode attention in three launches: the context's splits, the tail's splits, then one merge (a candidate).
+"""Decode attention in three launches: the context's splits, the tail's splits, then one merge.
 
 `ragged_attention_with_tail` merges the context's split results inside its tail kernel: one program per (row, KV
 head) walks the whole dense tail, then adds up the splits' partial results one after another. On an H100 that kernel
@@ -7,9 +7,10 @@ split), and an 8K-token answer's tail is walked by one program per (row, head).
 
 Here the tail is cut into splits like the context (`_tail_split_kernel`: causal, with padding or a static tail's
 device-side end, writing partial results in the context splits' format), and `_merge_kernel` merges both sets with
-one program per (row, KV head, query row), reading ``BLOCK_S`` splits' partial results per load. It is registered as
-the backend ``"triton-split-tail"`` (`kvzip_cache.backends.use_backend`) and compared with the two-launch path by
-``python scripts/kernel_sweep.py --splits``; whichever a GPU run shows faster becomes the one path.
+one program per (row, KV head, query row), reading ``BLOCK_S`` splits' partial results per load. The Triton backend
+takes this path unless rows share a context and their tails are short (`triton_backend.decode_kernel`, from the H100
+sweep of ``python scripts/kernel_sweep.py --splits``: 25.4 against 32.8 us a layer for one row at 32K, 45.9 against
+228.8 with an 8K-token tail); the backend ``"triton-split-tail"`` forces it.
 
 References: `tail_split_partials_reference` for the tail kernel, `merge_splits` over both sets for the merge.
 """
