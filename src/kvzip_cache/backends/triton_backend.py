@@ -71,7 +71,8 @@ def ragged_attention(
     ctx = kv.context
     grouped = query.reshape(batch, ctx.num_heads, (num_q_heads // ctx.num_heads) * q_len, head_dim)
     share = kv.share if shared else 1
-    kernel = kernel or decode_kernel(share, kv.tail_keys.shape[2])
+    # chosen from the batch's layout, so that "triton-per-row" differs from "triton" only in how the context is read
+    kernel = kernel or decode_kernel(kv.share, kv.tail_keys.shape[2])
     with _on(query.device):
         return kernel(
             grouped, ctx.keys, ctx.values, ctx.cu_seqlens, kv.src_index, ctx.max_seqlen,
