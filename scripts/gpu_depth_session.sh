@@ -15,6 +15,9 @@
 #                                             # weights' floor (what #30's 1.3x floor leaves attention)
 #   bash scripts/gpu_depth_session.sh combo   # sweep, a short launch sweep, then the GPU tests new since the lane
 #   bash scripts/gpu_depth_session.sh fp8gap  # the 1K compiled step profiled, bf16 against fp8 kept pairs
+#   bash scripts/gpu_depth_session.sh compiled [CONTEXTS]  # #30's side by side: compiled and eager decoding, bf16 vs
+#                                             # fp8 kept pairs vs transformers' fp8 QuantizedCache (carry .whl/tf525:
+#                                             # transformers 5.25 and what it needs beyond the device's packages)
 #   bash scripts/gpu_depth_session.sh p       # only carries a part
 #   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
 # Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
@@ -78,6 +81,19 @@ case ${1:-} in
                 --out "$OUT/gap-$kv" > "$OUT/gap-$kv.log" 2>&1
             grep -E "row\(s\)|Error" "$OUT/gap-$kv.log" | cut -c1-300
         done ;;
+    compiled)  # default contexts: 32K, then 128K
+        install_library
+        if ls .whl/tf525/*.whl > /dev/null 2>&1; then  # transformers 5.25 has QuantizedCache("fp8"); 5.17 does not
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tf525 .whl/tf525/*.whl 2>&1 | tail -2
+            export PYTHONPATH=/tmp/site:/tmp/tf525:/tmp/kvzip_data
+        fi
+        python3 -c "import transformers; print('transformers', transformers.__version__)" | tee "$OUT/versions.txt"
+        for context in ${2:-32768 131072}; do
+            timeout "${BENCH_TIMEOUT:-280}" python3 -m kvzip_cache.bench --compiled --batches 1 --ratios 0.3 \
+                --decode-steps 32 --kv-dtypes model fp8 --contexts $context --no-generate \
+                --baselines dynamic-eager quantized-fp8-eager --out "$OUT/compiled$context" > "$OUT/compiled$context.log" 2>&1
+            grep -E "ctx|skip|Error" "$OUT/compiled$context.log" | cut -c1-300 | tail -8
+        done ;;
     p) ;;
     probe)
         mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
@@ -89,5 +105,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|compiled|p|probe"; exit 2 ;;
 esac
