@@ -5,6 +5,8 @@ kept pairs in bf16, and in fp8 at ratio 0.3).
     python scripts/kernel_sweep.py --quick    # the same for one row at 32K and 128K, ratio 0.3, split factor 4
     python scripts/kernel_sweep.py --splits OUT.json   # one layer's whole decode attention (context splits, then
                                                         # tail + merge) against the number of splits
+    python scripts/kernel_sweep.py --shared OUT.json   # 64 rows sharing 32K: the split kernel's launch configurations
+                                                        # (query block, key block, stages, warps, splits)
 
 ``--splits``: one decode step's attention of one layer at ratio 0.3, a static tail of 80 slots (40 written), for one
 row at 32K and 128K and 64 shared rows at 32K (query blocks of 64 and 128 rows), bf16 and fp8 kept pairs: the split
@@ -143,8 +145,62 @@ def split_table(records: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
+    """The context split kernel for ``share`` rows stacked on one context (``share`` x 4 query rows a KV head): every
+    launch configuration, split kernel alone, bf16 and fp8 kept pairs; then the whole two-launch attention (tail of
+    80 slots, merge) for the default and the three fastest configurations."""
+    gen = torch.Generator().manual_seed(0)
+    _, keys_bf16, values_bf16, cu, _, max_len = shape(context, 0.3, 1, gen)
+    bucket = 1 << (context - 1).bit_length()
+    query = torch.randn(share, HEADS, GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+    stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
+    src = torch.zeros(share, dtype=torch.int32, device="cuda")
+    tail = torch.randn(share, HEADS, 80, DIM, device="cuda", dtype=torch.bfloat16)
+    end = torch.tensor(40, device="cuda")
+    flops = 4 * share * GROUP * (cu[-1].item()) * DIM  # QK and PV over every kept pair of every KV head
+    records = []
+    for kv_dtype in ("bf16", "fp8"):
+        keys, values, scales = keys_bf16, values_bf16, {}
+        if kv_dtype == "fp8":
+            (keys, key_scales), (values, value_scales) = quantize_fp8(keys), quantize_fp8(values)
+            scales = {"key_scales": key_scales, "value_scales": value_scales}
+        timed = []
+        for block_m, block_n, stages, warps, splits in itertools.product(
+                (64, 128, 256), (64, 128), (2, 3), (4, 8, 16), (None, 8)):
+            if warps not in ((4, 8) if block_m == 64 else (8, 16)):  # (the kernel takes >= 8 for larger blocks)
+                continue
+            config = dict(block_m=block_m, block_n=block_n, num_stages=stages, num_warps=warps, num_splits=splits)
+            split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
+                                                    **config, **scales)
+            try:
+                split_us = triton.testing.do_bench_cudagraph(split, rep=20) * 1e3
+            except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+                print(f"  skip {config}: {type(error).__name__}", flush=True)
+                continue
+            record = {"kv": kv_dtype, **config, "splits": splits or "default", "used_splits": split()[0].shape[2],
+                      "split_us": round(split_us, 1), "tflops": round(flops / split_us / 1e6, 1)}
+            timed.append(record)
+            print(json.dumps(record), flush=True)
+        default = {"block_m": None, "block_n": 128, "num_stages": 2, "num_warps": 4, "num_splits": None}
+        best = sorted(timed, key=lambda r: r["split_us"])[:3]
+        for config in [default] + [{k: r[k] for k in default} for r in best]:
+            context_config = {("context_block_m" if k == "block_m" else k): v for k, v in config.items()}
+            whole = lambda: ragged_attention_with_tail(query, keys, values, cu, src, bucket, tail, tail, None,  # noqa: E731
+                                                       0.088, 1, tail_end=end, share=share, **context_config, **scales)
+            whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
+            record = {"kv": kv_dtype, "whole": True, **config, "whole_us": round(whole_us, 1)}
+            print(json.dumps(record), flush=True)
+            records.append(record)
+        records.extend(timed)
+        with open(path, "w") as f:  # after each dtype: a timed-out run keeps what it measured
+            json.dump({"device": torch.cuda.get_device_name(), "share": share, "context": context,
+                       "records": records}, f, indent=1)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--splits":
         split_sweep(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--shared":
+        shared_sweep(sys.argv[2])
     else:
         main(quick="--quick" in sys.argv)

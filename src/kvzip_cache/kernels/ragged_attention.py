@@ -351,7 +351,8 @@ def ragged_context_partials(
         lse.stride(0), lse.stride(1), lse.stride(2),
         num_heads, rows, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
-        SCALED=scaled, num_warps=num_warps if block_d <= 128 and block_m <= 64 else 8, num_stages=num_stages,
+        SCALED=scaled, num_warps=num_warps if block_d <= 128 and block_m <= 64 else max(num_warps, 8),
+        num_stages=num_stages,
     )
     return out, lse
 
