@@ -25,7 +25,7 @@ import torch
 import triton
 
 from kvzip_cache.kernels import ragged_attention_split_tail, ragged_attention_with_tail, ragged_context_partials
-from kvzip_cache.kernels.ragged_attention import default_context_block_m
+from kvzip_cache.kernels.ragged_attention import shared_launch
 from kvzip_cache.storage import quantize_fp8
 
 HEADS, GROUP, DIM = 8, 4, 128
@@ -113,14 +113,15 @@ def split_sweep(path: str) -> None:
             kernel = ragged_attention_with_tail if path == "two-launch" else ragged_attention_split_tail
             whole = lambda: kernel(query, keys, values, cu, src, bucket, tail, tail, None, 0.088, 1,  # noqa: E731
                                    tail_end=end, share=share, num_splits=splits, context_block_m=block_m, **scales)
-            block = block_m or default_context_block_m(share, GROUP, 16)  # the split kernel's own choice
+            launch = ({"block_m": block_m or 16} if block_m or share == 1 else  # the split kernel's own choice
+                      shared_launch(share * GROUP, DIM, query.dtype, keys.dtype, query.device))
             split = lambda: ragged_context_partials(stacked, keys, values, cu, src[:1], bucket, 0.088,  # noqa: E731
-                                                    num_splits=splits, block_m=block, **scales)
+                                                    **{**launch, "num_splits": splits}, **scales)
             parts = split()[0]
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
             split_us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
             record = {"context": context, "rows": share, "kv": kv_dtype, "tail": f"{written}/{tail_slots}",
-                      "path": path, "splits": splits or "default", "used_splits": parts.shape[2], "block_m": block,
+                      "path": path, "splits": splits or "default", "used_splits": parts.shape[2], "block_m": launch["block_m"],
                       "whole_us": round(whole_us, 1), "split_us": round(split_us, 1),
                       "merge_us": round(whole_us - split_us, 1), "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
             records.append(record)

@@ -368,6 +368,53 @@ def test_the_backend_picks_the_split_tail_unless_shared_rows_have_short_tails():
     assert triton_backend.decode_kernel(64, triton_backend.SHARED_SHORT_TAIL + 1) is kernels.ragged_attention_split_tail
 
 
+def test_shared_rows_take_the_pipelined_launch_only_where_it_was_measured_and_fits():
+    """`shared_launch`: 16-bit queries and pairs, >= 64 stacked rows, head_dim <= 128 take the configuration the H100
+    sweep found fastest (docs/results/h100-depth-3); fp8 pairs, float32, few rows, wide heads and a device without
+    the shared memory for three stages keep the defaults."""
+    from kvzip_cache.kernels.ragged_attention import shared_block_m, shared_launch
+
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    pipelined = {"block_n": 64, "num_stages": 3, "split_factor": 1}
+    assert shared_launch(256, 128, bf16, bf16, cpu) == {"block_m": 128, "num_warps": 8, **pipelined}
+    assert shared_launch(64, 64, torch.float16, torch.float16, cpu) == {"block_m": 64, "num_warps": 4, **pipelined}
+    for rows, head_dim, query, pairs in [(256, 128, bf16, torch.float8_e4m3fn), (256, 128, torch.float32, torch.float32),
+                                         (32, 128, bf16, bf16), (256, 256, bf16, bf16)]:
+        assert shared_launch(rows, head_dim, query, pairs, cpu) == {"block_m": shared_block_m(rows)}
+    if CUDA:  # the fitting rule against this GPU's own limit
+        properties = torch.cuda.get_device_properties(0)
+        fits = 3 * 2 * 64 * 128 * 2 + 128 * 128 * 2 <= getattr(properties, "shared_memory_per_block_optin", 0)
+        assert ("num_stages" in shared_launch(256, 128, bf16, bf16, torch.device("cuda"))) == fits
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+def test_the_pipelined_shared_launch_matches_the_reference(kernel):
+    """The launch `shared_launch` picks for many 16-bit shared rows (query blocks of 128, 64-key blocks, three
+    stages, one program per SM), forced on float32 inputs so that the CPU interpreter runs it too: 64 rows x 4
+    query heads over one context, uneven and empty heads, equal to the reference backend."""
+    from kvzip_cache.storage import CompressedContext
+    from kvzip_cache.views import RaggedKV
+
+    head_dim, num_heads, group, batch, tail = 64, 2, 4, 64, 9
+    gen = torch.Generator().manual_seed(64)
+    keys, values, offsets = _flat_context([0, 300, 77, 129], head_dim, torch.float32, gen)
+    counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    ctx = CompressedContext.from_counts(keys, values, torch.zeros(len(keys), dtype=torch.int32, device=DEVICE),
+                                        counts.to(DEVICE), num_heads)
+    src_rows = (1,) * batch
+    tail_k = torch.randn(batch, num_heads, tail, head_dim, generator=gen).to(DEVICE)
+    tail_v = torch.randn(batch, num_heads, tail, head_dim, generator=gen).to(DEVICE)
+    index = torch.tensor(src_rows, dtype=torch.int32, device=DEVICE)
+    kv = RaggedKV(ctx, src_rows, index, tail_k, tail_v, length=400, share=batch)
+    query = torch.randn(batch, num_heads * group, 1, head_dim, generator=gen).to(DEVICE)
+    expected = reference.ragged_attention(query, kv, 0.125, None)
+    entry = kernels.ragged_attention_with_tail if kernel == "two-launch" else kernels.ragged_attention_split_tail
+    got = entry(query.reshape(batch, num_heads, group, head_dim), keys, values, ctx.cu_seqlens, index, 300, tail_k,
+                tail_v, None, 0.125, 1, share=batch, context_block_m=128, block_n=64, num_stages=3, num_warps=8,
+                split_factor=1)
+    _close(got, expected, OUT_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
 @pytest.mark.parametrize(

@@ -334,6 +334,18 @@ def report_header(result: dict, title: str) -> list[str]:
     ]
 
 
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs so far (``TORCH_LOGS=cudagraphs`` says why): a
+    step that skips them launches every kernel from Python, and its time is then the launches', not the GPU's."""
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+
+
+def skip_note(before: int) -> list[str]:
+    """A row note when CUDA graphs were skipped since the count ``before`` (`cudagraph_skips`), else nothing."""
+    skipped = cudagraph_skips() - before
+    return [f"CUDA graphs skipped {skipped}x (TORCH_LOGS=cudagraphs says why)"] if skipped else []
+
+
 def compiled_forward(model: PreTrainedModel) -> Callable[..., Any]:
     """``model.forward`` compiled with CUDA graphs (``mode="reduce-overhead"``, full graph), after a dynamo reset."""
     torch._dynamo.reset()

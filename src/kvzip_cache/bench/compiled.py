@@ -30,7 +30,8 @@ import torch
 
 from ..cache import KVzipCache
 from ..compat import cache_kwarg
-from .common import (GB, NoTemplateTokenizer, Row, compiled_forward, copy_bandwidth, generate_ms, load_model,
+from .common import (GB, NoTemplateTokenizer, Row, compiled_forward, copy_bandwidth, cudagraph_skips, generate_ms,
+                     load_model, skip_note,
                      question_step, random_context, result_record, timed_steps)
 
 
@@ -104,11 +105,12 @@ def run_compiled(args) -> dict:
                 forward = compiled_forward(model) if compiled else model
                 token_bytes = kv_per_token // dtype.itemsize if quantized else kv_per_token  # fp8: 1 byte an element
                 row = Row(method, context, batch, kv_gb=token_bytes * context * batch / GB)
-                began = time.perf_counter()
+                began, skips = time.perf_counter(), cudagraph_skips()
                 timed_steps(forward, model, cache, token, position, 1, warmup=2)  # compile + record the graph
                 row.compile_s = time.perf_counter() - began if compiled else float("nan")
                 torch.cuda.reset_peak_memory_stats()
                 row.decode_ms, _ = timed_steps(forward, model, cache, token, position + 3, steps)
+                row.notes += skip_note(skips)
                 row.peak_decode_gb = torch.cuda.max_memory_allocated() / GB
                 row.floor_ms = floor(token_bytes * (context + room) * batch)
                 record(row)
@@ -147,7 +149,7 @@ def _kvzip_rows(args, model, ids, ask, context: int, batch: int, room: int, step
     token, position = question_step(model, cache, ask, context)
     forward = compiled_forward(model)
     row = Row(f"{name}-compiled", context, batch, args.ratios[-1], kv_gb=cache.kv_bytes() / GB)
-    began = time.perf_counter()
+    began, skips = time.perf_counter(), cudagraph_skips()
     _, warm_tokens = timed_steps(forward, model, cache, token, position, 1, warmup=2)
     row.compile_s = time.perf_counter() - began
     cache.rollback()
@@ -159,6 +161,7 @@ def _kvzip_rows(args, model, ids, ask, context: int, batch: int, room: int, step
     same = torch.cat(compiled_tokens, 1) == torch.cat(eager_tokens, 1)
     first = int((~same.all(0)).nonzero()[0]) if not bool(same.all()) else same.shape[1]
     row.notes.append(f"greedy vs eager KVzip: {first}/{same.shape[1]} leading tokens identical in all rows")
+    row.notes += skip_note(skips)
     cache.rollback()
     try:
         # generate compiles its decode steps itself: the warm-up call inside pays the compilation

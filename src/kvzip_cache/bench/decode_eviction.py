@@ -46,8 +46,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..cache import KVzipCache
 from ..compat import cache_kwarg
 from ..scorers.predictor import ScorePredictor
-from .common import (GB, copy_bandwidth, free_memory, load_model, machine_record, peak_gb, report_header, reset_peak,
-                     warm_up)
+from .common import (GB, copy_bandwidth, cudagraph_skips, free_memory, load_model, machine_record, peak_gb,
+                     report_header, reset_peak, skip_note, warm_up)
 
 MODES = ("off", "on", "off-compiled", "on-compiled")
 CONTEXT_START = 16  # the protected prefix of the random context
@@ -128,7 +128,7 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row = DecodeRow(mode, base.context_length, ratio, args.window, args.new_tokens, repeat,
                     context_kv_gb=base.kv_bytes() / GB)
     question = torch.randint(10, model.config.vocab_size, (1, args.question_tokens), device=model.device)
-    hooks = []
+    hooks, skips = [], cudagraph_skips()  # (counted from before the warm-up, which compiles)
     if mode.endswith("compiled"):
         base = copy.deepcopy(base)
         if mode == "on-compiled":
@@ -160,6 +160,7 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.steady_median_ms = statistics.median(t for t, evicted in zip(steps, clock.evicted) if not evicted)
     evicting = [t for t, evicted in zip(steps, clock.evicted) if evicted]
     row.eviction_step_ms = statistics.mean(evicting) if evicting else float("nan")
+    row.notes += skip_note(skips)
     slow = [(i, t) for i, t in enumerate(steps) if t > 1e3]  # a recompilation inside the measurement, say
     if slow:
         row.notes.append("steps over 1 s: " + ", ".join(f"#{i} {t / 1e3:.1f} s" for i, t in slow))

@@ -402,7 +402,7 @@ def ragged_attention_with_tail(
             static tail), and the queries are the last ``q_len`` of those. Read by the kernel, not by the host.
         share: R, batch rows per shared context row (B must be a multiple of it); 1 reads the context per row.
         context_block_m: query rows per program of the context's split kernel (default: ``block_m``, or
-            `shared_block_m` of the stacked rows when ``share > 1``).
+            `shared_launch`'s choice for the stacked rows when ``share > 1``).
 
     Returns:
         ``[B, q_len, H * g, D]`` in the query dtype (the layout transformers expects from an attention function).
@@ -410,7 +410,7 @@ def ragged_attention_with_tail(
     batch, num_heads, rows, head_dim = query.shape
     group = rows // q_len
     out_part, lse_part = context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, share,
-                                          context_block_m or default_context_block_m(share, rows, block_m), **kwargs)
+                                          block_m, context_block_m, **kwargs)
     out = torch.empty(batch, q_len, num_heads * group, head_dim, dtype=query.dtype, device=query.device)
     valid = tail_valid.to(torch.int8).contiguous() if tail_valid is not None else out_part  # dummy when absent
     tail_len = tail_keys.shape[2]
@@ -443,10 +443,14 @@ def context_partials(
     scaling: float,
     share: int,
     block_m: int,
+    context_block_m: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ragged_context_partials` for ``[B, H, M, D]`` queries; with ``share = R > 1`` the R rows of each shared
     context are stacked into one ``[R * M]`` query matrix per KV head (the context read once for them).
+
+    ``context_block_m``: query rows per program; default ``block_m`` for rows of their own, `shared_launch`'s
+    choice (with its key block, stages, warps and splits, unless ``kwargs`` name them) for stacked rows.
 
     Returns:
         ``(out [B / R, H, splits, R * M, D], lse [B / R, H, splits, R * M])``: batch row ``b``'s query row ``m`` is
@@ -455,20 +459,56 @@ def context_partials(
     batch, num_heads, rows, head_dim = query.shape
     if share == 1:
         return ragged_context_partials(query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling,
-                                       block_m=block_m, **kwargs)
+                                       block_m=context_block_m or block_m, **kwargs)
     if batch % share:
         raise ValueError(f"share={share} does not divide the batch of {batch} rows")
     contexts = batch // share
     stacked = query.reshape(contexts, share, num_heads, rows, head_dim).transpose(1, 2)
     stacked = stacked.reshape(contexts, num_heads, share * rows, head_dim)
+    launch = ({"block_m": context_block_m} if context_block_m else
+              shared_launch(share * rows, head_dim, query.dtype, keys.dtype, query.device))
+    launch.update(kwargs)
     return ragged_context_partials(stacked, keys, values, cu_seqlens, src_rows[::share].contiguous(), max_seqlen,
-                                   scaling, block_m=block_m, **kwargs)
+                                   scaling, **launch)
 
 
-def default_context_block_m(share: int, rows: int, block_m: int) -> int:
-    """Query rows per program of the context's split kernel: ``block_m`` for rows of their own, `shared_block_m` of
-    the ``share * rows`` stacked query rows of a shared context."""
-    return shared_block_m(share * rows) if share > 1 else block_m
+def shared_launch(stacked_rows: int, head_dim: int, query_dtype: torch.dtype, kv_dtype: torch.dtype,
+                  device: torch.device) -> dict:
+    """Launch configuration of the split kernel over a shared context's ``stacked_rows`` query rows per KV head.
+
+    By default all rows in one query block up to 64 (`shared_block_m`: each key block loaded once for every row),
+    with the kernel's other defaults. Many stacked rows make the kernel compute-bound: for 16-bit queries and pairs,
+    at least 64 stacked rows and head_dim up to 128, it takes key blocks of 64 through a three-stage pipeline, query
+    blocks of 128 (8 warps) from 128 rows on, and one program per SM (fewer splits: the merge reads fewer partial
+    results). H100 sweep, 64 rows x 4 query heads on a 32K context at 0.3 (docs/results/h100-depth-3): the whole
+    attention of a layer 58.7 against 84.5 us, the split kernel alone 42.9 against 68.4. fp8 pairs keep the
+    defaults (their best configuration, two stages and 128-key blocks with 8 splits, was 4 us faster than them), as
+    do float32 and larger heads (whose three stages would not fit in shared memory).
+    """
+    default = {"block_m": shared_block_m(stacked_rows)}
+    sixteen_bit = (torch.float16, torch.bfloat16)
+    if stacked_rows < 64 or head_dim > 128 or query_dtype not in sixteen_bit or kv_dtype not in sixteen_bit:
+        return default
+    block_m, block_d = (128 if stacked_rows >= 128 else 64), head_dim_block(head_dim)
+    tiles = 3 * (2 * 64 * block_d * 2) + block_m * block_d * 2  # three stages of key + value tiles, the queries
+    if tiles > _shared_memory(device):
+        return default
+    return {"block_m": block_m, "block_n": 64, "num_stages": 3, "num_warps": 8 if block_m > 64 else 4,
+            "split_factor": 1}
+
+
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on ``device`` (Triton's interpreter: no limit)."""
+    if device.type != "cuda":
+        return 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_MEMORY:
+        properties = torch.cuda.get_device_properties(index)
+        _SHARED_MEMORY[index] = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
+    return _SHARED_MEMORY[index]
 
 
 def shared_block_m(rows: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .ragged_attention import context_partials, default_context_block_m, head_dim_block, triton
+from .ragged_attention import context_partials, head_dim_block, triton
 
 
 def tail_splits_for(capacity: int, keys_per_split: int = 256, max_splits: int = 16) -> int:
@@ -308,7 +308,7 @@ def ragged_attention_split_tail(
     the tail's splits (``tail_splits``; default `tail_splits_for` the tail's capacity), one merge."""
     context_out, context_lse = context_partials(
         query, keys, values, cu_seqlens, src_rows, max_seqlen, scaling, share,
-        context_block_m or default_context_block_m(share, query.shape[2], block_m), **kwargs)
+        block_m, context_block_m, **kwargs)
     splits = tail_splits or tail_splits_for(tail_keys.shape[2])
     tail_out, tail_lse = tail_split_partials(query, tail_keys, tail_values, tail_valid, scaling, q_len, splits,
                                              tail_end=tail_end, block_m=block_m)
