@@ -196,6 +196,26 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
         with open(path, "w") as f:  # after each dtype: a timed-out run keeps what it measured
             json.dump({"device": torch.cuda.get_device_name(), "share": share, "context": context,
                        "records": records}, f, indent=1)
+        with open(path.removesuffix(".json") + ".md", "w") as f:
+            f.write(shared_table(records, torch.cuda.get_device_name(), share, context))
+
+
+def shared_table(records: list[dict], device: str, share: int, context: int) -> str:
+    """Markdown of a `shared_sweep`: the whole attention for the default and the fastest launches, then the split
+    kernel alone, fastest first, per storage type."""
+    lines = [f"# {share} rows sharing a {context}-token context at 0.3, one layer ({device})", "",
+             "Whole attention (context splits, tail, merge), CUDA-graph replays:", "",
+             "| pairs | query block | key block | stages | warps | splits | us |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in records if r.get("whole")):
+        lines.append(f"| {r['kv']} | {r['block_m'] or 'default'} | {r['block_n']} | {r['num_stages']} | "
+                     f"{r['num_warps']} | {r['num_splits'] or 'default'} | {r['whole_us']} |")
+    lines += ["", "The split kernel alone (every configuration that fits):", "",
+              "| pairs | query block | key block | stages | warps | splits (used) | us | TFLOP/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in records if not r.get("whole")), key=lambda r: (r["kv"], r["split_us"])):
+        lines.append(f"| {r['kv']} | {r['block_m']} | {r['block_n']} | {r['num_stages']} | {r['num_warps']} | "
+                     f"{r['splits']} ({r['used_splits']}) | {r['split_us']} | {r['tflops']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

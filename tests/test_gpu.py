@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import logging
 
 import pytest
 import torch
@@ -338,16 +339,37 @@ def _static_pair(model, context, ratio=0.3, room=48, kv_dtype=None):
     return caches
 
 
+class _GraphRecordings(logging.Handler):
+    """Collects inductor's "Recording cudagraph tree ..." messages (one per compiled graph and distinct set of its
+    integer inputs: a step whose inputs change size records a new CUDA graph at every new size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Recording cudagraph tree" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
 def _cuda_graphs_required():
     """Fail if inductor runs a compiled step without CUDA graphs (it then launches every kernel from Python, and a
     step costs its launches: the 8B step with fp8 pairs took ~9.4 ms at 1K, 32K and 128K alike on an H100). Where
-    this torch has ``triton.cudagraph_or_error``, the skip raises with inductor's reason; the skip counter
-    catches it otherwise."""
+    this torch has ``triton.cudagraph_or_error``, the skip raises with inductor's reason; the skip counter catches it
+    otherwise. Yields the CUDA graph recordings made inside (`_GraphRecordings.messages`)."""
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     strict = {"triton.cudagraph_or_error": True} if hasattr(torch._inductor.config.triton, "cudagraph_or_error") else {}
-    with torch._inductor.config.patch(strict):
-        yield
+    recordings = _GraphRecordings()
+    logger = logging.getLogger("torch._inductor.cudagraph_trees.__cudagraphs")
+    torch._logging.set_logs(cudagraphs=True)
+    logger.addHandler(recordings)
+    try:
+        with torch._inductor.config.patch(strict):
+            yield recordings.messages
+    finally:
+        logger.removeHandler(recordings)
+        torch._logging.set_logs()
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
 
 
@@ -386,9 +408,30 @@ def _compiled_static_decode_equals_eager(arch, dtype, kv_dtype):
         return torch.cat(tokens, 1)
 
     expected = greedy(eager, model)
-    with torch._dynamo.config.patch(error_on_recompile=True), _cuda_graphs_required():
+    with torch._dynamo.config.patch(error_on_recompile=True), _cuda_graphs_required() as recordings:
         first, second = greedy(static, compiled), greedy(static, compiled)  # the second one replays the graph
     assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert len(recordings) == 1, recordings  # one CUDA graph for all 24 steps: no input changes size
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_generate_records_one_cuda_graph_however_long_the_answer(kv_dtype):
+    """generate's own compiled steps on a static cache without eviction (the long-answer bench's off-compiled mode):
+    the answer's tokens equal eager generate's, and the step is recorded as one CUDA graph, not again whenever an
+    input changes size (that bench logged 9 distinct sizes during an 8K-token answer on an H100, at 18.8 ms a
+    step against 10.0 with eviction)."""
+    torch._dynamo.reset()
+    model, _ = _on_gpu("llama", torch.bfloat16 if kv_dtype else torch.float32)
+    context, question, new = _ids(300, 41), _ids(6, 42), 72
+    eager, static = _static_pair(model, context, room=question.shape[1] + new, kv_dtype=kv_dtype)
+    want = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False)
+    with _cuda_graphs_required() as recordings:
+        got = model.generate(**static.inputs_for(question), past_key_values=static, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False)
+    lead = got.shape[1] if kv_dtype is None else got.shape[1] - new + 12  # bf16: compiled sums may round otherwise
+    assert torch.equal(got[:, :lead], want[:, :lead])
+    assert 1 <= len(recordings) <= 2, recordings  # (generate may compile its first decode step apart)
 
 
 def test_compiled_decoding_with_eviction_equals_eager_eviction():
@@ -427,12 +470,13 @@ def test_compiled_decoding_with_eviction_equals_eager_eviction():
         return torch.cat(tokens, 1)
 
     expected = greedy(eager, model, hook=False)
-    with torch._dynamo.config.patch(error_on_recompile=True), _cuda_graphs_required():
+    with torch._dynamo.config.patch(error_on_recompile=True), _cuda_graphs_required() as recordings:
         first = greedy(static, compiled, hook=True)
         evictions = len(static.decode_eviction.history)
         static.rollback()
         second = greedy(static, compiled, hook=True)  # replays the graph on the reset buffers
     assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert len(recordings) == 1, recordings  # evicting between steps changes no input's size
     assert evictions == len(eager.decode_eviction.history) >= 5
     eager.rollback()
     static.rollback()
