@@ -269,6 +269,52 @@ def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_m
     assert len(static.decode_eviction.history) == len(eager.decode_eviction.history) > 20
 
 
+def test_a_mask_built_outside_the_compiled_step_keeps_its_layout_as_the_answer_grows():
+    """generate (transformers 5.17) builds a static cache's masks eagerly and hands them to the compiled step as
+    they are. Their strides must not change as the 2D mask grows: dynamo would trace the stride as an integer input,
+    and CUDA graphs record the step again for every new value (an 8K-token answer took 18.8 ms a step instead of ~10
+    on an H100). Here the step must never recompile over 40 tokens and give eager generate's tokens."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    from kvzip_cache.compat import cache_kwarg
+
+    torch._dynamo.reset()
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "linear", seed=5)
+    gen = torch.Generator().manual_seed(5)
+    ids, question = torch.randint(3, 120, (1, 29), generator=gen), torch.randint(3, 120, (1, 5), generator=gen)
+    new = 40
+    caches = []
+    for static in (False, True):
+        cache = KVzipCache(model)
+        cache.prefill(model, ids, context_start=2)
+        cache.compress(model, 0.5, predictor=predictor)
+        if static:
+            cache.make_static(question.shape[1] + new)
+        caches.append(cache)
+    eager, static = caches
+    expected = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False)[:, -new:]
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+    attention = static.inputs_for(question)["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=question, attention_mask=attention, past_key_values=static,
+                       position_ids=torch.arange(ids.shape[1], attention.shape[1])[None]).logits
+    token, tokens = logits[:, -1:].argmax(-1), []
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for _ in range(new - 1):
+            tokens.append(token)
+            attention = torch.cat([attention, torch.ones_like(token)], 1)
+            position = torch.tensor([[attention.shape[1] - 1]])
+            mask = create_masks_for_generate(config=model.config, inputs_embeds=torch.empty(1, 1, 0),
+                                             attention_mask=attention, position_ids=position,
+                                             **{cache_kwarg(model): static})
+            logits = compiled(input_ids=token, attention_mask=mask, past_key_values=static, position_ids=position).logits
+            token = logits[:, -1:].argmax(-1)
+    tokens.append(token)
+    assert torch.equal(torch.cat(tokens, 1), expected)
+
+
 def test_a_static_mask_keeps_its_type_and_width_when_the_answer_fills_it():
     """transformers 5.17 builds a compileable cache's masks eagerly and hands them to the compiled step: a static
     cache's mask (its query offset is a device tensor) must stay a ``[B, width]`` tensor even once it has no padding
@@ -283,7 +329,10 @@ def test_a_static_mask_keeps_its_type_and_width_when_the_answer_fills_it():
             mask = torch.ones_like(mask) if full else mask
             out = kvzip_mask(2, 1, 48, q_offset=offset, attention_mask=mask)
             assert out is not None and out.shape == (2, 48) and out.dtype == torch.bool
+            assert out.stride() == (48, 1)  # the same strides at every step (a stride is a compiled step's input)
             assert torch.equal(out[:, : min(columns, 48)], mask[:, :48].bool())  # position-indexed columns
             assert not out[:, columns:].any()  # slots not written yet
+    one = kvzip_mask(1, 1, 48, q_offset=offset, attention_mask=torch.ones(1, 30, dtype=torch.long))
+    assert one.stride() == (48, 1)  # a batch of one too (.contiguous() would keep the view's row stride)
     # a dynamic cache (an int offset) still drops a mask with no padding
     assert kvzip_mask(2, 1, 48, q_offset=40, attention_mask=torch.ones(2, 48, dtype=torch.long)) is None
