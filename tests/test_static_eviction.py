@@ -223,31 +223,36 @@ def test_reset_forgets_the_static_packing_and_a_new_context_evicts_eagerly_again
     assert torch.equal(again, expected)
 
 
-def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_mask_width():
-    """generate's padding mask keeps growing with the answer, past the static view's fixed width (the context's bucket
-    plus the packed tail's room, smaller than the answer when it evicts): the compiled step must take no branch on
-    that width (a recompilation of the whole model, 41 s for the 8B shape on an H100), and still give eager
-    eviction's tokens."""
+def _compiled_setup(seed: int, new: int, evict_ratio: float | None = None):
+    """A tiny Llama (dynamo reset), a 29-token context, a 5-token question and `_eager_and_static`'s two caches with
+    room for the question and ``new`` tokens."""
     torch._dynamo.reset()
     model, _ = make_pair("llama")
-    predictor = ScorePredictor.init(model, "linear", seed=4)
-    gen = torch.Generator().manual_seed(4)
+    predictor = ScorePredictor.init(model, "linear", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
     ids, question = torch.randint(3, 120, (1, 29), generator=gen), torch.randint(3, 120, (1, 5), generator=gen)
-    new, ratio = 200, 0.25
+    return model, ids, question, _eager_and_static(model, predictor, ids, question.shape[1] + new, evict_ratio)
+
+
+def _eager_and_static(model, predictor, ids, room: int, evict_ratio: float | None = None):
+    """Two caches of ``ids`` compressed alike (and evicting while decoding at ``evict_ratio``), the second static."""
     caches = []
     for static in (False, True):
         cache = KVzipCache(model)
         cache.prefill(model, ids, context_start=2)
         cache.compress(model, 0.5, predictor=predictor)
-        cache.evict_while_decoding(model, predictor, ratio, window=WINDOW, level="pair-uniform")
+        if evict_ratio is not None:
+            cache.evict_while_decoding(model, predictor, evict_ratio, window=WINDOW, level="pair-uniform")
         if static:
-            cache.make_static(question.shape[1] + new)
+            cache.make_static(room)
         caches.append(cache)
-    eager, static = caches
-    expected = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False)[:, -new:]
-    width = static.layers[0].static_mask_width
-    assert ids.shape[1] + question.shape[1] + new > width + 8  # the mask outgrows the static width
+    return caches
+
+
+def _compiled_greedy(model, static, ids, question, new: int, mask_for_step, evict: bool = False) -> torch.Tensor:
+    """``[1, new]`` greedy tokens: the question eagerly, then ``new - 1`` steps through a compiled forward (the eager
+    backend) that must never recompile; ``mask_for_step(attention, position)`` gives each step's mask from the
+    growing 2D padding mask."""
     compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
     attention = static.inputs_for(question)["attention_mask"]
     with torch.no_grad():
@@ -255,17 +260,37 @@ def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_m
                        position_ids=torch.arange(ids.shape[1], attention.shape[1])[None]).logits
     token, tokens = logits[:, -1:].argmax(-1), []
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-        for step in range(new - 1):
+        for _ in range(new - 1):
             tokens.append(token)
-            static.evict_between_steps()
+            if evict:
+                static.evict_between_steps()
             attention = torch.cat([attention, torch.ones_like(token)], 1)
-            step_mask = attention.clone()
-            torch._dynamo.mark_dynamic(step_mask, 1)
-            logits = compiled(input_ids=token, attention_mask=step_mask, past_key_values=static,
-                              position_ids=torch.tensor([[attention.shape[1] - 1]])).logits
+            position = torch.tensor([[attention.shape[1] - 1]])
+            logits = compiled(input_ids=token, attention_mask=mask_for_step(attention, position),
+                              past_key_values=static, position_ids=position).logits
             token = logits[:, -1:].argmax(-1)
     tokens.append(token)
-    assert torch.equal(torch.cat(tokens, 1), expected)
+    return torch.cat(tokens, 1)
+
+
+def test_a_compiled_step_is_not_recompiled_when_the_answer_outgrows_the_static_mask_width():
+    """generate's padding mask keeps growing with the answer, past the static view's fixed width (the context's bucket
+    plus the packed tail's room, smaller than the answer when it evicts): the compiled step must take no branch on
+    that width (a recompilation of the whole model, 41 s for the 8B shape on an H100), and still give eager
+    eviction's tokens."""
+    new = 200
+    model, ids, question, (eager, static) = _compiled_setup(4, new, evict_ratio=0.25)
+    expected = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False)[:, -new:]
+    width = static.layers[0].static_mask_width
+    assert ids.shape[1] + question.shape[1] + new > width + 8  # the mask outgrows the static width
+
+    def growing(attention, position):  # the raw 2D mask, its length dynamic
+        step_mask = attention.clone()
+        torch._dynamo.mark_dynamic(step_mask, 1)
+        return step_mask
+
+    assert torch.equal(_compiled_greedy(model, static, ids, question, new, growing, evict=True), expected)
     assert len(static.decode_eviction.history) == len(eager.decode_eviction.history) > 20
 
 
@@ -278,41 +303,17 @@ def test_a_mask_built_outside_the_compiled_step_keeps_its_layout_as_the_answer_g
 
     from kvzip_cache.compat import cache_kwarg
 
-    torch._dynamo.reset()
-    model, _ = make_pair("llama")
-    predictor = ScorePredictor.init(model, "linear", seed=5)
-    gen = torch.Generator().manual_seed(5)
-    ids, question = torch.randint(3, 120, (1, 29), generator=gen), torch.randint(3, 120, (1, 5), generator=gen)
     new = 40
-    caches = []
-    for static in (False, True):
-        cache = KVzipCache(model)
-        cache.prefill(model, ids, context_start=2)
-        cache.compress(model, 0.5, predictor=predictor)
-        if static:
-            cache.make_static(question.shape[1] + new)
-        caches.append(cache)
-    eager, static = caches
+    model, ids, question, (eager, static) = _compiled_setup(5, new)
     expected = model.generate(**eager.inputs_for(question), past_key_values=eager, max_new_tokens=new,
                               min_new_tokens=new, do_sample=False)[:, -new:]
-    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
-    attention = static.inputs_for(question)["attention_mask"]
-    with torch.no_grad():
-        logits = model(input_ids=question, attention_mask=attention, past_key_values=static,
-                       position_ids=torch.arange(ids.shape[1], attention.shape[1])[None]).logits
-    token, tokens = logits[:, -1:].argmax(-1), []
-    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-        for _ in range(new - 1):
-            tokens.append(token)
-            attention = torch.cat([attention, torch.ones_like(token)], 1)
-            position = torch.tensor([[attention.shape[1] - 1]])
-            mask = create_masks_for_generate(config=model.config, inputs_embeds=torch.empty(1, 1, 0),
-                                             attention_mask=attention, position_ids=position,
-                                             **{cache_kwarg(model): static})
-            logits = compiled(input_ids=token, attention_mask=mask, past_key_values=static, position_ids=position).logits
-            token = logits[:, -1:].argmax(-1)
-    tokens.append(token)
-    assert torch.equal(torch.cat(tokens, 1), expected)
+
+    def built_eagerly(attention, position):  # as generate does for a compileable cache
+        return create_masks_for_generate(config=model.config, inputs_embeds=torch.empty(1, 1, 0),
+                                         attention_mask=attention, position_ids=position,
+                                         **{cache_kwarg(model): static})
+
+    assert torch.equal(_compiled_greedy(model, static, ids, question, new, built_eagerly), expected)
 
 
 def test_a_static_mask_keeps_its_type_and_width_when_the_answer_fills_it():
