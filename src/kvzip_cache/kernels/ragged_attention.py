@@ -272,16 +272,23 @@ def choose_splits(programs: int, max_seqlen: int, num_sms: int, block_n: int, fa
     return max(1, min(wanted, (max_seqlen + block_n - 1) // block_n))
 
 
-_SM_COUNT: dict[int, int] = {}
+_DEVICE_LIMITS: dict[int, tuple[int, int]] = {}
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """``(SMs, bytes of shared memory a program may use)`` of ``device``; Triton's interpreter (tests on the CPU):
+    4 SMs and no shared-memory limit."""
+    if device.type != "cuda":
+        return 4, 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_LIMITS:
+        properties = torch.cuda.get_device_properties(index)
+        _DEVICE_LIMITS[index] = properties.multi_processor_count, properties.shared_memory_per_block_optin
+    return _DEVICE_LIMITS[index]
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton's interpreter (tests on the CPU)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return _device_limits(device)[0]
 
 
 def ragged_context_partials(
@@ -491,24 +498,10 @@ def shared_launch(stacked_rows: int, head_dim: int, query_dtype: torch.dtype, kv
         return default
     block_m, block_d = (128 if stacked_rows >= 128 else 64), head_dim_block(head_dim)
     tiles = 3 * (2 * 64 * block_d * 2) + block_m * block_d * 2  # three stages of key + value tiles, the queries
-    if tiles > _shared_memory(device):
+    if tiles > _device_limits(device)[1]:
         return default
     return {"block_m": block_m, "block_n": 64, "num_stages": 3, "num_warps": 8 if block_m > 64 else 4,
             "split_factor": 1}
-
-
-_SHARED_MEMORY: dict[int, int] = {}
-
-
-def _shared_memory(device: torch.device) -> int:
-    """Bytes of shared memory a program may use on ``device`` (Triton's interpreter: no limit)."""
-    if device.type != "cuda":
-        return 1 << 30
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SHARED_MEMORY:
-        properties = torch.cuda.get_device_properties(index)
-        _SHARED_MEMORY[index] = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
-    return _SHARED_MEMORY[index]
 
 
 def shared_block_m(rows: int) -> int:
