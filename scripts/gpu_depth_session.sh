@@ -12,7 +12,7 @@
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
-#                                             # weights' floor (what #30's 1.3x floor leaves attention)
+#                                             # weights' floor, bf16 and fp8 pairs, with inductor's CUDA-graph log
 #   bash scripts/gpu_depth_session.sh combo   # sweep, a short launch sweep, then the GPU tests new since the lane
 #   bash scripts/gpu_depth_session.sh fp8gap  # the 1K compiled step profiled, bf16 against fp8 kept pairs
 #   bash scripts/gpu_depth_session.sh compiled [CONTEXTS]  # #30's side by side: compiled and eager decoding, bf16 vs
@@ -61,10 +61,11 @@ case ${1:-} in
         done ;;
     floor)
         install_library
-        timeout 230 python3 -m kvzip_cache.bench --compiled --batches 1 --ratios 0.3 --decode-steps 32 \
-            --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled --no-generate --out "$OUT/compiled1k" \
-            > "$OUT/compiled1k.log" 2>&1
-        grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | tail -8 ;;
+        # (the fp8 step took ~9.4 ms at 1K, 32K and 128K alike: inductor's CUDA-graph log says whether it skipped them)
+        TORCH_LOGS=cudagraphs,perf_hints timeout 230 python3 -m kvzip_cache.bench --compiled --batches 1 \
+            --ratios 0.3 --decode-steps 32 --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled \
+            --no-generate --out "$OUT/compiled1k" > "$OUT/compiled1k.log" 2>&1
+        grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | cut -c1-300 | tail -12 ;;
     combo)  # one call when device time is short: the sweeps, then the GPU tests new since the last lane
         install_library
         timeout "${SPLITS_TIMEOUT:-240}" python3 scripts/kernel_sweep.py --splits "$OUT/splits.json" > "$OUT/splits.log" 2>&1
