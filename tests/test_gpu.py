@@ -355,7 +355,8 @@ class _GraphRecordings(logging.Handler):
 @contextlib.contextmanager
 def _cuda_graphs_required():
     """Fail if inductor runs a compiled step without CUDA graphs (it then launches every kernel from Python, and a
-    step costs its launches: the 8B step with fp8 pairs took ~9.4 ms at 1K, 32K and 128K alike on an H100). Where
+    step costs its launches: the 8B step with fp8 pairs, ~9.4 ms at 1K, 32K and 128K alike on an H100, looked like
+    one). Where
     this torch has ``triton.cudagraph_or_error``, the skip raises with inductor's reason; the skip counter catches it
     otherwise. Yields the CUDA graph recordings made inside (`_GraphRecordings.messages`)."""
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
