@@ -92,9 +92,10 @@ case ${1:-} in
         fi
         python3 -c "import transformers; print('transformers', transformers.__version__)" | tee "$OUT/versions.txt"
         for context in ${2:-32768 131072}; do
-            TORCH_LOGS=graph_breaks,recompiles timeout "${BENCH_TIMEOUT:-280}" python3 -m kvzip_cache.bench --compiled --batches 1 --ratios 0.3 \
-                --decode-steps 32 --kv-dtypes model fp8 --contexts $context --no-generate \
-                --baselines dynamic-eager quantized-fp8-eager --out "$OUT/compiled$context" > "$OUT/compiled$context.log" 2>&1
+            TORCH_LOGS=graph_breaks,recompiles timeout "${BENCH_TIMEOUT:-280}" python3 -m kvzip_cache.bench \
+                --compiled --batches 1 --ratios 0.3 --decode-steps 32 --kv-dtypes model fp8 --contexts $context \
+                --no-generate --baselines dynamic-eager quantized-fp8-eager --out "$OUT/compiled$context" \
+                > "$OUT/compiled$context.log" 2>&1
             grep -E "ctx|skip|Error" "$OUT/compiled$context.log" | cut -c1-300 | tail -8
             grep -c -i "graph break" "$OUT/compiled$context.log"  # (fp8's compiled step took +1.6 ms at 1K: breaks?)
         done ;;

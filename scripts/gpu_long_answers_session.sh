@@ -3,7 +3,8 @@
 #   bash scripts/gpu_long_answers_session.sh 1  # GPU tests: compiled eviction vs eager, fp8 after the rounding fix;
 #                                               # 32K context at 0.3 + 8K tokens, compiled, without vs with eviction
 #   bash scripts/gpu_long_answers_session.sh 3  # only the 32K + 8K-token comparison, both modes in one process (each
-#                                               # mode compiles, then ~2 minutes of decoding: mode 1 ran out of time)
+#                                               # mode compiles, then ~2 minutes of decoding: mode 1 ran out of time;
+#                                               # 470 s with the split tail, inside a call's limit with the install)
 #   bash scripts/gpu_long_answers_session.sh 4  # one call for the rest: the eviction step at 32K and 128K (compiled,
 #                                               # packed tail), the shared step's profile (1 vs 64 rows at 32K), and
 #                                               # eager eviction's step at 32K and 128K (appends to the ragged store)
@@ -26,7 +27,7 @@ case ${1:-} in
             -k "eviction or fp8_pairs_on_cuda or compiled_static" -rA 2>&1 | tee "$OUT/tests.txt" | tail -6
         timeout 330 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
             --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
-    3)  timeout 560 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
+    3)  timeout 470 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
             --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
     4)  timeout 245 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 1024 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -4
