@@ -121,7 +121,8 @@ def split_sweep(path: str) -> None:
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
             split_us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
             record = {"context": context, "rows": share, "kv": kv_dtype, "tail": f"{written}/{tail_slots}",
-                      "path": path, "splits": splits or "default", "used_splits": parts.shape[2], "block_m": launch["block_m"],
+                      "path": path, "splits": splits or "default", "used_splits": parts.shape[2],
+                      "block_m": launch["block_m"],
                       "whole_us": round(whole_us, 1), "split_us": round(split_us, 1),
                       "merge_us": round(whole_us - split_us, 1), "kv_mb": round((keys.nbytes + values.nbytes) / 1e6, 1)}
             records.append(record)
@@ -182,13 +183,19 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
                       "split_us": round(split_us, 1), "tflops": round(flops / split_us / 1e6, 1)}
             timed.append(record)
             print(json.dumps(record), flush=True)
-        default = {"block_m": None, "block_n": 128, "num_stages": 2, "num_warps": 4, "num_splits": None}
-        best = sorted(timed, key=lambda r: r["split_us"])[:3]
-        for config in [default] + [{k: r[k] for k in default} for r in best]:
-            context_config = {("context_block_m" if k == "block_m" else k): v for k, v in config.items()}
-            whole = lambda: ragged_attention_with_tail(query, keys, values, cu, src, bucket, tail, tail, None,  # noqa: E731
-                                                       0.088, 1, tail_end=end, share=share, **context_config, **scales)
+        fields = ("block_m", "block_n", "num_stages", "num_warps", "num_splits")
+        best = [{k: r[k] for k in fields} for r in sorted(timed, key=lambda r: r["split_us"])[:3]]
+        for config in [None] + best:  # None: the library's own launch (`shared_launch`), no launch arguments
+            context_config = {} if config is None else {
+                ("context_block_m" if k == "block_m" else k): v for k, v in config.items()}
+            whole = lambda: ragged_attention_with_tail(  # noqa: E731
+                query, keys, values, cu, src, bucket, tail, tail, None, 0.088, 1, tail_end=end, share=share,
+                **context_config, **scales)
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
+            if config is None:  # labelled with what the library chose (the kernel's defaults for what it leaves)
+                chosen = {"block_n": 128, "num_stages": 2, "num_warps": 4, "num_splits": "default",
+                          **shared_launch(share * GROUP, DIM, query.dtype, keys.dtype, query.device)}
+                config = {k: chosen[k] for k in fields} | {"default": True}
             record = {"kv": kv_dtype, "whole": True, **config, "whole_us": round(whole_us, 1)}
             print(json.dumps(record), flush=True)
             records.append(record)
@@ -207,7 +214,8 @@ def shared_table(records: list[dict], device: str, share: int, context: int) -> 
              "Whole attention (context splits, tail, merge), CUDA-graph replays:", "",
              "| pairs | query block | key block | stages | warps | splits | us |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r.get("whole")):
-        lines.append(f"| {r['kv']} | {r['block_m'] or 'default'} | {r['block_n']} | {r['num_stages']} | "
+        block = "default" if r["block_m"] is None else f"default ({r['block_m']})" if r.get("default") else r["block_m"]
+        lines.append(f"| {r['kv']} | {block} | {r['block_n']} | {r['num_stages']} | "
                      f"{r['num_warps']} | {r['num_splits'] or 'default'} | {r['whole_us']} |")
     lines += ["", "The split kernel alone (every configuration that fits):", "",
               "| pairs | query block | key block | stages | warps | splits (used) | us | TFLOP/s |",

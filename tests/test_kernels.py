@@ -378,8 +378,8 @@ def test_shared_rows_take_the_pipelined_launch_only_where_it_was_measured_and_fi
     pipelined = {"block_n": 64, "num_stages": 3, "split_factor": 1}
     assert shared_launch(256, 128, bf16, bf16, cpu) == {"block_m": 128, "num_warps": 8, **pipelined}
     assert shared_launch(64, 64, torch.float16, torch.float16, cpu) == {"block_m": 64, "num_warps": 4, **pipelined}
-    for rows, head_dim, query, pairs in [(256, 128, bf16, torch.float8_e4m3fn), (256, 128, torch.float32, torch.float32),
-                                         (32, 128, bf16, bf16), (256, 256, bf16, bf16)]:
+    for rows, head_dim, query, pairs in [(256, 128, bf16, torch.float8_e4m3fn), (32, 128, bf16, bf16),
+                                         (256, 128, torch.float32, torch.float32), (256, 256, bf16, bf16)]:
         assert shared_launch(rows, head_dim, query, pairs, cpu) == {"block_m": shared_block_m(rows)}
     if CUDA:  # the fitting rule against this GPU's own limit
         properties = torch.cuda.get_device_properties(0)

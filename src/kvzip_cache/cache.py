@@ -15,7 +15,8 @@ a `ScorePredictor`, `HeadScores`, or an object of your own. Layer scorers also e
 
 Sequences are in padded coordinates (left padding when batch > 1). Positions before ``context_start`` are the
 protected prefix: never scored, never evicted. Padding is never kept. The shared refusals live in `kvzip_cache.checks`
-(the rest are raised by the call they guard, before anything changes); every keep mask reaches the layers through `KVzipCache.keep_pairs`.
+(the rest are raised by the call they guard, before anything changes); every keep mask reaches the layers through
+`KVzipCache.keep_pairs`.
 """
 
 from __future__ import annotations

@@ -287,10 +287,6 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     return _DEVICE_LIMITS[index]
 
 
-def _sm_count(device: torch.device) -> int:
-    return _device_limits(device)[0]
-
-
 def ragged_context_partials(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -342,7 +338,7 @@ def ragged_context_partials(
     block_n = min(block_n, 32768 // (block_d * max(keys.element_size(), query.element_size())))  # fp8 tiles widen
     if num_splits is None:
         num_splits = choose_splits(batch * num_heads * triton.cdiv(rows, block_m), max_seqlen,
-                                   _sm_count(query.device), block_n, split_factor)
+                                   _device_limits(query.device)[0], block_n, split_factor)
     num_splits = max(1, min(num_splits, -(-max(max_seqlen, 1) // block_n)))  # no split shorter than a key block
     fill = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
     out = fill((batch, num_heads, num_splits, rows, head_dim), float("nan"), dtype=torch.float32, device=query.device)
