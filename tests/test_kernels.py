@@ -383,7 +383,7 @@ def test_shared_rows_take_the_pipelined_launch_only_where_it_was_measured_and_fi
         assert shared_launch(rows, head_dim, query, pairs, cpu) == {"block_m": shared_block_m(rows)}
     if CUDA:  # the fitting rule against this GPU's own limit
         properties = torch.cuda.get_device_properties(0)
-        fits = 3 * 2 * 64 * 128 * 2 + 128 * 128 * 2 <= properties.shared_memory_per_block_optin
+        fits = 3 * 2 * 64 * 128 * 2 + 128 * 128 * 2 <= getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
         assert ("num_stages" in shared_launch(256, 128, bf16, bf16, torch.device("cuda"))) == fits
 
 

@@ -282,8 +282,9 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
         return 4, 1 << 30
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_LIMITS:
-        properties = torch.cuda.get_device_properties(index)
-        _DEVICE_LIMITS[index] = properties.multi_processor_count, properties.shared_memory_per_block_optin
+        properties = torch.cuda.get_device_properties(index)  # (ROCm builds lack the opt-in limit: 48 KB then)
+        _DEVICE_LIMITS[index] = (properties.multi_processor_count,
+                                 getattr(properties, "shared_memory_per_block_optin", 48 * 1024))
     return _DEVICE_LIMITS[index]
 
 
