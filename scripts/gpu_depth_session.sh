@@ -20,6 +20,9 @@
 #                                             # transformers 5.25 and what it needs beyond the device's packages)
 #   bash scripts/gpu_depth_session.sh lanes   # the GPU tests of both decode paths (the split tail, the merge, shared
 #                                             # rows), the 32K x 64 step profiled, and the shared rows' launch sweep
+#   bash scripts/gpu_depth_session.sh verify  # floor, then the GPU tests of what changed since 7c13406 (CUDA-graph
+#                                             # checks, the pipelined shared launch, the static mask's layout)
+#   bash scripts/gpu_depth_session.sh shared64  # the 32K x 64 step profiled, then the shared rows' launch sweep
 #   bash scripts/gpu_depth_session.sh p       # only carries a part
 #   bash scripts/gpu_depth_session.sh probe   # SmolLM2 joined: which fp8 quantization costs needle-4K answers
 # Each call stays under 10 minutes; what a timed-out run wrote under $OUT still comes back.
@@ -111,6 +114,20 @@ case ${1:-} in
         timeout "${SWEEP_TIMEOUT:-130}" python3 scripts/kernel_sweep.py --shared "$OUT/shared_sweep.json" \
             > "$OUT/shared_sweep.log" 2>&1
         grep '"whole"' "$OUT/shared_sweep.log" ;;
+    verify)
+        "$0" floor
+        timeout "${TESTS_TIMEOUT:-290}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
+            tests/test_gpu.py tests/test_kernels.py -k "compiled or cuda_graph or shared or pipelined or static" \
+            > "$OUT/tests.txt" 2>&1
+        tail -8 "$OUT/tests.txt" ;;
+    shared64)
+        install_library
+        timeout "${PROFILE_TIMEOUT:-250}" python3 scripts/profile_shared_step.py --context 32768 --questions 64 \
+            --out "$OUT/shared" > "$OUT/shared.log" 2>&1
+        grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
+        timeout "${SWEEP_TIMEOUT:-200}" python3 scripts/kernel_sweep.py --shared "$OUT/shared_sweep.json" \
+            > "$OUT/shared_sweep.log" 2>&1
+        grep '"whole"' "$OUT/shared_sweep.log" ;;
     p) ;;
     probe)
         mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data
@@ -122,5 +139,5 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|compiled|lanes|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|compiled|lanes|verify|shared64|p|probe"; exit 2 ;;
 esac
