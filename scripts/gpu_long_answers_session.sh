@@ -27,7 +27,7 @@ case ${1:-} in
             -k "eviction or fp8_pairs_on_cuda or compiled_static" -rA 2>&1 | tee "$OUT/tests.txt" | tail -6
         timeout 330 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
             --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
-    3)  timeout 470 "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
+    3)  timeout "${BENCH_TIMEOUT:-470}" "${BENCH[@]}" --decode-eviction off-compiled on-compiled --contexts 32768 --new-tokens 8192 \
             --out "$OUT/compiled32k" 2>&1 | grep -v Warning | tail -8 ;;
     4)  timeout 245 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 1024 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -4
