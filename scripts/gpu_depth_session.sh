@@ -39,6 +39,13 @@ install_library() {  # every call: the tree that came with this call, not the la
     rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 }
+shared_step_and_sweep() {  # #31's 32K x 64 step profiled, then the shared rows' launch sweep ($1, $2: their limits)
+    timeout "$1" python3 scripts/profile_shared_step.py --context 32768 --questions 64 --out "$OUT/shared" \
+        > "$OUT/shared.log" 2>&1
+    grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
+    timeout "$2" python3 scripts/kernel_sweep.py --shared "$OUT/shared_sweep.json" > "$OUT/shared_sweep.log" 2>&1
+    grep '"whole"' "$OUT/shared_sweep.log"
+}
 case ${1:-} in
     lane)
         install_library
@@ -108,12 +115,7 @@ case ${1:-} in
             tests/test_gpu.py "tests/test_kernels.py" -k "test_gpu or split or merge or tail or shared" \
             > "$OUT/tests.txt" 2>&1
         tail -4 "$OUT/tests.txt"
-        timeout "${PROFILE_TIMEOUT:-190}" python3 scripts/profile_shared_step.py --context 32768 --questions 64 \
-            --out "$OUT/shared" > "$OUT/shared.log" 2>&1
-        grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
-        timeout "${SWEEP_TIMEOUT:-130}" python3 scripts/kernel_sweep.py --shared "$OUT/shared_sweep.json" \
-            > "$OUT/shared_sweep.log" 2>&1
-        grep '"whole"' "$OUT/shared_sweep.log" ;;
+        shared_step_and_sweep "${PROFILE_TIMEOUT:-190}" "${SWEEP_TIMEOUT:-130}" ;;
     verify)
         "$0" floor
         timeout "${TESTS_TIMEOUT:-290}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
@@ -122,12 +124,7 @@ case ${1:-} in
         tail -8 "$OUT/tests.txt" ;;
     shared64)
         install_library
-        timeout "${PROFILE_TIMEOUT:-250}" python3 scripts/profile_shared_step.py --context 32768 --questions 64 \
-            --out "$OUT/shared" > "$OUT/shared.log" 2>&1
-        grep -E "row\(s\)|ratio|Error" "$OUT/shared.log" | cut -c1-400 | tail -8
-        timeout "${SWEEP_TIMEOUT:-200}" python3 scripts/kernel_sweep.py --shared "$OUT/shared_sweep.json" \
-            > "$OUT/shared_sweep.log" 2>&1
-        grep '"whole"' "$OUT/shared_sweep.log" ;;
+        shared_step_and_sweep "${PROFILE_TIMEOUT:-250}" "${SWEEP_TIMEOUT:-200}" ;;
     p) ;;
     probe)
         mkdir -p /tmp/kvzip_data && tar xJf .whl/data.tar.xz -C /tmp/kvzip_data

@@ -17,6 +17,7 @@ Per-head kept lengths are drawn around ratio x context (x0.3 .. x1.7), as pair-l
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph), so they measure the GPU, not Python launches.
 """
 
+import inspect
 import itertools
 import json
 import sys
@@ -29,6 +30,9 @@ from kvzip_cache.kernels.ragged_attention import shared_launch
 from kvzip_cache.storage import quantize_fp8
 
 HEADS, GROUP, DIM = 8, 4, 128
+# the split kernel's own launch defaults, for labelling rows that leave them to it
+KERNEL_DEFAULTS = {name: p.default for name, p in inspect.signature(ragged_context_partials).parameters.items()
+                   if name in ("block_n", "num_stages", "num_warps")}
 
 
 def shape(context, ratio, batch, gen):
@@ -193,7 +197,7 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
                 **context_config, **scales)
             whole_us = triton.testing.do_bench_cudagraph(whole, rep=30) * 1e3
             if config is None:  # labelled with what the library chose (the kernel's defaults for what it leaves)
-                chosen = {"block_n": 128, "num_stages": 2, "num_warps": 4, "num_splits": "default",
+                chosen = {**KERNEL_DEFAULTS, "num_splits": "default",
                           **shared_launch(share * GROUP, DIM, query.dtype, keys.dtype, query.device)}
                 config = {k: chosen[k] for k in fields} | {"default": True}
             record = {"kv": kv_dtype, "whole": True, **config, "whole_us": round(whole_us, 1)}
