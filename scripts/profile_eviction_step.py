@@ -1,0 +1,147 @@
+"""Where one eviction while decoding spends its time, on a static cache (issue #31's eviction step).
+
+#31 asks that a compiled answer with eviction while decoding cost at most 1.1x one without. On an H100 the 8K-token
+answer's evicting steps each took ~45 ms more than a steady step (63 of them: 0.35 ms a token). This script builds the
+benchmark's 8B-shaped model (random weights), prefills a random ``--context`` and compresses it with a random-weight
+predictor, turns on eviction while decoding (``level="pair-uniform"``, as a static tail needs), makes the cache static
+and then, ``--repeats`` times: fills the tail eagerly to just past ``2 x window`` tokens, and times one
+`KVzipCache.evict_between_steps` (what `generate`'s `eviction_criteria` runs between compiled steps), synchronised.
+
+It reports the median wall time, the host time of the same call with the device's work excluded as far as it can be
+(the CUDA time the profiler saw), the number of kernel launches and of host synchronisations, and a cProfile of the
+library's functions (cumulative time: a function that synchronises absorbs the device work queued before it).
+
+    python scripts/profile_eviction_step.py --out evict_prof            # CUDA, the 8B shape
+    python scripts/profile_eviction_step.py --tiny --device cpu         # a smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kvzip_cache import KVzipCache
+from kvzip_cache.bench.common import load_model
+from kvzip_cache.scorers.predictor import ScorePredictor
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
+
+
+def tiny_model(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fill_tail(model, cache: KVzipCache, tokens: int, device: str) -> None:
+    """Roll the cache back to its context and append ``tokens`` random tokens in one eager forward (batch 1)."""
+    cache.rollback()
+    ids = torch.randint(10, model.config.vocab_size, (1, tokens), device=device)
+    start = cache.context_length
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=torch.arange(start, start + tokens, device=device)[None],
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync(device)
+
+
+def evictions(cache: KVzipCache) -> int:
+    return len(cache.decode_eviction.history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3.1-8b")
+    parser.add_argument("--tiny", action="store_true", help="a 4-layer random Llama instead (smoke runs)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("evict_prof"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = args.device
+    if args.tiny:
+        model = tiny_model(device)
+    else:
+        model = load_model(args.model, torch.bfloat16, device, max_positions=args.context + 4096)
+    model.set_attn_implementation("kvzip")
+    predictor = ScorePredictor.init(model, "mlp", seed=0).to(device)
+    ids = torch.randint(10, model.config.vocab_size, (1, args.context), device=device)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, context_start=16, chunk_size=8192)
+    cache.compress(model, args.ratio, predictor=predictor)
+    cache.evict_while_decoding(model, predictor, args.ratio, window=args.window, level="pair-uniform")
+    cache.make_static(4 * args.window)
+    fill = 2 * args.window + 3  # past the trigger: one window of the tail is due
+
+    def one_eviction() -> float:
+        fill_tail(model, cache, fill, device)
+        before = evictions(cache)
+        began = time.perf_counter()
+        cache.evict_between_steps(1)
+        sync(device)
+        took = 1e3 * (time.perf_counter() - began)
+        if evictions(cache) != before + 1:
+            raise RuntimeError("the call did not evict: the tail was not due")
+        return took
+
+    for _ in range(2):  # first-call costs (allocator, Triton/JIT caches) outside the measurement
+        one_eviction()
+    wall = [one_eviction() for _ in range(args.repeats)]
+
+    fill_tail(model, cache, fill, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        cache.evict_between_steps(1)
+        sync(device)
+    events = prof.key_averages()
+    counts = {e.key: e.count for e in events}
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA")
+    launches = sum(n for key, n in counts.items() if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = {key: counts[key] for key in SYNC_CALLS if key in counts}
+    (args.out / "ops_by_cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
+    if device == "cuda":
+        (args.out / "ops_by_cuda.txt").write_text(events.table(sort_by="self_cuda_time_total", row_limit=20))
+
+    fill_tail(model, cache, fill, device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    cache.evict_between_steps(1)
+    sync(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, total s, cumulative s, ..)}
+    rows = sorted(((cum, total, calls, f"{Path(file).name}:{line}({name})")
+                   for (file, line, name), (_, calls, total, cum, _) in stats.items() if "kvzip_cache" in file),
+                  reverse=True)
+    text = "cumulative ms | own ms | calls | function\n" + "\n".join(
+        f"{1e3 * cum:9.2f} | {1e3 * total:7.2f} | {calls:5d} | {name}" for cum, total, calls, name in rows[:40])
+    (args.out / "cprofile.txt").write_text(text + "\n")
+
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": "tiny" if args.tiny
+              else args.model, "context": args.context, "ratio": args.ratio, "window": args.window,
+              "layers": model.config.num_hidden_layers, "eviction_ms": wall, "median_ms": statistics.median(wall),
+              "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs}
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "eviction_ms"}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
