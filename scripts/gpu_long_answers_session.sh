@@ -8,6 +8,9 @@
 #   bash scripts/gpu_long_answers_session.sh 6  # mode 3 twice over, the modes alternated (off, on, off, on): mode 3
 #                                               # ran each once, off first, and gave 1.12x (goal 1.1x) with the
 #                                               # evicting mode's steady steps 1 ms slower at the median
+#   bash scripts/gpu_long_answers_session.sh 7  # the eviction step after it was batched across layers: one eviction
+#                                               # profiled at the 8B shape (wall, launches, syncs, by function),
+#                                               # then mode 5's steps at 32K and 128K (26.9 / 28.5 ms before)
 #   bash scripts/gpu_long_answers_session.sh 4  # one call for the rest: the eviction step at 32K and 128K (compiled,
 #                                               # packed tail), the shared step's profile (1 vs 64 rows at 32K), and
 #                                               # eager eviction's step at 32K and 128K (appends to the ragged store)
@@ -24,6 +27,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site KVZIP_COMMIT=${KVZIP_COMMIT:-$(ca
 rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BENCH=(python3 -m kvzip_cache.bench --ratios 0.3 --window 128 --sample-every 512)
+steps_vs_context() {  # the evicting step at 32K and 128K (compiled, 640 tokens), logging any recompilation
+    TORCH_LOGS=recompiles timeout 290 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 \
+        --new-tokens 640 --out "$OUT/steps" > "$OUT/steps.log" 2>&1
+    grep -E "ctx|triggered|- " "$OUT/steps.log" | cut -c1-300 | tail -12
+}
 case ${1:-} in
     1)  timeout 40 python3 scripts/fp8_rounding_check.py 2>&1 | grep -v "^  row" | tee "$OUT/fp8_rounding.txt"
         timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
@@ -40,12 +48,13 @@ case ${1:-} in
             | grep -v Warning | grep -E "row|ratio|Error" | tail -8
         timeout 115 "${BENCH[@]}" --decode-eviction on --contexts 32768 131072 --new-tokens 512 \
             --out "$OUT/eager" 2>&1 | grep -v Warning | tail -4 ;;
-    5)  TORCH_LOGS=recompiles timeout 290 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 \
-            --new-tokens 640 --out "$OUT/steps" > "$OUT/steps.log" 2>&1
-        grep -E "ctx|triggered|- " "$OUT/steps.log" | cut -c1-300 | tail -12 ;;
+    5)  steps_vs_context ;;
+    7)  timeout 200 python3 scripts/profile_eviction_step.py --context 8192 --out "$OUT/evict_profile" 2>&1 \
+            | grep -v Warning | tail -24
+        steps_vs_context ;;
     2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
         timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
             --out "$OUT/eager32k" 2>&1 | grep -v Warning | tail -4 ;;
-    *) echo "usage: $0 1|2|3|4|5|6"; exit 2 ;;
+    *) echo "usage: $0 1|2|3|4|5|6|7"; exit 2 ;;
 esac

@@ -12,7 +12,7 @@ It reports the median wall time, the host time of the same call with the device'
 library's functions (cumulative time: a function that synchronises absorbs the device work queued before it).
 
     python scripts/profile_eviction_step.py --out evict_prof            # CUDA, the 8B shape
-    python scripts/profile_eviction_step.py --tiny --device cpu         # a smoke run on the CPU
+    python scripts/profile_eviction_step.py --tiny 32 --device cpu      # the host's share, on the CPU
 """
 
 from __future__ import annotations
@@ -32,14 +32,19 @@ from kvzip_cache import KVzipCache
 from kvzip_cache.bench.common import load_model
 from kvzip_cache.scorers.predictor import ScorePredictor
 
+# operators that only make a view (no kernel, no data read): counted apart from those that compute
+VIEW_OPS = {"aten::slice", "aten::select", "aten::expand", "aten::view", "aten::transpose", "aten::unsqueeze",
+            "aten::squeeze", "aten::as_strided", "aten::alias", "aten::permute", "aten::t", "aten::narrow",
+            "aten::unbind", "aten::split", "aten::detach", "aten::lift_fresh", "aten::_unsafe_view", "aten::reshape",
+            "aten::flatten"}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
 
 
-def tiny_model(device: str):
+def tiny_model(device: str, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     return LlamaForCausalLM(config).to(device).eval()
 
@@ -67,7 +72,8 @@ def evictions(cache: KVzipCache) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3.1-8b")
-    parser.add_argument("--tiny", action="store_true", help="a 4-layer random Llama instead (smoke runs)")
+    parser.add_argument("--tiny", type=int, default=0, metavar="LAYERS",
+                        help="a small random Llama of this many layers instead (CPU runs: the host's share)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -78,7 +84,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = args.device
     if args.tiny:
-        model = tiny_model(device)
+        model = tiny_model(device, args.tiny)
     else:
         model = load_model(args.model, torch.bfloat16, device, max_positions=args.context + 4096)
     model.set_attn_implementation("kvzip")
@@ -116,9 +122,13 @@ def main() -> None:
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA")
     launches = sum(n for key, n in counts.items() if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     syncs = {key: counts[key] for key in SYNC_CALLS if key in counts}
+    # operators the host issued (not those nested in another): what each costs a dispatch, and on CUDA a launch
+    issued = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    computing = sum(1 for name in issued if name not in VIEW_OPS)
+    host_reads = sum(1 for name in issued if name in ("aten::item", "aten::_local_scalar_dense", "aten::equal"))
     (args.out / "ops_by_cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
     if device == "cuda":
-        (args.out / "ops_by_cuda.txt").write_text(events.table(sort_by="self_cuda_time_total", row_limit=20))
+        (args.out / "ops_by_cuda.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=20))
 
     fill_tail(model, cache, fill, device)
     profiler = cProfile.Profile()
@@ -137,7 +147,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": "tiny" if args.tiny
               else args.model, "context": args.context, "ratio": args.ratio, "window": args.window,
               "layers": model.config.num_hidden_layers, "eviction_ms": wall, "median_ms": statistics.median(wall),
-              "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs}
+              "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs, "operators_issued": len(issued), "computing_operators": computing, "host_reads": host_reads}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "eviction_ms"}, indent=1))
     print(text)

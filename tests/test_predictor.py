@@ -85,6 +85,56 @@ def test_the_references_predictions_and_top_k_agree_with_the_library(arch):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_all_layers_at_once_rate_as_each_layer_alone(kind):
+    """`ScorePredictor.predict_layers` (the layers stacked into batched products: what eviction while decoding
+    runs) gives the float64 reference's scores for every layer (key+value), and each layer's own `predict` for the
+    other feature specs; awkward shapes: two rows, 7 positions, layers in an unusual order."""
+    model, _ = make_pair("qwen2")
+    gen = torch.Generator().manual_seed(23)
+    config = model.config
+    heads, head_dim = config.num_key_value_heads, _head_dim(config)
+    positions = torch.tensor([[0, 1, 2, 7, 40, 300, 301], [-1, -1, 0, 1, 2, 3, 4]])
+    cos, sin = rotary_tables(model, positions.clamp(min=0))
+    for features in ("key+value", "key", "rotated-key+value"):
+        predictor = ScorePredictor.init(model, kind, features=features, seed=6)
+        for module in predictor.layers.values():  # a standardisation that matters (init leaves 0 and 1)
+            module.mean.normal_(generator=gen)
+            module.std.uniform_(0.5, 2.0, generator=gen)
+        layers = sorted(predictor.layers, reverse=True)
+        keys, values = torch.randn(2, len(layers), 2, heads, 7, head_dim, generator=gen)
+        stacked = predictor.predict_layers(layers, keys, values, cos, sin)
+        assert stacked.shape == (len(layers), 2, heads, 7) and stacked.dtype == torch.float32
+        rate = predictor_rating(predictor, model) if features == "key+value" else None
+        for i, idx in enumerate(layers):
+            if rate is not None:
+                torch.testing.assert_close(stacked[i].double(), rate(idx, keys[i], values[i], positions), atol=1e-5,
+                                           rtol=1e-5)
+            torch.testing.assert_close(stacked[i], predictor.predict(idx, keys[i], values[i], cos, sin), atol=1e-5,
+                                       rtol=1e-5)
+    with pytest.raises(ValueError, match=r"no layers \[99\]"):
+        predictor.predict_layers([99], keys[:1], values[:1], cos, sin)
+
+
+def test_stacked_layers_follow_a_change_of_the_weights():
+    """The stacked weights are kept between calls (they cost a dozen operations a layer to build) but rebuilt when
+    a weight changes in place (a training step), so a predictor never rates with stale weights."""
+    model, _ = make_pair("llama")
+    predictor = ScorePredictor.init(model, "mlp", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    layers = sorted(predictor.layers)
+    heads, head_dim = model.config.num_key_value_heads, _head_dim(model.config)
+    keys, values = torch.randn(2, len(layers), 1, heads, 5, head_dim, generator=gen)
+    cos, sin = rotary_tables(model, torch.arange(5)[None])
+    before = predictor.predict_layers(layers, keys, values, cos, sin)
+    with torch.no_grad():
+        predictor.layers[layers[-1]].net[2].weight.mul_(-3.0)
+    after = predictor.predict_layers(layers, keys, values, cos, sin)
+    assert torch.equal(after[:-1], before[:-1]) and not torch.allclose(after[-1], before[-1])
+    torch.testing.assert_close(after[-1], predictor.predict(layers[-1], keys[-1], values[-1], cos, sin), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_half_precision_keys_are_rated_in_their_own_dtype(kind):
     """bf16 keys (a bf16 model on the GPU) are unrotated and meet the first layer in bf16, not float32: the float64
     reference's scores within bf16 rounding, and the same top 30% of pairs but for a few near ties."""

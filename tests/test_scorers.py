@@ -165,6 +165,58 @@ def test_a_user_layer_scorer_evicts_while_decoding_as_the_step_by_step_reference
     torch.testing.assert_close(torch.stack(out.logits).double(), expected.double(), atol=1e-4, rtol=0)
 
 
+class FarFromMeanAllLayers(FarFromMean):
+    """`FarFromMean` that also rates several layers in one call (`score_layers`), counting the calls of each."""
+
+    def __init__(self, shape_error=False):
+        self.calls = {"score_layer": 0, "score_layers": 0}
+        self.shape_error = shape_error
+
+    def score_layer(self, layer_idx, keys, values, positions):
+        self.calls["score_layer"] += 1
+        return super().score_layer(layer_idx, keys, values, positions)
+
+    def score_layers(self, layer_indices, keys, values, positions):
+        self.calls["score_layers"] += 1
+        scores = torch.stack([super(FarFromMeanAllLayers, self).score_layer(idx, k, v, positions)
+                              for idx, k, v in zip(layer_indices, keys, values)])
+        return scores[:, :, :1] if self.shape_error else scores
+
+
+def test_a_scorer_that_rates_all_layers_at_once_serves_short_spans(monkeypatch):
+    """A layer scorer with ``score_layers`` gets every layer in one call where the span is short (eviction while
+    decoding's windows) and layer by layer where it is long (a whole context: stacking would copy it); the
+    decisions are the step-by-step reference's; a wrong shape from it is refused by name."""
+    import kvzip_cache.scorers.base as scorer_base
+
+    monkeypatch.setattr(scorer_base, "STACKED_PAIRS", 8)  # the 24-token context counts as long, 2 rows x 3 as short
+    model, reference = make_pair("llama")
+    ids, mask, starts, question = _batch(seed=8, length=24)
+    question_mask = torch.ones_like(question)
+    cache = KVzipCache(model)
+    cache.prefill(model, ids, mask, context_start=starts)
+    scorer = FarFromMeanAllLayers()
+    cache.compress(model, 0.5, scorer=scorer)
+    assert scorer.calls == {"score_layer": len(full_layers(model.config)), "score_layers": 0}
+    context_hidden = hidden_from_keep(cache.keep_mask, mask, starts, full_layers(model.config), ids.shape[1])
+    cache.evict_while_decoding(model, scorer, 0.4, window=3)
+    out = model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=14,
+                         min_new_tokens=14, do_sample=False)
+    history = cache.decode_eviction.history
+    assert scorer.calls == {"score_layer": len(full_layers(model.config)), "score_layers": len(history)}
+    generated = out[:, ids.shape[1] + question.shape[1]:]
+    _, decisions = decode_with_eviction(reference, far_from_mean, context_hidden, ids, mask, question, question_mask,
+                                        generated, 0.4, 3)
+    assert len(history) == len(decisions) >= 3
+    for step, (start, keep) in zip(history, decisions):
+        assert step.start == start and torch.equal(step.keep, keep)
+    cache.rollback()
+    cache.evict_while_decoding(model, FarFromMeanAllLayers(shape_error=True), 0.4, window=3)
+    with pytest.raises(ValueError, match=r"FarFromMeanAllLayers.score_layers returned .*\[layers, batch, kv_heads"):
+        model.generate(**cache.inputs_for(question, question_mask), past_key_values=cache, max_new_tokens=14,
+                       min_new_tokens=14, do_sample=False)
+
+
 def test_registering_a_scorer_makes_its_name_work_everywhere():
     model, _ = make_pair("llama")
     register_scorer("far-from-mean", lambda model, **options: FarFromMean())

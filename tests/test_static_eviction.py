@@ -176,6 +176,51 @@ def test_refusals_say_what_to_do_and_change_nothing():
     assert not eager.is_static
 
 
+def test_all_layers_pack_at_once_as_each_alone_and_a_refusal_changes_no_layer():
+    """`compact_tails` packs several layers in one call, each by its own mask, also when the layers keep different
+    numbers of pairs (each layer its own plan): per row and head the kept pairs in position order, masked slots
+    where a row kept fewer, then the newer tokens with their padding; checked against the tail's contents before.
+    A mask whose heads keep different counts in one layer is refused before any layer changes."""
+    from kvzip_cache.layers import compact_tails
+
+    model, _, _, (_, static), _, question, question_mask = _setup("llama", seed=12)
+    static.evict_while_decoding(None)  # the test packs by hand
+    model.generate(**static.inputs_for(question, question_mask), past_key_values=static, max_new_tokens=3,
+                   do_sample=False)  # 5 + 2 tokens in the tail, nothing packed yet
+    layers = [static.layers[idx] for idx in full_layers(model.config)]
+    start, unrated = layers[0].recent_tail()
+    count = 4
+    assert unrated == 7 and all(layer.recent_tail() == (start, unrated) for layer in layers)
+    heads = layers[0].tail_keys.shape[1]
+    keep = torch.zeros(len(layers), 2, heads, count, dtype=torch.bool)
+    keep[0, 0, :, [1, 3]] = True  # layer 0: row 0 keeps two, row 1 one (its second slot masked)
+    keep[0, 1, :, 2] = True
+    keep[1, :, 0, 2] = True  # layer 1: one pair in each row, head 1 another than head 0
+    keep[1, :, 1, 3] = True
+    before = [(layer.tail_keys.clone(), layer.tail_valid.clone(), int(layer.tail_end)) for layer in layers]
+
+    uneven = keep.clone()
+    uneven[1, 0, 0, 3] = True  # layer 1, row 0: head 0 keeps two, head 1 one
+    with pytest.raises(ValueError, match=r"every head of a row must keep as many pairs"):
+        compact_tails(layers, uneven, start)
+    for layer, (keys, valid, end) in zip(layers, before):
+        assert torch.equal(layer.tail_keys, keys) and torch.equal(layer.tail_valid, valid)
+        assert int(layer.tail_end) == end and layer.packed_slots == 0
+
+    compact_tails(layers, keep, start)
+    for i, (layer, (keys, valid, end)) in enumerate(zip(layers, before)):
+        slots = int(keep[i].sum(-1).max())
+        assert int(layer.tail_end) == end - count + slots and layer.packed_slots == slots
+        for row in range(2):
+            for head in range(heads):
+                kept = keep[i, row, head].nonzero().flatten().tolist()
+                assert torch.equal(layer.tail_keys[row, head, : len(kept)], keys[row, head, kept])
+                assert layer.tail_valid[row, :slots].tolist() == [j < len(kept) for j in range(slots)]
+                assert torch.equal(layer.tail_keys[row, head, slots : end - count + slots], keys[row, head, count:end])
+            assert torch.equal(layer.tail_valid[row, slots : end - count + slots], valid[row, count:end])
+        assert layer.recent_tail() == (start + count, end - count)
+
+
 def test_a_stop_token_and_a_second_turn_decode_as_eager_eviction_does():
     """A row that meets a stop token is padded from then on (its pad tokens still enter the tail, as in eager mode);
     without rollback, a second question continues the conversation on the packed tail (one row: no padding)."""

@@ -39,7 +39,7 @@ from .config import FULL, config_fields, config_fingerprint, layer_types, text_c
 from .eviction import (BUDGETS, DecodeEviction, EvictBetweenSteps, PrefillEviction, position_ids,
                        static_tail_room)
 from .fingerprints import attention_module_ids, weight_digests
-from .layers import KVzipLayer, KVzipSlidingLayer
+from .layers import KVzipLayer, KVzipSlidingLayer, compact_tails, sync_static_lengths
 from .parallel import TensorParallel, tensor_parallel_of
 from .head_scores import HeadScores
 from .persistence import SavedContext, read_cache, save_cache
@@ -754,12 +754,16 @@ class KVzipCache(Cache):
                 kept) per eviction, not O(context); see `CompressedContext.append`).
         """
         fp8 = self.kv_dtype is not None if fp8 is None else fp8
+        if self.tensor_parallel is not None:
+            keeps = {idx: self.tensor_parallel.local(keep, dim=1) for idx, keep in keeps.items()}
+        packed = [idx for idx in keeps if self.layers[idx].is_static and self.layers[idx].tail_valid is not None]
+        if packed:  # a static tail that evicts while decoding: all its layers at once (between two decode steps)
+            compact_tails([self.layers[idx] for idx in packed], torch.stack([keeps[idx] for idx in packed]), start)
         for idx, keep in keeps.items():
             layer = self.layers[idx]
-            keep = keep if self.tensor_parallel is None else self.tensor_parallel.local(keep, dim=1)
-            if layer.is_static and layer.tail_valid is not None:
-                layer.compact_tail(keep, start)
-            elif layer.is_compressed and start == layer.context_length:
+            if idx in packed:
+                continue
+            if layer.is_compressed and start == layer.context_length:
                 layer.absorb_tail(keep, keep.shape[-1], room=room)
             elif start == 0:
                 layer.evict(keep, fp8=fp8)
@@ -771,7 +775,11 @@ class KVzipCache(Cache):
         """``{full layer: (keys, values)}``, each ``[B, H, count, D]``, of positions ``start .. start + count - 1``
         that the layers hold densely (a dense layer's context, a compressed layer's tail): what an eviction policy
         rates before it calls `keep_pairs`. Views, not copies."""
-        return {idx: self.layers[idx].dense_pairs(start, count) for idx in self.compressible_layers}
+        layers = {idx: self.layers[idx] for idx in self.compressible_layers}
+        static = [layer for layer in layers.values() if layer.is_compressed and layer.is_static]
+        if static:
+            sync_static_lengths(static)  # one host read, not one per layer
+        return {idx: layer.held_pairs(start, count) for idx, layer in layers.items()}
 
     # ----------------------------------------------------------------------------------------- compiled decoding
     def make_static(self, max_new_tokens: int) -> None:

@@ -377,9 +377,14 @@ class KVzipLayer(DynamicLayer):
     def dense_pairs(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, count, D]`` of positions ``start .. start + count - 1``, which this layer must
         hold densely (a dense layer's pairs, or a compressed layer's tail): views, not copies."""
+        if self.is_compressed and self.is_static:
+            self._sync_static_length()
+        return self.held_pairs(start, count)
+
+    def held_pairs(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`dense_pairs` by the host-side lengths as they are: a static layer's must have just been read
+        (`sync_static_lengths`)."""
         if self.is_compressed:
-            if self.is_static:
-                self._sync_static_length()
             first, held = start - self.context_length - self.dropped, self.tail_length
             keys, values = self.tail_keys, self.tail_values
         else:
@@ -471,9 +476,10 @@ class KVzipLayer(DynamicLayer):
         )
         return view, view
 
-    def _sync_static_length(self) -> None:
-        """Read the device-side tail length into the host-side counters (eager code paths only)."""
-        self.tail_length = int(self.tail_end)
+    def _sync_static_length(self, tail_length: int | None = None) -> None:
+        """Set the host-side counters from the device-side tail length: read on the host (eager code paths only),
+        or ``tail_length`` when the caller read it (`sync_static_lengths`: one read for many layers)."""
+        self.tail_length = int(self.tail_end) if tail_length is None else tail_length
         self.cumulative_length = self.context_length + self.dropped + self.tail_length
 
     def recent_tail(self) -> tuple[int, int]:
@@ -481,6 +487,11 @@ class KVzipLayer(DynamicLayer):
         one's position (eager code: a static layer's length is read on the host)."""
         if self.is_static:
             self._sync_static_length()
+        return self._unrated_tail()
+
+    def _unrated_tail(self) -> tuple[int, int]:
+        """`recent_tail` by the host-side lengths as they are."""
+        if self.is_static:
             return self.context_length + self.packed_slots + self.dropped, self.tail_length - self.packed_slots
         return self.context_length, self.tail_length
 
@@ -492,34 +503,22 @@ class KVzipLayer(DynamicLayer):
         spans; the newer tokens move up behind them, and ``tail_end`` drops by what was freed. Every (row, head) of a
         row must keep the same number of pairs (the ``"pair-uniform"`` level): the slots are shared by the row's
         heads, and a row that kept fewer than another has its extra slots masked (``tail_valid``). Work and memory
-        traffic are O(tail), never O(context): the ragged store is not touched. Eager code, between compiled steps.
+        traffic are O(tail), never O(context): the ragged store is not touched. Eager code, between compiled steps;
+        `compact_tails` does it for many layers at once.
         """
-        recent_start, recent = self.recent_tail()
-        count = keep.shape[-1]
-        if start != recent_start or not 0 < count <= recent:
-            raise ValueError(f"the tail's unrated tokens start at position {recent_start} ({recent} of them); "
-                             f"got {count} from position {start}")
-        keep = keep.to(self.tail_keys.device)
-        kept = keep.sum(dim=-1)  # [B, H]
-        if not torch.equal(kept.amin(dim=1), kept.amax(dim=1)):
-            raise ValueError("a static tail packs each row's kept pairs into slots its heads share: every head of a "
-                             "row must keep as many pairs (level='pair-uniform')")
-        slots = int(kept.amax()) if kept.numel() else 0
-        first, end = self.packed_slots, self.tail_length
-        span = slice(first, first + count)
-        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :slots]
-        index = order[..., None].expand(-1, -1, -1, self.tail_keys.shape[-1])
-        packed_keys = self.tail_keys[:, :, span].gather(2, index)
-        packed_values = self.tail_values[:, :, span].gather(2, index)
-        newer = slice(first + count, end)  # moved up behind the packed slots (clones: the ranges overlap)
-        moved = slice(first + slots, end - count + slots)
-        self.tail_keys[:, :, moved] = self.tail_keys[:, :, newer].clone()
-        self.tail_values[:, :, moved] = self.tail_values[:, :, newer].clone()
-        self.tail_valid[:, moved] = self.tail_valid[:, newer].clone()
-        self.tail_valid[:, moved.stop :] = True  # slots not written yet: the next tokens are real
-        self.tail_keys[:, :, first : first + slots] = packed_keys
-        self.tail_values[:, :, first : first + slots] = packed_values
-        self.tail_valid[:, first : first + slots] = torch.arange(slots, device=kept.device) < kept[:, :1]
+        compact_tails([self], keep[None], start)
+
+    def _pack_tail(self, source: torch.Tensor, packed_valid: torch.Tensor, count: int) -> None:
+        """`compact_tails`' moves in this layer, by the plan of `_packing_plan`: ``source`` ``[B, H, m]`` the offsets
+        (from the first unpacked slot) of what the rebuilt region holds; ``packed_valid`` ``[B, slots]``."""
+        first, end, slots = self.packed_slots, self.tail_length, packed_valid.shape[-1]
+        length = source.shape[-1]
+        index = source[..., None].expand(-1, -1, -1, self.tail_keys.shape[-1])
+        for buffer in (self.tail_keys, self.tail_values):  # (gather first: the regions overlap)
+            buffer[:, :, first : first + length] = buffer[:, :, first:end].gather(2, index)
+        self.tail_valid[:, first : first + length] = torch.cat([packed_valid, self.tail_valid[:, first + count : end]],
+                                                               dim=1)
+        self.tail_valid[:, first + length :] = True  # slots not written yet: the next tokens are real
         freed = count - slots
         self.tail_end.sub_(freed)
         self.tail_dropped.add_(freed)
@@ -629,6 +628,73 @@ class KVzipLayer(DynamicLayer):
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys.to(device, non_blocking=True)
             self.tail_values = self.tail_values.to(device, non_blocking=True)
+
+
+def sync_static_lengths(layers: list[KVzipLayer]) -> None:
+    """Read static layers' device-side tail lengths into their host-side counters: one host read for all of them
+    (per device) instead of one synchronisation per layer."""
+    by_device: dict[torch.device, list[KVzipLayer]] = {}
+    for layer in layers:
+        by_device.setdefault(layer.tail_end.device, []).append(layer)
+    for group in by_device.values():
+        for layer, length in zip(group, torch.stack([layer.tail_end for layer in group]).tolist()):
+            layer._sync_static_length(length)
+
+
+def compact_tails(layers: list[KVzipLayer], keep: torch.Tensor, start: int) -> None:
+    """`KVzipLayer.compact_tail` for several static layers at once: ``keep`` ``[n, B, H, c]`` bool, ``keep[i]`` for
+    ``layers[i]``, over the same ``c`` oldest unrated tail tokens from position ``start``.
+
+    Eviction while decoding runs this between two decode steps, where issuing operations on the host is what costs:
+    one host read of every layer's length, one sort of all the masks and one host read of what they keep serve all
+    layers; each layer then moves its own slots (two gathers and a few copies). Every layer is checked before any
+    changes.
+    """
+    sync_static_lengths(layers)
+    count = keep.shape[-1]
+    for layer in layers:
+        recent_start, recent = layer._unrated_tail()
+        if start != recent_start or not 0 < count <= recent:
+            raise ValueError(f"the tail's unrated tokens start at position {recent_start} ({recent} of them); "
+                             f"got {count} from position {start}")
+    device = layers[0].tail_keys.device
+    if any(layer.tail_keys.device != device for layer in layers):  # (layers spread over devices: one at a time)
+        for layer, layer_keep in zip(layers, keep):
+            compact_tails([layer], layer_keep[None], start)
+        return
+    keep = keep.to(device)
+    kept = keep.sum(dim=-1)  # [n, B, H]
+    most = kept.amax(dim=2)  # [n, B]
+    uneven, *slots = torch.cat([(kept.amin(dim=2) != most).any()[None], most.amax(dim=1)]).tolist()  # one host read
+    if uneven:
+        raise ValueError("a static tail packs each row's kept pairs into slots its heads share: every head of a "
+                         "row must keep as many pairs (level='pair-uniform')")
+    order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices  # kept offsets first
+    unpacked = [layer.tail_length - layer.packed_slots for layer in layers]
+    if len(set(slots)) == 1 and len(set(unpacked)) == 1:  # (always, under "pair-uniform"): one plan for all layers
+        plans = zip(*_packing_plan(order, kept, count, slots[0], unpacked[0]))
+    else:
+        plans = (_packing_plan(*args, count, *more) for args, more in zip(zip(order, kept), zip(slots, unpacked)))
+    for layer, (source, packed_valid) in zip(layers, plans):
+        layer._pack_tail(source, packed_valid, count)
+
+
+def _packing_plan(order: torch.Tensor, kept: torch.Tensor, count: int, slots: int,
+                  unpacked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How `KVzipLayer._pack_tail` rebuilds a tail's unpacked region (its ``unpacked`` slots from the first one not
+    packed yet) after rating its oldest ``count``: the kept pairs of that span first, then the newer tokens.
+
+    Args:
+        order: ``[..., B, H, count]`` the span's offsets, kept ones first (in position order).
+        kept: ``[..., B, H]`` pairs kept per head; ``slots`` the most any head kept.
+
+    Returns:
+        ``source`` ``[..., B, H, unpacked - count + slots]`` (offsets into the region: one gather rebuilds it) and
+        ``packed_valid`` ``[..., B, slots]`` (a row that kept fewer pairs than ``slots`` masks the rest).
+    """
+    newer = torch.arange(count, unpacked, device=order.device).expand(*order.shape[:-1], -1)
+    source = torch.cat([order[..., :slots], newer], dim=-1)
+    return source, torch.arange(slots, device=kept.device) < kept[..., :1]
 
 
 class KVzipSlidingLayer(DynamicSlidingWindowLayer):

@@ -18,6 +18,11 @@ evicts for real. Two kinds, both plain classes with one method:
   `PrefilledContext`, returning ``[L, B, H, C]``. Reconstruction (KVzip, KVzip+) and the attention-based baselines
   (SnapKV, H2O) are context scorers. They serve `compress` only.
 
+A layer scorer may also rate several layers in one call, ``score_layers(layer_indices, keys, values, positions)``
+with ``[n, B, H, t, D]`` keys and values, returning ``[n, B, H, t]``: the cache uses it for short spans (eviction
+while decoding rates every layer's window between two decode steps, where issuing a dozen small operations per layer
+costs more than computing them). The trained predictor has it.
+
 Three optional attributes are read when present: ``name`` (recorded as ``cache.score_source``; default: the class
 name), ``level`` (the selection the scores are meant for when ``compress`` gets no ``level=``: ``"pair"``,
 ``"pair-uniform"`` or ``"head"``; default ``"pair"``) and ``scores_kept_pairs`` (a context scorer that can rate
@@ -174,17 +179,30 @@ def scorer_level(scorer, default: str = "pair") -> str:
     return level
 
 
+STACKED_PAIRS = 2048
+"""The most pairs per (layer, KV head), over all rows, that `rate_layers` stacks for a scorer's ``score_layers``:
+stacking copies them, which costs nothing for a decoding window (256 MB at most for an 8B model's 32 layers in bf16)
+and would double a long context's memory."""
+
+
 def rate_layers(scorer: LayerScorer, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                 num_layers: int, device: torch.device) -> torch.Tensor:
     """``[L, B, H, t]`` float32 scores on ``device`` of the pairs in ``layer_kv`` (``{full layer: (keys, values)}``,
     each ``[B, H, t, D]`` as cached) at ``positions`` (``[B, t]``); NaN on the layers not given (sliding layers).
 
     ``positions`` is the same tensor object for every layer, so a scorer may cache what it derives from it (the
-    predictor's RoPE tables).
+    predictor's RoPE tables). Spans of at most `STACKED_PAIRS` pairs per (layer, head) go to the scorer's
+    ``score_layers`` in one call when it has one.
     """
     keys = next(iter(layer_kv.values()))[0]
     shape = (keys.shape[0], keys.shape[1], positions.shape[1])
     scores = torch.full((num_layers, *shape), float("nan"), dtype=torch.float32, device=device)
+    if hasattr(scorer, "score_layers") and len(layer_kv) > 1 and positions.numel() <= STACKED_PAIRS:
+        indices = list(layer_kv)
+        rated = scorer.score_layers(indices, torch.stack([k for k, _ in layer_kv.values()]),
+                                    torch.stack([v for _, v in layer_kv.values()]), positions)
+        scores[indices] = check_layer_scores(scorer, rated, (len(indices), *shape), "score_layers").to(device)
+        return scores
     for idx, (layer_keys, layer_values) in layer_kv.items():
         rated = scorer.score_layer(idx, layer_keys, layer_values, positions)
         scores[idx] = check_layer_scores(scorer, rated, shape).to(device)
@@ -198,13 +216,14 @@ def score_context_by_layers(scorer: LayerScorer, context: PrefilledContext) -> t
                        len(context.layer_types), context.selectable.device)
 
 
-def check_layer_scores(scorer, scores, shape: tuple[int, ...]) -> torch.Tensor:
+def check_layer_scores(scorer, scores, shape: tuple[int, ...], method: str = "score_layer") -> torch.Tensor:
     """``scores`` as float32 if it is a tensor of ``shape``, else a refusal naming the scorer and the contract."""
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(shape):
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        dims = "[layers, batch, kv_heads, tokens]" if method == "score_layers" else "[batch, kv_heads, tokens]"
         raise ValueError(
-            f"{scorer_name(scorer)}.score_layer returned {got}; a layer scorer returns one score per pair it was "
-            f"given, a float tensor [batch, kv_heads, tokens] = {list(shape)}"
+            f"{scorer_name(scorer)}.{method} returned {got}; a layer scorer returns one score per pair it was "
+            f"given, a float tensor {dims} = {list(shape)}"
         )
     return scores.float()
 

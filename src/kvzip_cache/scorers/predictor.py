@@ -100,6 +100,19 @@ class LayerPredictor(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_kv_heads))
 
+    @property
+    def first(self) -> nn.Linear:
+        """The linear layer that reads the features."""
+        return self.net if isinstance(self.net, nn.Linear) else self.net[0]
+
+    def folded_input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer with the standardisation folded in: ``(weight [hidden, F], bias [hidden])`` float32.
+
+        W (x - m) / s + b = (W / s) x + (b - (W / s) m), so the ``[N, F]`` features are read once instead of going
+        through a subtraction and a division first."""
+        weight = self.first.weight / self.std
+        return weight, self.first.bias - weight @ self.mean
+
     def forward(self, features: torch.Tensor, parallel: TensorParallel | None = None) -> torch.Tensor:
         """``[..., F]`` features -> ``[..., H]`` float32 predicted log scores (half-precision features meet the first
         layer's weights in their dtype; what follows it runs in float32).
@@ -108,20 +121,45 @@ class LayerPredictor(nn.Module):
         The first layer is then row-parallel: each rank multiplies its columns, one all-reduce sums the partial
         pre-activations (``[..., hidden]``, much smaller than the features), and every rank gets all heads' outputs.
         """
-        first = self.net if isinstance(self.net, nn.Linear) else self.net[0]
-        # the standardisation folded into the first layer: W (x - m) / s + b = (W / s) x + (b - (W / s) m), so the
-        # [N, F] features are read once instead of going through a subtraction and a division first
-        weight, mean = first.weight / self.std, self.mean
         if parallel is None:
-            bias = first.bias - weight @ mean
+            weight, bias = self.folded_input_layer()
             hidden = nn.functional.linear(features, weight.to(features.dtype), bias.to(features.dtype)).float()
-        else:
+        else:  # folded as there, over this rank's columns
             columns = features.shape[-1]
-            weight, mean = weight[:, parallel.rank * columns : (parallel.rank + 1) * columns], mean.narrow(
-                0, parallel.rank * columns, columns)
+            weight = (self.first.weight / self.std)[:, parallel.rank * columns : (parallel.rank + 1) * columns]
+            mean = self.mean.narrow(0, parallel.rank * columns, columns)
             partial = nn.functional.linear(features, weight.to(features.dtype), (-(weight @ mean)).to(features.dtype))
-            hidden = parallel.all_reduce(partial.float()) + first.bias
-        return hidden if first is self.net else self.net[2](self.net[1](hidden))
+            hidden = parallel.all_reduce(partial.float()) + self.first.bias
+        return hidden if self.first is self.net else self.net[2](self.net[1](hidden))
+
+
+class StackedPredictors:
+    """Several layers' `LayerPredictor` as batched matrix products: ``[n, N, F]`` -> ``[n, N, H]``, where
+    ``layers[i](features[i])`` would take one call (about ten operations) per layer.
+
+    What an eviction while decoding needs: it rates a short window of every layer, where issuing the operations on
+    the host costs far more than the arithmetic. Built from the layers' current weights (`ScorePredictor` rebuilds
+    it when a weight changed); the results equal the layers' own up to the rounding of a batched product.
+
+    Args:
+        layers: the layers' predictors, all of one kind and shape.
+        dtype: the features' dtype (the first product runs in it, as `LayerPredictor.forward`).
+    """
+
+    def __init__(self, layers: list[LayerPredictor], dtype: torch.dtype) -> None:
+        folded = [layer.folded_input_layer() for layer in layers]
+        self.weight = torch.stack([weight for weight, _ in folded]).transpose(1, 2).to(dtype)  # [n, F, hidden]
+        self.bias = torch.stack([bias for _, bias in folded]).unsqueeze(1).to(dtype)  # [n, 1, hidden]
+        self.activation = None if layers[0].first is layers[0].net else layers[0].net[1]
+        if self.activation is not None:
+            self.out_weight = torch.stack([layer.net[2].weight for layer in layers]).transpose(1, 2)  # [n, hidden, H]
+            self.out_bias = torch.stack([layer.net[2].bias for layer in layers]).unsqueeze(1)  # [n, 1, H]
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = torch.baddbmm(self.bias, features, self.weight).float()
+        if self.activation is None:
+            return hidden
+        return torch.baddbmm(self.out_bias, self.activation(hidden), self.out_weight)
 
 
 @dataclass
@@ -156,6 +194,7 @@ class ScorePredictor:
     metrics: dict = field(default_factory=dict)
     library_version: str = __version__
     created: str = field(default_factory=lambda: datetime.date.today().isoformat())
+    _stacked_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -224,7 +263,8 @@ class ScorePredictor:
         if module is None:
             raise ValueError(f"this predictor has no layer {layer_idx} (it covers the full-attention layers "
                              f"{sorted(self.layers)})")
-        module = module.to(keys.device)
+        if module.mean.device != keys.device:
+            module.to(keys.device)  # (in place; moving a module costs more than predicting a window)
         batch, _, length, _ = keys.shape
         out = torch.empty(batch, self.num_kv_heads, length, dtype=torch.float32, device=keys.device)
         for lo in range(0, length, _BLOCK):
@@ -234,6 +274,50 @@ class ScorePredictor:
             features = pair_features(self.features, keys[:, :, lo:hi], values[:, :, lo:hi], block_cos, block_sin)
             out[:, :, lo:hi] = module(features, parallel).transpose(1, 2)
         return out
+
+    @torch.no_grad()
+    def predict_layers(self, layer_indices: list[int], keys: torch.Tensor, values: torch.Tensor,
+                       cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        """`predict` for several layers at once, without tensor parallelism: a few batched operations instead of a
+        dozen per layer (eviction while decoding rates every layer's window between two decode steps).
+
+        Args:
+            layer_indices: ``n`` full-attention layers.
+            keys: ``[n, B, H, t, D]``: layer ``layer_indices[i]``'s cached keys in ``keys[i]`` (post-RoPE).
+            values: ``[n, B, H, t, D]``, likewise.
+            cos: ``[B, t, R]`` RoPE table at the pairs' positions, as for `predict`.
+            sin: ``[B, t, R]``, likewise.
+
+        Returns:
+            ``[n, B, H, t]`` float32, what `predict` returns for each layer (up to the rounding of batched products).
+        """
+        missing = [idx for idx in layer_indices if idx not in self.layers]
+        if missing:
+            raise ValueError(f"this predictor has no layers {missing} (it covers the full-attention layers "
+                             f"{sorted(self.layers)})")
+        layers, batch, heads, length, dim = keys.shape
+        # the layers side by side as more KV heads of one layer: one pass builds every layer's features
+        as_heads = (batch, layers * heads, length, dim)
+        features = pair_features(self.features, keys.transpose(0, 1).reshape(as_heads),
+                                 values.transpose(0, 1).reshape(as_heads), cos, sin)  # [B, t, n * F]
+        features = features.view(batch * length, layers, -1).transpose(0, 1)  # [n, B * t, F]
+        out = self._stacked(layer_indices, keys.device, features.dtype)(features)  # [n, B * t, H]
+        return out.view(layers, batch, length, -1).transpose(2, 3)
+
+    def _stacked(self, layer_indices: list[int], device: torch.device, dtype: torch.dtype) -> StackedPredictors:
+        """The `StackedPredictors` of these layers, rebuilt only when a weight changed (its version counter moved:
+        training steps and loads do) or the layers, device or dtype differ."""
+        modules = [self.layers[idx] for idx in layer_indices]
+        if modules[0].mean.device != device:
+            for module in modules:
+                module.to(device)
+        tensors = [t for m in modules for t in (m.mean, m.std, m.first.weight, m.first.bias)]
+        if modules[0].first is not modules[0].net:
+            tensors += [t for m in modules for t in (m.net[2].weight, m.net[2].bias)]
+        key = (device, dtype, tuple(layer_indices), tuple((id(t), t._version) for t in tensors))
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            self._stacked_cache = (key, StackedPredictors(modules, dtype))
+        return self._stacked_cache[1]
 
     # ----------------------------------------------------------------------------------------------------- checks
     def check(self, model_or_config) -> None:
@@ -381,6 +465,17 @@ class PredictorScorer:
             cos, sin = cos.to(keys.device), sin.to(keys.device)
         scores = self.predictor.predict(layer_idx, keys, values, cos, sin, self.parallel)
         return scores if self.parallel is None else self.parallel.local(scores, dim=1)
+
+    def score_layers(self, layer_indices: list[int], keys: torch.Tensor, values: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """``[n, B, H, t]`` float32 predicted log scores of several layers' pairs (``[n, B, H, t, D]`` each): one
+        batched pass (`ScorePredictor.predict_layers`); layer by layer under tensor parallelism."""
+        if self.parallel is not None:
+            return torch.stack([self.score_layer(idx, k, v, positions) for idx, k, v in zip(layer_indices, keys, values)])
+        cos, sin = self._rotary(positions)
+        if cos is not None:
+            cos, sin = cos.to(keys.device), sin.to(keys.device)
+        return self.predictor.predict_layers(layer_indices, keys, values, cos, sin)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.predictor.features == "rotated-key+value":
