@@ -120,7 +120,8 @@ def main() -> None:
     events = prof.key_averages()
     counts = {e.key: e.count for e in events}
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA")
-    launches = sum(n for key, n in counts.items() if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(n for key, n in counts.items()
+                   if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     syncs = {key: counts[key] for key in SYNC_CALLS if key in counts}
     # operators the host issued (not those nested in another): what each costs a dispatch, and on CUDA a launch
     issued = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
@@ -147,7 +148,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": "tiny" if args.tiny
               else args.model, "context": args.context, "ratio": args.ratio, "window": args.window,
               "layers": model.config.num_hidden_layers, "eviction_ms": wall, "median_ms": statistics.median(wall),
-              "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs, "operators_issued": len(issued), "computing_operators": computing, "host_reads": host_reads}
+              "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs,
+              "operators_issued": len(issued), "computing_operators": computing, "host_reads": host_reads}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "eviction_ms"}, indent=1))
     print(text)
