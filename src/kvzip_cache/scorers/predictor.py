@@ -471,7 +471,8 @@ class PredictorScorer:
         """``[n, B, H, t]`` float32 predicted log scores of several layers' pairs (``[n, B, H, t, D]`` each): one
         batched pass (`ScorePredictor.predict_layers`); layer by layer under tensor parallelism."""
         if self.parallel is not None:
-            return torch.stack([self.score_layer(idx, k, v, positions) for idx, k, v in zip(layer_indices, keys, values)])
+            return torch.stack([self.score_layer(idx, layer_keys, layer_values, positions)
+                                for idx, layer_keys, layer_values in zip(layer_indices, keys, values)])
         cos, sin = self._rotary(positions)
         if cos is not None:
             cos, sin = cos.to(keys.device), sin.to(keys.device)
