@@ -7,9 +7,10 @@ predictor, turns on eviction while decoding (``level="pair-uniform"``, as a stat
 and then, ``--repeats`` times: fills the tail eagerly to just past ``2 x window`` tokens, and times one
 `KVzipCache.evict_between_steps` (what `generate`'s `eviction_criteria` runs between compiled steps), synchronised.
 
-It reports the median wall time, the host time of the same call with the device's work excluded as far as it can be
-(the CUDA time the profiler saw), the number of kernel launches and of host synchronisations, and a cProfile of the
-library's functions (cumulative time: a function that synchronises absorbs the device work queued before it).
+It reports the median wall time, the CUDA time the profiler saw, the number of kernel launches, of CUDA
+synchronisations, of operators issued (those that compute apart from views) and of host reads (counted by wrapping
+the calls that read a value, also on the CPU), and a cProfile of the library's functions (cumulative time: a
+function that synchronises absorbs the device work queued before it).
 
     python scripts/profile_eviction_step.py --out evict_prof            # CUDA, the 8B shape
     python scripts/profile_eviction_step.py --tiny 32 --device cpu      # the host's share, on the CPU
@@ -18,6 +19,8 @@ library's functions (cumulative time: a function that synchronises absorbs the d
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import cProfile
 import json
 import pstats
@@ -38,6 +41,33 @@ VIEW_OPS = {"aten::slice", "aten::select", "aten::expand", "aten::view", "aten::
             "aten::unbind", "aten::split", "aten::detach", "aten::lift_fresh", "aten::_unsafe_view", "aten::reshape",
             "aten::flatten"}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Count, while the block runs, the calls that bring a tensor's value to the host (``int()``, ``bool()``,
+    ``float()``, ``.item()``, ``.tolist()``, ``torch.equal``): on a GPU each is a synchronisation, and so they can be
+    counted on the CPU too. The methods are wrapped for the block only and restored after it."""
+    counts: collections.Counter[str] = collections.Counter()
+    names = ("item", "tolist", "__int__", "__bool__", "__float__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    original_equal = torch.equal
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    try:
+        for name, function in originals.items():
+            setattr(torch.Tensor, name, counted(name, function))
+        torch.equal = counted("equal", original_equal)
+        yield counts
+    finally:
+        for name, function in originals.items():
+            setattr(torch.Tensor, name, function)
+        torch.equal = original_equal
 
 
 def tiny_model(device: str, layers: int):
@@ -126,10 +156,14 @@ def main() -> None:
     # operators the host issued (not those nested in another): what each costs a dispatch, and on CUDA a launch
     issued = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
     computing = sum(1 for name in issued if name not in VIEW_OPS)
-    host_reads = sum(1 for name in issued if name in ("aten::item", "aten::_local_scalar_dense", "aten::equal"))
     (args.out / "ops_by_cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
     if device == "cuda":
         (args.out / "ops_by_cuda.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=20))
+
+    fill_tail(model, cache, fill, device)
+    with counting_host_reads() as host_reads:
+        cache.evict_between_steps(1)
+        sync(device)
 
     fill_tail(model, cache, fill, device)
     profiler = cProfile.Profile()
@@ -149,7 +183,8 @@ def main() -> None:
               else args.model, "context": args.context, "ratio": args.ratio, "window": args.window,
               "layers": model.config.num_hidden_layers, "eviction_ms": wall, "median_ms": statistics.median(wall),
               "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs,
-              "operators_issued": len(issued), "computing_operators": computing, "host_reads": host_reads}
+              "operators_issued": len(issued), "computing_operators": computing,
+              "host_reads": sum(host_reads.values()), "host_reads_by_call": dict(host_reads)}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "eviction_ms"}, indent=1))
     print(text)

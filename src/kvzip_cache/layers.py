@@ -674,7 +674,8 @@ def compact_tails(layers: list[KVzipLayer], keep: torch.Tensor, start: int) -> N
     if len(set(slots)) == 1 and len(set(unpacked)) == 1:  # (always, under "pair-uniform"): one plan for all layers
         plans = zip(*_packing_plan(order, kept, count, slots[0], unpacked[0]))
     else:
-        plans = (_packing_plan(*args, count, *more) for args, more in zip(zip(order, kept), zip(slots, unpacked)))
+        plans = [_packing_plan(layer_order, layer_kept, count, layer_slots, layer_unpacked)
+                 for layer_order, layer_kept, layer_slots, layer_unpacked in zip(order, kept, slots, unpacked)]
     for layer, (source, packed_valid) in zip(layers, plans):
         layer._pack_tail(source, packed_valid, count)
 
