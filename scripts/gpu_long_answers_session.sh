@@ -9,9 +9,13 @@
 #                                               # ran each once, off first, and gave 1.12x (goal 1.1x) with the
 #                                               # evicting mode's steady steps 1 ms slower at the median
 #   bash scripts/gpu_long_answers_session.sh 7  # the eviction step after it was batched across layers: its GPU tests
-#                                               # (compiled eviction = eager, the predictor on CUDA = the CPU), one
-#                                               # eviction profiled at the 8B shape (wall, launches, syncs, by
-#                                               # function), then mode 5's steps at 32K and 128K (26.9 / 28.5 ms before)
+#                                               # (compiled eviction = eager, the predictor on CUDA = the CPU), then
+#                                               # one eviction profiled at the 8B shape (wall, launches, syncs, by
+#                                               # function) with this library and, where .old holds it, with the one
+#                                               # before the batching (6193648), same script, same card:
+#                                               #   mkdir -p .old && git archive 6193648 src pyproject.toml README.md \
+#                                               #       LICENSE | tar -x -C .old      # then carry .old
+#                                               # (mode 5 then times the steps at 32K and 128K: 26.9 / 28.5 ms before)
 #   bash scripts/gpu_long_answers_session.sh 4  # one call for the rest: the eviction step at 32K and 128K (compiled,
 #                                               # packed tail), the shared step's profile (1 vs 64 rows at 32K), and
 #                                               # eager eviction's step at 32K and 128K (appends to the ragged store)
@@ -50,11 +54,18 @@ case ${1:-} in
         timeout 115 "${BENCH[@]}" --decode-eviction on --contexts 32768 131072 --new-tokens 512 \
             --out "$OUT/eager" 2>&1 | grep -v Warning | tail -4 ;;
     5)  steps_vs_context ;;
-    7)  timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
+    7)  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
             -k "compiled_decoding_with_eviction or predictor_compress_and_evicting" 2>&1 | tee "$OUT/tests.txt" | tail -4
-        timeout 120 python3 scripts/profile_eviction_step.py --context 8192 --out "$OUT/evict_profile" 2>&1 \
+        timeout 170 python3 scripts/profile_eviction_step.py --context 8192 --out "$OUT/evict_profile" 2>&1 \
             | grep -v Warning | tail -24
-        steps_vs_context ;;
+        if [ -d .old ]; then  # the library before the batching, the same script
+            rm -rf /tmp/site_old && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site_old \
+                ./.old 2>&1 | tail -2
+            PYTHONPATH=/tmp/site_old timeout 170 python3 scripts/profile_eviction_step.py --context 8192 \
+                --out "$OUT/evict_profile_before" 2>&1 | grep -v Warning | tail -24
+        fi
+        # at most 8 files come back: the profiles' folders as one archive
+        tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls -d evict_profile*) && rm -rf "$OUT"/evict_profile* ;;
     2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
         timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
