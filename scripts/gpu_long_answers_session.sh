@@ -33,7 +33,7 @@ rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --t
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BENCH=(python3 -m kvzip_cache.bench --ratios 0.3 --window 128 --sample-every 512)
 steps_vs_context() {  # the evicting step at 32K and 128K (compiled, 640 tokens), logging any recompilation
-    TORCH_LOGS=recompiles timeout 290 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 \
+    TORCH_LOGS=recompiles timeout "${1:-290}" "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 \
         --new-tokens 640 --out "$OUT/steps" > "$OUT/steps.log" 2>&1
     grep -E "ctx|triggered|- " "$OUT/steps.log" | cut -c1-300 | tail -12
 }
@@ -65,7 +65,9 @@ case ${1:-} in
                 --out "$OUT/evict_profile_before" 2>&1 | grep -v Warning | tail -24
         fi
         # at most 8 files come back: the profiles' folders as one archive
-        tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls -d evict_profile*) && rm -rf "$OUT"/evict_profile* ;;
+        tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls -d evict_profile*) && rm -rf "$OUT"/evict_profile*
+        left=$((580 - SECONDS))  # then mode 5, if the call has the time left for it (~4-5 minutes)
+        if [ $left -gt 240 ]; then steps_vs_context $left; else echo "no time left for the steps ($left s)"; fi ;;
     2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
         timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
