@@ -66,8 +66,8 @@ case ${1:-} in
         fi
         # at most 8 files come back: the profiles' folders as one archive
         tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls -d evict_profile*) && rm -rf "$OUT"/evict_profile*
-        left=$((580 - SECONDS))  # then mode 5, if the call has the time left for it (~4-5 minutes)
-        if [ $left -gt 240 ]; then steps_vs_context $left; else echo "no time left for the steps ($left s)"; fi ;;
+        left=$((580 - SECONDS))  # with STEPS=1, then mode 5 if the call has the time left for it (~4-5 minutes)
+        if [ -n "${STEPS:-}" ] && [ $left -gt 240 ]; then steps_vs_context $left; fi ;;
     2)  timeout 300 "${BENCH[@]}" --decode-eviction on-compiled --contexts 32768 131072 --new-tokens 2048 \
             --out "$OUT/steps" 2>&1 | grep -v Warning | tail -6
         timeout 240 "${BENCH[@]}" --decode-eviction on --contexts 32768 --new-tokens 2048 \
