@@ -8,6 +8,7 @@ import json
 from argparse import Namespace
 from dataclasses import asdict
 
+import pytest
 import torch
 
 from conftest import make_pair
@@ -45,6 +46,13 @@ def test_decode_rows_bound_the_answer_only_with_eviction_alternate_and_roll_back
         assert row.steady_median_ms > 0
         assert row.generate_s > 0 and row.ms_per_token > 0 and row.curve[-1][0] == 80 and not row.notes
         assert row.max_kv_gb >= row.end_kv_gb
+        # the step record: 80 steps in bins of 256 (one mean, the whole answer's), the slowest first, evicting ones
+        # flagged (no more than ran)
+        assert row.bin_means_ms == [pytest.approx(row.ms_per_token, abs=1e-3)]
+        times = [ms for _, ms, _ in row.slowest_steps]
+        assert len(row.slowest_steps) == 24 and times == sorted(times, reverse=True)
+        assert times[0] == pytest.approx(row.max_step_ms, abs=0.01)
+        assert sum(evicted for *_, evicted in row.slowest_steps) <= row.evictions
 
     machine = {"gpu": "cpu", "torch": torch.__version__, "transformers": "-", "commit": "-", "date": "-"}
     for mode in ("off", "on"):

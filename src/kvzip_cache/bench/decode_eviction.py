@@ -53,6 +53,10 @@ MODES = ("off", "on", "off-compiled", "on-compiled")
 CONTEXT_START = 16  # the protected prefix of the random context
 
 
+STEP_BIN = 256  # steps per mean in a row's bin_means_ms
+SLOWEST_STEPS = 24  # how many of the slowest steps a row lists
+
+
 @dataclass
 class DecodeRow:
     mode: str  # one of MODES
@@ -76,6 +80,9 @@ class DecodeRow:
     evictions: int = 0
     tail_tokens: int = 0  # tokens left in the tail at the end
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens generated, kv GB, allocated GB)
+    # where the time went, step by step (JSON only): the mean step of every STEP_BIN steps, and the slowest steps
+    bin_means_ms: list[float] = field(default_factory=list)
+    slowest_steps: list[tuple[int, float, bool]] = field(default_factory=list)  # (step, ms, ran an eviction)
     notes: list[str] = field(default_factory=list)
 
 
@@ -160,6 +167,9 @@ def decode_row(model, predictor: ScorePredictor, base: KVzipCache, mode: str, ar
     row.steady_median_ms = statistics.median(t for t, evicted in zip(steps, clock.evicted) if not evicted)
     evicting = [t for t, evicted in zip(steps, clock.evicted) if evicted]
     row.eviction_step_ms = statistics.mean(evicting) if evicting else float("nan")
+    row.bin_means_ms = [round(statistics.mean(steps[i : i + STEP_BIN]), 3) for i in range(0, len(steps), STEP_BIN)]
+    row.slowest_steps = sorted(((i, round(t, 2), evicted) for i, (t, evicted) in enumerate(zip(steps, clock.evicted))),
+                               key=lambda item: -item[1])[:SLOWEST_STEPS]
     row.notes += skip_note(skips)
     slow = [(i, t) for i, t in enumerate(steps) if t > 1e3]  # a recompilation inside the measurement, say
     if slow:
