@@ -58,10 +58,9 @@ case ${1:-} in
             -k "compiled_decoding_with_eviction or predictor_compress_and_evicting" 2>&1 | tee "$OUT/tests.txt" | tail -4
         timeout 170 python3 scripts/profile_eviction_step.py --context 8192 --out "$OUT/evict_profile" 2>&1 \
             | grep -v Warning | tail -24
-        if [ -d .old ]; then  # the library before the batching, the same script
-            rm -rf /tmp/site_old && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site_old \
-                ./.old 2>&1 | tail -2
-            PYTHONPATH=/tmp/site_old timeout 170 python3 scripts/profile_eviction_step.py --context 8192 \
+        if [ -d .old ]; then  # the library before the batching, the same script, run from its sources (the archive
+            # of src alone lacks the scores/ folder the package's build needs)
+            PYTHONPATH=.old/src timeout 170 python3 scripts/profile_eviction_step.py --context 8192 \
                 --out "$OUT/evict_profile_before" 2>&1 | grep -v Warning | tail -24
         fi
         # at most 8 files come back: the profiles' folders as one archive
