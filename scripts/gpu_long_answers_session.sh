@@ -55,7 +55,8 @@ case ${1:-} in
             --out "$OUT/eager" 2>&1 | grep -v Warning | tail -4 ;;
     5)  steps_vs_context ;;
     7)  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
-            -k "compiled_decoding_with_eviction or predictor_compress_and_evicting" 2>&1 | tee "$OUT/tests.txt" | tail -4
+            -k "compiled_decoding_with_eviction or predictor_compress_and_evicting" 2>&1 | tee "$OUT/tests.txt" \
+            | tail -4
         timeout 170 python3 scripts/profile_eviction_step.py --context 8192 --out "$OUT/evict_profile" 2>&1 \
             | grep -v Warning | tail -24
         if [ -d .old ]; then  # the library before the batching, the same script, run from its sources (the archive

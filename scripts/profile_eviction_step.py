@@ -181,7 +181,8 @@ def main() -> None:
     (args.out / "cprofile.txt").write_text(text + "\n")
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": "tiny" if args.tiny
-              else args.model, "library": str(Path(kvzip_cache.__file__).parent), "context": args.context, "ratio": args.ratio, "window": args.window,
+              else args.model, "library": str(Path(kvzip_cache.__file__).parent), "context": args.context,
+              "ratio": args.ratio, "window": args.window,
               "layers": model.config.num_hidden_layers, "eviction_ms": wall, "median_ms": statistics.median(wall),
               "device_busy_ms": device_us / 1e3, "kernel_launches": launches, "syncs": syncs,
               "operators_issued": len(issued), "computing_operators": computing,

@@ -51,8 +51,6 @@ from .common import (GB, copy_bandwidth, cudagraph_skips, free_memory, load_mode
 
 MODES = ("off", "on", "off-compiled", "on-compiled")
 CONTEXT_START = 16  # the protected prefix of the random context
-
-
 STEP_BIN = 256  # steps per mean in a row's bin_means_ms
 SLOWEST_STEPS = 24  # how many of the slowest steps a row lists
 
