@@ -50,6 +50,12 @@ def kernel_groups(prof) -> dict[str, float]:
     return groups
 
 
+def kernel_count(prof) -> int:
+    """How many CUDA kernels the profiled steps ran."""
+    return sum(event.count for event in prof.key_averages()
+               if event.device_type == torch.autograd.DeviceType.CUDA and getattr(event, "device_time_total", 0) > 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3.1-8b")
@@ -107,9 +113,20 @@ def profile_rows(args) -> None:
         cache.rollback()
         token, position = question_step(model, cache, ask, args.context)
         record["compiled_step_ms"], _ = timed_steps(forward, model, cache, token, position, args.steps, warmup=0)
+        cache.rollback()
+        # the compiled step's own kernels (CUPTI records the kernels a CUDA graph replays): what inductor added
+        token, position = question_step(model, cache, ask, args.context)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_steps(forward, model, cache, token, position, steps_per_profile, warmup=0)
+        record["compiled_cuda_ms_per_step"] = {k: v / steps_per_profile for k, v in kernel_groups(prof).items()}
+        record["compiled_kernels_per_step"] = kernel_count(prof) / steps_per_profile
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        (args.out / f"rows{rows}_compiled_cuda_time.txt").write_text(table)
+        print(f"== {rows} row(s), compiled: top kernels by CUDA time, {steps_per_profile} steps\n{table}", flush=True)
         print(f"{rows} row(s): compiled step {record['compiled_step_ms']:.2f} ms, KV {record['kv_gb']:.3f} GB "
-              f"(context {record['context_kv_gb']:.3f}), eager CUDA ms/step {record['eager_cuda_ms_per_step']}",
-              flush=True)
+              f"(context {record['context_kv_gb']:.3f}), eager CUDA ms/step {record['eager_cuda_ms_per_step']}, "
+              f"compiled CUDA ms/step {record['compiled_cuda_ms_per_step']} "
+              f"({record['compiled_kernels_per_step']:.0f} kernels)", flush=True)
         del cache, forward
         torch._dynamo.reset()
         torch.cuda.empty_cache()
