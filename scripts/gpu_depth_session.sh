@@ -11,7 +11,8 @@
 #                                             # (scripts/kernel_resources.py: 255 registers and spills at 4 warps)
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
 #                                             # kernels), through the decode kernels and the split-tail candidate
-#   bash scripts/gpu_depth_session.sh floor   # the compiled step at 1K context: the model's own step against the
+#   bash scripts/gpu_depth_session.sh floor   # the step's matrix products alone (scripts/weights_floor.py), then the
+#                                             # compiled step at 1K context: the model's own step against the
 #                                             # weights' floor, bf16 and fp8 pairs, with inductor's CUDA-graph log
 #   bash scripts/gpu_depth_session.sh combo   # sweep, a short launch sweep, then the GPU tests new since the lane
 #   bash scripts/gpu_depth_session.sh fp8gap  # the 1K compiled step profiled, bf16 against fp8 kept pairs
@@ -71,6 +72,8 @@ case ${1:-} in
         done ;;
     floor)
         install_library
+        # the step's matrix products alone, from one CUDA graph: how near the weights' floor a step can get at all
+        timeout 90 python3 scripts/weights_floor.py --out "$OUT/weights_floor.json" 2>&1 | tee "$OUT/weights_floor.log"
         # (the fp8 step took ~9.4 ms at 1K, 32K and 128K alike: inductor's CUDA-graph log says whether it skipped them)
         TORCH_LOGS=cudagraphs,perf_hints timeout 230 python3 -m kvzip_cache.bench --compiled --batches 1 \
             --ratios 0.3 --decode-steps 32 --kv-dtypes model fp8 --contexts 1024 --baselines static-compiled \
