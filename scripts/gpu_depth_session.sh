@@ -8,7 +8,8 @@
 #                                             # paths (two launches; split tail), and an 8K-token tail
 #   bash scripts/gpu_depth_session.sh sweep quick-launch   # and the launch sweep for one row at 32K and 128K
 #   bash scripts/gpu_depth_session.sh launch  # the context split kernel's launch configurations, bf16 and fp8 pairs
-#                                             # (scripts/kernel_resources.py: 255 registers and spills at 4 warps)
+#   bash scripts/gpu_depth_session.sh fp8k    # fp8 pairs multiplied in float16 (the default since 2026-12-08) against
+#                                             # bf16 products, with launches; then the fp8 GPU tests
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the step's matrix products alone (scripts/weights_floor.py), then the
@@ -63,6 +64,14 @@ case ${1:-} in
         install_library
         timeout 500 python3 scripts/kernel_sweep.py > "$OUT/launch.log" 2>&1
         grep -E "^ctx|skip" "$OUT/launch.log" | tail -12 ;;
+    fp8k)
+        install_library
+        timeout "${SWEEP_TIMEOUT:-300}" python3 scripts/kernel_sweep.py --fp8 "$OUT/fp8_sweep.json" \
+            > "$OUT/fp8_sweep.log" 2>&1
+        grep -E '"launch": "default"|skip|Error' "$OUT/fp8_sweep.log" | cut -c1-300
+        timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
+            tests/test_kernels.py tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
+        tail -4 "$OUT/tests.txt" ;;
     shared)
         install_library
         for backend in triton triton-split-tail; do  # the default (two launches for shared rows), then the split tail
@@ -140,5 +149,6 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|shared|floor|combo|fp8gap|compiled|lanes|verify|shared64|p|probe"; exit 2 ;;
+    *) echo "usage: $0 lane|sweep|launch|fp8k|shared|floor|combo|fp8gap|compiled|lanes|verify|shared64|p|probe"
+       exit 2 ;;
 esac

@@ -7,6 +7,8 @@ kept pairs in bf16, and in fp8 at ratio 0.3).
                                                         # tail + merge) against the number of splits
     python scripts/kernel_sweep.py --shared OUT.json   # 64 rows sharing 32K: the split kernel's launch configurations
                                                         # (query block, key block, stages, warps, splits)
+    python scripts/kernel_sweep.py --fp8 OUT.json      # fp8 kept pairs: float16 against bf16 products, and the
+                                                        # split kernel's launches, beside bf16 pairs
 
 ``--splits``: one decode step's attention of one layer at ratio 0.3, a static tail of 80 slots (40 written), for one
 row at 32K and 128K and 64 shared rows at 32K (query blocks of 64 and 128 rows), bf16 and fp8 kept pairs: the split
@@ -59,7 +61,7 @@ def main(quick: bool = False):
             continue
         query, keys, values, cu, src, max_len = shape(context, ratio, batch, gen)
         scales = {}
-        if pairs == "fp8":  # the kept pairs as an fp8 store holds them (scripts/kernel_resources.py: spills at 4 warps)
+        if pairs == "fp8":  # the kept pairs as an fp8 store holds them
             (keys, key_scales), (values, value_scales) = quantize_fp8(keys), quantize_fp8(values)
             scales = {"key_scales": key_scales, "value_scales": value_scales}
         nbytes = keys.nbytes + values.nbytes + sum(t.nbytes for t in scales.values())
@@ -211,6 +213,50 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
             f.write(shared_table(records, torch.cuda.get_device_name(), share, context))
 
 
+def fp8_sweep(path: str) -> None:
+    """The context split kernel over fp8 kept pairs with float16 products (the default) and bf16 products (the kernel
+    before: a scalar conversion per element), for key blocks of 32, 64 and 128, 2 and 3 stages, 4 and 8 warps,
+    default splits; bf16 pairs at the default launch beside them. One row at 32K and 128K, 64 shared rows at 32K,
+    ratio 0.3. GB/s counts the bytes each storage type reads (fp8: pairs and scales)."""
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for context, share in ((32768, 1), (131072, 1), (32768, 64)):
+        _, keys, values, cu, _, max_len = shape(context, 0.3, 1, gen)
+        query = torch.randn(share, HEADS, GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+        stacked = query.reshape(1, share, HEADS, GROUP, DIM).transpose(1, 2).reshape(1, HEADS, share * GROUP, DIM)
+        src = torch.zeros(1, dtype=torch.int32, device="cuda")
+        bucket = 1 << (context - 1).bit_length()
+        (fp8_keys, key_scales), (fp8_values, value_scales) = quantize_fp8(keys), quantize_fp8(values)
+        fp8 = {"key_scales": key_scales, "value_scales": value_scales}
+        fp8_bytes = fp8_keys.nbytes + fp8_values.nbytes + key_scales.nbytes + value_scales.nbytes
+        variants = [("bf16", None, {})]
+        variants += [("fp8", dots, {"block_n": block_n, "num_stages": stages, "num_warps": warps})
+                     for dots in (torch.float16, torch.bfloat16) for block_n in (32, 64, 128) for stages in (2, 3)
+                     for warps in (4, 8)]
+        variants.insert(1, ("fp8", torch.float16, {}))  # the library's own launch
+        variants.insert(2, ("fp8", torch.bfloat16, {}))
+        for pairs, dots, config in variants:
+            if pairs == "bf16":
+                args, nbytes, extra = (keys, values), keys.nbytes + values.nbytes, {}
+            else:
+                args, nbytes, extra = (fp8_keys, fp8_values), fp8_bytes, {**fp8, "fp8_dots": dots}
+            launch = {} if share == 1 else shared_launch(share * GROUP, DIM, query.dtype, args[0].dtype, query.device)
+            split = lambda: ragged_context_partials(stacked, *args, cu, src, bucket, 0.088,  # noqa: E731
+                                                    **{**launch, **config}, **extra)
+            try:
+                us = triton.testing.do_bench_cudagraph(split, rep=30) * 1e3
+            except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+                print(f"  skip {pairs} {dots} {config}: {type(error).__name__}", flush=True)
+                continue
+            record = {"context": context, "rows": share, "pairs": pairs,
+                      "products": str(dots).removeprefix("torch.") if dots else "bf16",
+                      "launch": config or "default", "us": round(us, 1), "gbps": round(nbytes / us / 1e3)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+        with open(path, "w") as f:  # after each shape: a timed-out run keeps what it measured
+            json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+
+
 def shared_table(records: list[dict], device: str, share: int, context: int) -> str:
     """Markdown of a `shared_sweep`: the whole attention for the default and the fastest launches, then the split
     kernel alone, fastest first, per storage type."""
@@ -235,5 +281,7 @@ if __name__ == "__main__":
         split_sweep(sys.argv[2])
     elif len(sys.argv) > 2 and sys.argv[1] == "--shared":
         shared_sweep(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--fp8":
+        fp8_sweep(sys.argv[2])
     else:
         main(quick="--quick" in sys.argv)

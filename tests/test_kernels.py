@@ -206,6 +206,37 @@ def test_ragged_context_attention_fp8(dtype, head_dim, rows):
     assert _outside(no_key_scale, twin_out, OUT_TOL[dtype]) and _outside(no_value_scale, twin_out, OUT_TOL[dtype])
 
 
+FP8_DOTS = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]  # (the interpreter: no bf16)
+
+
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp8_dots", FP8_DOTS)
+@pytest.mark.parametrize("magnitude", [1.0, 1e-6])
+def test_fp8_pairs_with_16_bit_queries(query_dtype, fp8_dots, magnitude):
+    """16-bit queries over fp8 pairs run the products in float16 (or bf16, ``fp8_dots``): within 1e-3 of the largest
+    output of float64 attention over the dequantized pairs, also when the values are tiny (scales ~1e-12, which
+    float16 probabilities times scales would flush to zero) and their scales span four decades within a key block.
+    (On the CPU only float16 products: Triton's interpreter computes bf16 products wrongly.)"""
+    from kvzip_cache.storage import dequantize_fp8, quantize_fp8
+
+    gen = torch.Generator().manual_seed(5)
+    head_dim, num_heads, lengths = 128, 2, [0, 1, 129, 64, 300, 5]
+    wide_keys, wide_values, offsets = _flat_context(lengths, head_dim, torch.float32, gen)
+    wide_keys = wide_keys * torch.linspace(0.05, 4.0, offsets[-1], device=DEVICE)[:, None]
+    wide_values = wide_values * magnitude * torch.logspace(-3, 1, offsets[-1], device=DEVICE)[:, None]
+    (keys, key_scales), (values, value_scales) = quantize_fp8(wide_keys), quantize_fp8(wide_values)
+    src_rows = (2, 0, 0, 1)
+    query = torch.randn(len(src_rows), num_heads, 4, head_dim, generator=gen).to(DEVICE, query_dtype)
+    exact = _dense_float64(query, dequantize_fp8(keys, key_scales, torch.float64),
+                           dequantize_fp8(values, value_scales, torch.float64), offsets, src_rows, 0.3)
+    out, _ = kernels.ragged_context_attention(
+        query, keys, values, torch.tensor(offsets, dtype=torch.int32, device=DEVICE),
+        torch.tensor(src_rows, dtype=torch.int32, device=DEVICE), max(lengths), 0.3, key_scales=key_scales,
+        value_scales=value_scales, fp8_dots=fp8_dots)
+    error = (out.double() - exact).abs().max() / exact.abs().max()
+    assert error < 1e-3, f"largest error {error:.2e} of the largest output"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_context_through_the_backends(dtype):
     """A compressed context stored in fp8 (`CompressedContext.to_fp8`): the Triton backend and the reference

@@ -12,10 +12,16 @@ two); when that pads (96 -> 128, 80 -> 128, 192 -> 256), loads are masked to the
 lanes add nothing to the dot products) and so are stores. A power-of-two head_dim compiles exactly as without padding.
 
 fp8 stores (`CompressedContext.to_fp8`): keys and values are float8 e4m3 with one float32 scale per pair. The split
-kernel converts each fp8 tile to the query's dtype in registers and folds the scales in where they cost least: the
-key scale multiplies the ``[M, BLOCK_N]`` logits, the value scale the probabilities before the ``P @ V`` product
+kernel converts each fp8 tile in registers and folds the scales in where they cost least: the key scale multiplies
+the ``[M, BLOCK_N]`` logits, the value scale the probabilities before the ``P @ V`` product
 (``sum_n p_n * (s_n * v_n) = sum_n (p_n * s_n) * v_n``), so no dequantized ``[BLOCK_N, D]`` tile is ever scaled or
-written. The dense tail is never fp8, so the tail-merge kernel is unchanged.
+written. The products run in float16 (``fp8_dots``) whatever the query's 16-bit type: every e4m3 value is a float16
+exactly, and the GPU converts e4m3 to float16 two at a time in one instruction, where bfloat16 takes a second,
+scalar conversion per element (256 a thread per key block of 128, the largest share of the loop's instructions:
+`scripts/kernel_resources.py`). A bf16 query is rounded to float16 once per program (clamped to float16's range;
+float16 has three more mantissa bits), and the probabilities enter ``P @ V`` as float16 scaled by each value's scale
+over the block's largest (so that tiny scales do not fall into float16's subnormals); the block's product is then
+multiplied by that largest scale in float32. The dense tail is never fp8, so the tail-merge kernel is unchanged.
 
 Reference: `ragged_context_attention_reference` (plain PyTorch); tests compare the two on awkward shapes.
 """
@@ -106,9 +112,10 @@ if triton is not None:
                               k_scale=None, v_scale=None, SCALED: tl.constexpr = False):
         """One key block of an online softmax: returns the updated (running max, running sum, accumulator).
 
-        ``SCALED``: ``k`` and ``v`` are the raw rows of an fp8 store (already converted to the query's dtype) and
-        ``k_scale`` / ``v_scale`` (``[BLOCK_N]`` float32) their per-pair scales, applied to the logits and to the
-        probabilities. A row whose keys are all masked so far keeps max -inf, sum 0 and accumulator 0 (no NaN).
+        ``SCALED``: ``k`` and ``v`` are the raw rows of an fp8 store (already converted to ``q``'s 16-bit type, or to
+        float32 with ``IEEE``) and ``k_scale`` / ``v_scale`` (``[BLOCK_N]`` float32) their per-pair scales, applied
+        to the logits and to the probabilities. A row whose keys are all masked so far keeps max -inf, sum 0 and
+        accumulator 0 (no NaN).
         """
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -123,10 +130,14 @@ if triton is not None:
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if SCALED:
-            p = p * v_scale[None, :]  # the running sum above took the unscaled probabilities
         if IEEE:
+            if SCALED:
+                p = p * v_scale[None, :]  # the running sum above took the unscaled probabilities
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        elif SCALED:  # 16-bit products: each value's scale relative to the block's largest, which scales the sum
+            top = tl.maximum(tl.max(v_scale, axis=0), 1e-30)  # (masked keys load scale 0; kept ones are >= tiny)
+            p = p * (v_scale / top)[None, :]
+            acc = acc * alpha[:, None] + top * tl.dot(p.to(v.dtype), v)
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
@@ -140,7 +151,7 @@ if triton is not None:
         stride_lb, stride_lh, stride_ls,
         num_heads, rows, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr, SCALED: tl.constexpr,
+        IEEE: tl.constexpr, SCALED: tl.constexpr, F16_DOTS: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -162,6 +173,9 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=_dim_mask(offs_m[:, None] < rows, offs_d, HEAD_DIM, PAD_D), other=0.0)
+
+        if SCALED and F16_DOTS:  # fp8 pairs, 16-bit queries: the products in float16 (see the module docstring)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -306,6 +320,7 @@ def ragged_context_partials(
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
     seg_ends: torch.Tensor | None = None,
+    fp8_dots: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split attention over the compressed context (not yet merged).
 
@@ -325,6 +340,9 @@ def ragged_context_partials(
             found 33 splits faster than 66 for one row at 32K and 128K, and 8 faster than 17 for 64 shared rows;
             docs/results/h100-depth-2/splits.md. The split kernel alone is fastest at about 4 programs per SM.)
         poison: fill the buffers with NaN first (tests: every element must be written).
+        fp8_dots: the type the products over fp8 pairs run in for 16-bit queries: ``torch.float16`` (default: one
+            conversion instruction per two values, see the module docstring), or ``torch.bfloat16``: the query's own
+            type (the earlier kernel's way, kept for comparisons; a scalar conversion per element for bf16 queries).
 
     Returns:
         ``(out [B, H, splits, M, D] float32, lse [B, H, splits, M] float32)``: normalised per-split outputs and
@@ -333,6 +351,8 @@ def ragged_context_partials(
     batch, num_heads, rows, head_dim = query.shape
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install triton (or use the reference backend)")
+    if fp8_dots not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"fp8_dots must be torch.float16 or torch.bfloat16, not {fp8_dots}")
     block_d = head_dim_block(head_dim)
     # At most 64 KB of K+V tile per pipeline stage, so that two stages fit in shared memory with room to spare (the
     # tiles are BLOCK_D wide: padded lanes take shared memory too; this also keeps block_n a power of two).
@@ -355,7 +375,8 @@ def ragged_context_partials(
         lse.stride(0), lse.stride(1), lse.stride(2),
         num_heads, rows, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
-        SCALED=scaled, num_warps=num_warps if block_d <= 128 and block_m <= 64 else max(num_warps, 8),
+        SCALED=scaled, F16_DOTS=scaled and query.dtype != torch.float32 and fp8_dots == torch.float16,
+        num_warps=num_warps if block_d <= 128 and block_m <= 64 else max(num_warps, 8),
         num_stages=num_stages,
     )
     return out, lse
