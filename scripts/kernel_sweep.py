@@ -216,7 +216,8 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
 def fp8_sweep(path: str) -> None:
     """The context split kernel over fp8 kept pairs with float16 products (the default) and bf16 products (the kernel
     before: a scalar conversion per element), for key blocks of 32, 64 and 128, 2 and 3 stages, 4 and 8 warps,
-    default splits; bf16 pairs at the default launch beside them. One row at 32K and 128K, 64 shared rows at 32K,
+    default splits, and the default launch with registers capped at 168 and 128 (3 and 4 programs per SM instead of
+    2, with spills); bf16 pairs at the default launch beside them. One row at 32K and 128K, 64 shared rows at 32K,
     ratio 0.3. GB/s counts the bytes each storage type reads (fp8: pairs and scales)."""
     gen = torch.Generator().manual_seed(0)
     records = []
@@ -235,6 +236,7 @@ def fp8_sweep(path: str) -> None:
                      for warps in (4, 8)]
         variants.insert(1, ("fp8", torch.float16, {}))  # the library's own launch
         variants.insert(2, ("fp8", torch.bfloat16, {}))
+        variants += [("fp8", torch.float16, {"maxnreg": cap}) for cap in (168, 128)]  # 3 and 4 programs per SM
         for pairs, dots, config in variants:
             if pairs == "bf16":
                 args, nbytes, extra = (keys, values), keys.nbytes + values.nbytes, {}

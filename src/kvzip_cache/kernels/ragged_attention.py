@@ -321,6 +321,7 @@ def ragged_context_partials(
     value_scales: torch.Tensor | None = None,
     seg_ends: torch.Tensor | None = None,
     fp8_dots: torch.dtype = torch.float16,
+    maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split attention over the compressed context (not yet merged).
 
@@ -343,6 +344,8 @@ def ragged_context_partials(
         fp8_dots: the type the products over fp8 pairs run in for 16-bit queries: ``torch.float16`` (default: one
             conversion instruction per two values, see the module docstring), or ``torch.bfloat16``: the query's own
             type (the earlier kernel's way, kept for comparisons; a scalar conversion per element for bf16 queries).
+        maxnreg: None, or a cap on the registers per thread (more programs per SM, perhaps with spills; for
+            launch sweeps: the fp8 kernel takes 200 registers, 2 programs of 4 warps per SM, and 168 would fit 3).
 
     Returns:
         ``(out [B, H, splits, M, D] float32, lse [B, H, splits, M] float32)``: normalised per-split outputs and
@@ -377,7 +380,7 @@ def ragged_context_partials(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
         SCALED=scaled, F16_DOTS=scaled and query.dtype != torch.float32 and fp8_dots == torch.float16,
         num_warps=num_warps if block_d <= 128 and block_m <= 64 else max(num_warps, 8),
-        num_stages=num_stages,
+        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out, lse
 
