@@ -144,7 +144,9 @@ def main() -> None:
             ("context split, 64 shared rows (block 64)", ragged_attention._ragged_split_kernel, bf16,
              {**split, "BLOCK_M": 64}, 4, 2, shared),
             ("context split, 64 shared rows (block 128)", ragged_attention._ragged_split_kernel, bf16,
-             {**split, "BLOCK_M": 128}, 8, 2, shared)]
+             {**split, "BLOCK_M": 128}, 8, 2, shared),
+            ("context split, 64 shared rows, fp8 (block 64)", ragged_attention._ragged_split_kernel, fp8,
+             {**split, "BLOCK_M": 64, "SCALED": True, "F16_DOTS": True}, 4, 2, shared)]
     tail = {"Q": "*bf16", "TK": "*bf16", "TV": "*bf16", "VALID": "*i8", "END": "*i64", "PO": "*fp32", "PL": "*fp32",
             "OUT": "*bf16", "O": "*fp32", "LSE": "*fp32"}
     flags = {"BLOCK_M": 16, "BLOCK_N": 32, "HAS_VALID": True, "HAS_END": True, "IEEE": False}

@@ -29,8 +29,10 @@ def test_every_kernel_compiles_for_an_h100():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     report = re.compile(r": \d+ registers, stack \(spills\) \d+ B.*main loop [1-9]\d* instructions.*per SM: [1-9]\d*$")
-    assert len(lines) == 10 and all(report.search(line) for line in lines), result.stdout
-    # compiled as the launcher specialises them (aligned pointers), none of the kernels spills registers
-    assert all("stack (spills) 0 B" in line for line in lines), result.stdout
+    assert len(lines) == 11 and all(report.search(line) for line in lines), result.stdout
+    # compiled as the launcher specialises them (aligned pointers), no kernel spills registers, except the split
+    # kernel for 64 shared rows over fp8 pairs at its default launch (64 B; a launch sweep on a GPU decides it)
+    spilling = [line.split(" 4 warps")[0].strip() for line in lines if "stack (spills) 0 B" not in line]
+    assert spilling == ["context split, 64 shared rows, fp8 (block 64)"], result.stdout
     source = (ROOT / "scripts" / "kernel_resources.py").read_text()
     assert all(f".{kernel}," in source for kernel in KERNELS)  # each kernel of the package is in the report
