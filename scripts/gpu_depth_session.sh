@@ -10,6 +10,8 @@
 #   bash scripts/gpu_depth_session.sh launch  # the context split kernel's launch configurations, bf16 and fp8 pairs
 #   bash scripts/gpu_depth_session.sh fp8k    # fp8 pairs multiplied in float16 (the default since 2026-12-08) against
 #                                             # bf16 products, with launches; then the fp8 GPU tests
+#   bash scripts/gpu_depth_session.sh next30  # when one call may be all there is: the quick fp8 sweep, the fp8 GPU
+#                                             # tests, then floor (weights alone; 1K compiled, fp8 first and last)
 #   bash scripts/gpu_depth_session.sh shared  # the 32K x 64 shared step profiled (1 vs 64 rows, compiled and eager
 #                                             # kernels), through the decode kernels and the split-tail candidate
 #   bash scripts/gpu_depth_session.sh floor   # the step's matrix products alone (scripts/weights_floor.py), then the
@@ -72,6 +74,15 @@ case ${1:-} in
         timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
             tests/test_kernels.py tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
         tail -4 "$OUT/tests.txt" ;;
+    next30)
+        install_library
+        # (~550 s in all: the 1K StaticCache baseline is left out, measured before at 7.96 ms, h100-depth/compiled-1k)
+        timeout 90 python3 scripts/kernel_sweep.py --fp8 "$OUT/fp8_sweep.json" --quick > "$OUT/fp8_sweep.log" 2>&1
+        grep -E '"rows"|skip|Error' "$OUT/fp8_sweep.log" | cut -c1-220
+        timeout 130 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE tests/test_kernels.py \
+            tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
+        tail -4 "$OUT/tests.txt"
+        WEIGHTS_TIMEOUT=60 FLOOR_TIMEOUT=${FLOOR_TIMEOUT:-230} FLOOR_BASELINES=dynamic-eager "$0" floor ;;
     shared)
         install_library
         for backend in triton triton-split-tail; do  # the default (two launches for shared rows), then the split tail
@@ -82,13 +93,15 @@ case ${1:-} in
     floor)
         install_library
         # the step's matrix products alone, from one CUDA graph: how near the weights' floor a step can get at all
-        timeout 90 python3 scripts/weights_floor.py --out "$OUT/weights_floor.json" 2>&1 | tee "$OUT/weights_floor.log"
+        timeout "${WEIGHTS_TIMEOUT:-90}" python3 scripts/weights_floor.py --out "$OUT/weights_floor.json" 2>&1 \
+            | tee "$OUT/weights_floor.log"
         # (the fp8 step took ~9.4 ms at 1K, 32K and 128K alike, always compiled second in its process: fp8 first and
         # last here, bf16 between, says whether the type or the order costs; inductor's CUDA-graph log says whether
         # it skipped CUDA graphs)
         TORCH_LOGS=cudagraphs,perf_hints timeout "${FLOOR_TIMEOUT:-420}" python3 -m kvzip_cache.bench --compiled \
             --batches 1 --ratios 0.3 --decode-steps 32 --kv-dtypes fp8 model fp8 --contexts 1024 \
-            --baselines static-compiled --no-generate --out "$OUT/compiled1k" > "$OUT/compiled1k.log" 2>&1
+            --baselines "${FLOOR_BASELINES:-static-compiled}" --no-generate --out "$OUT/compiled1k" \
+            > "$OUT/compiled1k.log" 2>&1
         grep -E "ctx|skip|Error" "$OUT/compiled1k.log" | cut -c1-300 | tail -12 ;;
     combo)  # one call when device time is short: the sweeps, then the GPU tests new since the last lane
         install_library
@@ -151,6 +164,6 @@ case ${1:-} in
         timeout "${PROBE_TIMEOUT:-480}" python3 scripts/fp8_quality_probe.py --device cuda --dtype bfloat16 \
             --num-contexts 67 --context-tokens 4000 --batch-contexts 17 --out "$OUT/probe4k" 2>&1 \
             | grep -v -i warn | tail -12 ;;
-    *) echo "usage: $0 lane|sweep|launch|fp8k|shared|floor|combo|fp8gap|compiled|lanes|verify|shared64|p|probe"
+    *) echo "usage: $0 lane|sweep|launch|fp8k|next30|shared|floor|combo|fp8gap|compiled|lanes|verify|shared64|p|probe"
        exit 2 ;;
 esac

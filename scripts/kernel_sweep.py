@@ -9,6 +9,7 @@ kept pairs in bf16, and in fp8 at ratio 0.3).
                                                         # (query block, key block, stages, warps, splits)
     python scripts/kernel_sweep.py --fp8 OUT.json      # fp8 kept pairs: float16 against bf16 products, and the
                                                         # split kernel's launches, beside bf16 pairs
+    python scripts/kernel_sweep.py --fp8 OUT.json --quick   # the same at the default launches (and register caps)
 
 ``--splits``: one decode step's attention of one layer at ratio 0.3, a static tail of 80 slots (40 written), for one
 row at 32K and 128K and 64 shared rows at 32K (query blocks of 64 and 128 rows), bf16 and fp8 kept pairs: the split
@@ -213,11 +214,12 @@ def shared_sweep(path: str, share: int = 64, context: int = 32768) -> None:
             f.write(shared_table(records, torch.cuda.get_device_name(), share, context))
 
 
-def fp8_sweep(path: str) -> None:
+def fp8_sweep(path: str, quick: bool = False) -> None:
     """The context split kernel over fp8 kept pairs with float16 products (the default) and bf16 products (the kernel
     before: a scalar conversion per element), for key blocks of 32, 64 and 128, 2 and 3 stages, 4 and 8 warps,
     default splits, and the default launch with registers capped at 168 and 128 (3 and 4 programs per SM instead of
-    2, with spills); bf16 pairs at the default launch beside them. One row at 32K and 128K, 64 shared rows at 32K,
+    2, with spills); bf16 pairs at the default launch beside them. ``quick``: the default launches and the register
+    caps only (a few compilations instead of thirty a shape). One row at 32K and 128K, 64 shared rows at 32K,
     ratio 0.3. GB/s counts the bytes each storage type reads (fp8: pairs and scales)."""
     gen = torch.Generator().manual_seed(0)
     records = []
@@ -231,9 +233,10 @@ def fp8_sweep(path: str) -> None:
         fp8 = {"key_scales": key_scales, "value_scales": value_scales}
         fp8_bytes = fp8_keys.nbytes + fp8_values.nbytes + key_scales.nbytes + value_scales.nbytes
         variants = [("bf16", None, {})]
-        variants += [("fp8", dots, {"block_n": block_n, "num_stages": stages, "num_warps": warps})
-                     for dots in (torch.float16, torch.bfloat16) for block_n in (32, 64, 128) for stages in (2, 3)
-                     for warps in (4, 8)]
+        variants += [] if quick else [
+            ("fp8", dots, {"block_n": block_n, "num_stages": stages, "num_warps": warps})
+            for dots in (torch.float16, torch.bfloat16) for block_n in (32, 64, 128) for stages in (2, 3)
+            for warps in (4, 8)]
         variants.insert(1, ("fp8", torch.float16, {}))  # the library's own launch
         variants.insert(2, ("fp8", torch.bfloat16, {}))
         variants += [("fp8", torch.float16, {"maxnreg": cap}) for cap in (168, 128)]  # 3 and 4 programs per SM
@@ -284,6 +287,6 @@ if __name__ == "__main__":
     elif len(sys.argv) > 2 and sys.argv[1] == "--shared":
         shared_sweep(sys.argv[2])
     elif len(sys.argv) > 2 and sys.argv[1] == "--fp8":
-        fp8_sweep(sys.argv[2])
+        fp8_sweep(sys.argv[2], quick="--quick" in sys.argv)
     else:
         main(quick="--quick" in sys.argv)
