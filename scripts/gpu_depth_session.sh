@@ -40,8 +40,17 @@ cp .whl/smol.part0? "$W/" 2>/dev/null; ls "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/kvzip_data KVZIP_CACHE_HOME=/tmp/kvzip_home
 export KVZIP_COMMIT=${KVZIP_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 install_library() {  # every call: the tree that came with this call, not the last call's
+    [ -n "${KVZIP_INSTALLED:-}" ] && return  # once a call: a mode that runs "$0 floor" already installed it
+    export KVZIP_INSTALLED=1
     rm -rf /tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -2
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+}
+fp8_kernels() {  # the fp8 split kernel's sweep ($3: --quick or nothing), then the fp8 GPU tests ($1, $2: their limits)
+    timeout "$1" python3 scripts/kernel_sweep.py --fp8 "$OUT/fp8_sweep.json" ${3:-} > "$OUT/fp8_sweep.log" 2>&1
+    grep -E '"launch": "default"|maxnreg|skip|Error' "$OUT/fp8_sweep.log" | cut -c1-300
+    timeout "$2" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE tests/test_kernels.py \
+        tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
+    tail -4 "$OUT/tests.txt"
 }
 shared_step_and_sweep() {  # #31's 32K x 64 step profiled, then the shared rows' launch sweep ($1, $2: their limits)
     timeout "$1" python3 scripts/profile_shared_step.py --context 32768 --questions 64 --out "$OUT/shared" \
@@ -68,20 +77,11 @@ case ${1:-} in
         grep -E "^ctx|skip" "$OUT/launch.log" | tail -12 ;;
     fp8k)
         install_library
-        timeout "${SWEEP_TIMEOUT:-300}" python3 scripts/kernel_sweep.py --fp8 "$OUT/fp8_sweep.json" \
-            > "$OUT/fp8_sweep.log" 2>&1
-        grep -E '"launch": "default"|skip|Error' "$OUT/fp8_sweep.log" | cut -c1-300
-        timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE \
-            tests/test_kernels.py tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
-        tail -4 "$OUT/tests.txt" ;;
+        fp8_kernels "${SWEEP_TIMEOUT:-300}" "${TESTS_TIMEOUT:-240}" ;;
     next30)
         install_library
         # (~550 s in all: the 1K StaticCache baseline is left out, measured before at 7.96 ms, h100-depth/compiled-1k)
-        timeout 90 python3 scripts/kernel_sweep.py --fp8 "$OUT/fp8_sweep.json" --quick > "$OUT/fp8_sweep.log" 2>&1
-        grep -E '"rows"|skip|Error' "$OUT/fp8_sweep.log" | cut -c1-220
-        timeout 130 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfE tests/test_kernels.py \
-            tests/test_gpu.py -k "fp8" > "$OUT/tests.txt" 2>&1
-        tail -4 "$OUT/tests.txt"
+        fp8_kernels 90 130 --quick
         WEIGHTS_TIMEOUT=60 FLOOR_TIMEOUT=${FLOOR_TIMEOUT:-230} FLOOR_BASELINES=dynamic-eager "$0" floor ;;
     shared)
         install_library

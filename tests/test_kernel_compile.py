@@ -4,7 +4,8 @@ The CPU runs of `tests/test_kernels.py` go through Triton's interpreter, which c
 compiles it: a kernel the compiler rejects (a type that changes inside a loop, a layout it cannot build) would pass
 there and fail only in the GPU lane. `scripts/kernel_resources.py` compiles each kernel in the configurations the
 launches use (Triton compiles for a named target without a device) and reports its registers, spills and main loop;
-this test runs it in a process of its own, without the interpreter, and requires that no kernel spills.
+this test runs it in a process of its own, without the interpreter, and requires that no kernel spills (but the one
+it names, until a GPU sweep settles that kernel's launch).
 """
 
 import os
